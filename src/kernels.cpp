@@ -1,0 +1,527 @@
+// SIMD row kernels: written once with Highway, compiled for every x86/Arm target Highway
+// knows, and the best one present chosen at run time (HWY_DYNAMIC_DISPATCH).
+//
+// Each kernel walks a contiguous slice in chunks of kChunk elements. Per chunk: a max
+// pass, then a pass that accumulates exp and the target moments in vector registers of T
+// while the chunk is in L1; the chunk totals are merged in double (row_stats.hpp). Keeping
+// float accumulation to one chunk bounds its rounding error (~kChunk / lanes terms per
+// lane) while the row-level sums stay exact to double precision.
+//
+// Differences are formed as (x - shift) before scaling by 1 / T: x - shift is exact for
+// nearby floats, so logits offset by 1e4 lose nothing.
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels.cpp"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels.hpp"
+#include "row_stats.hpp"
+
+HWY_BEFORE_NAMESPACE();
+namespace softce::detail {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+template <class D>
+using V = hn::Vec<D>;
+
+template <class T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// exp that is exactly 0 for -inf (Highway's Exp is specified for finite arguments only).
+template <class D>
+HWY_INLINE V<D> SafeExp(D d, V<D> v) {
+  using T = hn::TFromD<D>;
+  // Below the smallest normal's log the result underflows anyway.
+  const V<D> lowest = hn::Set(d, sizeof(T) == 4 ? T(-104) : T(-745));
+  const auto tiny = hn::Lt(v, lowest);
+  return hn::IfThenZeroElse(tiny, hn::Exp(d, hn::Max(v, lowest)));
+}
+
+// log that is -inf at 0 (masked out by callers) and NaN below 0.
+template <class D>
+HWY_INLINE V<D> SafeLog(D d, V<D> v) {
+  using T = hn::TFromD<D>;
+  const V<D> zero = hn::Zero(d);
+  V<D> out = hn::Log(d, hn::Max(v, hn::Set(d, std::numeric_limits<T>::min())));
+  out = hn::IfThenElse(hn::Eq(v, zero), hn::Set(d, kNegInf<T>), out);
+  return hn::IfThenElse(hn::Lt(v, zero), hn::Set(d, std::numeric_limits<T>::quiet_NaN()), out);
+}
+
+template <class D, class T = hn::TFromD<D>>
+HWY_INLINE V<D> LoadPart(D d, const T* p, size_t r, T fill) {
+  const auto m = hn::FirstN(d, r);
+  return hn::IfThenElse(m, hn::MaskedLoad(m, d, p), hn::Set(d, fill));
+}
+
+template <class D>
+HWY_INLINE double Total(D d, V<D> v) {
+  return static_cast<double>(hn::GetLane(hn::SumOfLanes(d, v)));
+}
+
+// max over a chunk; -inf when empty or all -inf.
+template <class D, class T = hn::TFromD<D>>
+HWY_INLINE T ChunkMax(D d, const T* x, size_t n) {
+  const size_t N = hn::Lanes(d);
+  V<D> m0 = hn::Set(d, kNegInf<T>), m1 = m0;
+  size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    m0 = hn::Max(m0, hn::LoadU(d, x + i));
+    m1 = hn::Max(m1, hn::LoadU(d, x + i + N));
+  }
+  for (; i + N <= n; i += N) m0 = hn::Max(m0, hn::LoadU(d, x + i));
+  if (i < n) m1 = hn::Max(m1, LoadPart(d, x + i, n - i, kNegInf<T>));
+  return hn::GetLane(hn::MaxOfLanes(d, hn::Max(m0, m1)));
+}
+
+// The finite value differences are taken against: the max, or 0 for an all -inf chunk.
+template <class T>
+HWY_INLINE T FiniteShift(T m) {
+  return m == kNegInf<T> ? T(0) : m;
+}
+
+// ---------------------------------------------------------------------------------------
+// plain softmax statistics (index / top-k targets, teacher side)
+
+template <class T>
+softmax_stats SoftmaxRowStats(const T* x, std::int64_t n, T inv_t) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  softmax_stats acc{-kInf, 0.0};
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const T* xc = x + c0;
+    const T m = ChunkMax(d, xc, len);
+    const auto vshift = hn::Set(d, FiniteShift(m));
+    const auto vt = hn::Set(d, inv_t);
+    V<decltype(d)> s0 = hn::Zero(d), s1 = hn::Zero(d);
+    size_t i = 0;
+    for (; i + 2 * N <= len; i += 2 * N) {
+      s0 = hn::Add(s0, SafeExp(d, hn::Mul(hn::Sub(hn::LoadU(d, xc + i), vshift), vt)));
+      s1 = hn::Add(s1, SafeExp(d, hn::Mul(hn::Sub(hn::LoadU(d, xc + i + N), vshift), vt)));
+    }
+    for (; i < len; i += N) {
+      const auto xv = i + N <= len ? hn::LoadU(d, xc + i) : LoadPart(d, xc + i, len - i, kNegInf<T>);
+      s0 = hn::Add(s0, SafeExp(d, hn::Mul(hn::Sub(xv, vshift), vt)));
+    }
+    merge_into(acc, softmax_stats{static_cast<double>(m), Total(d, hn::Add(s0, s1))},
+               static_cast<double>(inv_t));
+  }
+  return acc;
+}
+
+template <class T>
+void SoftmaxRowGrad(const T* x, std::int64_t n, T inv_t, row_normaliser<T> norm, T scale, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vshift = hn::Set(d, norm.shift), vls = hn::Set(d, norm.log_sum);
+  const auto vt = hn::Set(d, inv_t), vscale = hn::Set(d, scale);
+  const size_t len = static_cast<size_t>(n);
+  size_t i = 0;
+  for (; i + N <= len; i += N) {
+    const auto q = SafeExp(d, hn::Sub(hn::Mul(hn::Sub(hn::LoadU(d, x + i), vshift), vt), vls));
+    hn::StoreU(hn::Mul(q, vscale), d, g + i);
+  }
+  if (i < len) {
+    const auto xv = LoadPart(d, x + i, len - i, kNegInf<T>);
+    const auto q = SafeExp(d, hn::Sub(hn::Mul(hn::Sub(xv, vshift), vt), vls));
+    hn::BlendedStore(hn::Mul(q, vscale), hn::FirstN(d, len - i), d, g + i);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// probability / one-hot targets
+
+// w * t' for the lanes starting at i (lanes at or past r are 0 when kTail).
+template <bool kTail, class D, class T = hn::TFromD<D>>
+HWY_INLINE V<D> WeightedTarget(D d, const target_desc<T>& t, size_t i, size_t r) {
+  const size_t N = hn::Lanes(d);
+  V<D> tv;
+  if (t.dense) {
+    tv = kTail ? hn::MaskedLoad(hn::FirstN(d, r), d, t.dense + i) : hn::LoadU(d, t.dense + i);
+  } else {
+    tv = hn::Zero(d);
+    const std::int64_t rel = t.onehot - static_cast<std::int64_t>(i);
+    if (t.onehot >= 0 && rel >= 0 && rel < static_cast<std::int64_t>(N)) {
+      const hn::RebindToSigned<D> di;
+      using TI = hn::TFromD<decltype(di)>;
+      const auto hit = hn::RebindMask(d, hn::Eq(hn::Iota(di, TI(0)), hn::Set(di, static_cast<TI>(rel))));
+      tv = hn::IfThenElseZero(hit, hn::Set(d, T(1)));
+    }
+  }
+  V<D> wt = hn::MulAdd(tv, hn::Set(d, t.keep), hn::Set(d, t.add));
+  if (t.weight)
+    wt = hn::Mul(wt, kTail ? hn::MaskedLoad(hn::FirstN(d, r), d, t.weight + i) : hn::LoadU(d, t.weight + i));
+  if (kTail) wt = hn::IfThenElseZero(hn::FirstN(d, r), wt);
+  return wt;
+}
+
+template <class T>
+target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  target_stats acc{-kInf, 0.0, 0.0, 0.0};
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const T* xc = x + c0;
+    // the target descriptor, moved to this chunk
+    target_desc<T> tc = t;
+    if (t.dense) tc.dense = t.dense + c0;
+    if (t.weight) tc.weight = t.weight + c0;
+    if (t.onehot >= 0) tc.onehot = t.onehot - c0;
+    const T m = ChunkMax(d, xc, len);
+    const auto vshift = hn::Set(d, FiniteShift(m));
+    const auto zero = hn::Zero(d);
+    V<decltype(d)> vs = zero, va = zero, vb = zero;
+    size_t i = 0;
+    for (; i + N <= len; i += N) {
+      const auto diff = hn::Sub(hn::LoadU(d, xc + i), vshift);
+      const auto wt = WeightedTarget<false>(d, tc, i, N);
+      vs = hn::Add(vs, SafeExp(d, diff));
+      va = hn::Add(va, wt);
+      vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
+    }
+    if (i < len) {
+      const auto diff = hn::Sub(LoadPart(d, xc + i, len - i, kNegInf<T>), vshift);
+      const auto wt = WeightedTarget<true>(d, tc, i, len - i);
+      vs = hn::Add(vs, SafeExp(d, diff));
+      va = hn::Add(va, wt);
+      vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
+    }
+    // b was taken against FiniteShift(m); for m = -inf that is 0 and b is 0 or -inf.
+    merge_into(acc, target_stats{static_cast<double>(m), Total(d, vs), Total(d, va), Total(d, vb)});
+  }
+  return acc;
+}
+
+template <class T>
+void TargetRowGrad(const T* x, std::int64_t n, const target_desc<T>& t, row_normaliser<T> norm,
+                   T a, T coef, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vshift = hn::Set(d, norm.shift), vls = hn::Set(d, norm.log_sum);
+  const auto va = hn::Set(d, a), vcoef = hn::Set(d, coef);
+  const size_t len = static_cast<size_t>(n);
+  size_t i = 0;
+  for (; i + N <= len; i += N) {
+    const auto q = SafeExp(d, hn::Sub(hn::Sub(hn::LoadU(d, x + i), vshift), vls));
+    const auto wt = WeightedTarget<false>(d, t, i, N);
+    hn::StoreU(hn::Mul(vcoef, hn::MulSub(q, va, wt)), d, g + i);
+  }
+  if (i < len) {
+    const auto q = SafeExp(d, hn::Sub(hn::Sub(LoadPart(d, x + i, len - i, kNegInf<T>), vshift), vls));
+    const auto wt = WeightedTarget<true>(d, t, i, len - i);
+    hn::BlendedStore(hn::Mul(vcoef, hn::MulSub(q, va, wt)), hn::FirstN(d, len - i), d, g + i);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// distillation (dense teacher logits)
+
+template <class T>
+distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, distill_kind kind) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  distill_stats acc{-kInf, 0.0, -kInf, 0.0, 0.0};
+  const auto vt = hn::Set(d, inv_t);
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const T* xc = x + c0;
+    const T* zc = z + c0;
+    const T mx = ChunkMax(d, xc, len), mz = ChunkMax(d, zc, len);
+    const auto vsx = hn::Set(d, FiniteShift(mx)), vsz = hn::Set(d, FiniteShift(mz));
+    const auto zero = hn::Zero(d);
+    V<decltype(d)> sx = zero, sz = zero, vk = zero;
+    for (size_t i = 0; i < len; i += N) {
+      const bool full = i + N <= len;
+      const auto xv = full ? hn::LoadU(d, xc + i) : LoadPart(d, xc + i, len - i, kNegInf<T>);
+      const auto zv = full ? hn::LoadU(d, zc + i) : LoadPart(d, zc + i, len - i, kNegInf<T>);
+      const auto dx = hn::Mul(hn::Sub(xv, vsx), vt), dz = hn::Mul(hn::Sub(zv, vsz), vt);
+      const auto ex = SafeExp(d, dx), ez = SafeExp(d, dz);
+      sx = hn::Add(sx, ex);
+      sz = hn::Add(sz, ez);
+      if (kind == distill_kind::kl)
+        vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(ez, zero), hn::Mul(ez, hn::Sub(dz, dx))));
+      else
+        vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(ex, zero), hn::Mul(ex, hn::Sub(dx, dz))));
+    }
+    merge_into(acc,
+               distill_stats{static_cast<double>(mx), Total(d, sx), static_cast<double>(mz),
+                             Total(d, sz), Total(d, vk)},
+               static_cast<double>(inv_t), kind);
+  }
+  return acc;
+}
+
+template <class T>
+jsd_stats JsdRowStats(const T* x, const T* z, std::int64_t n, T inv_t, row_normaliser<T> nx,
+                      row_normaliser<T> nz, T beta) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vt = hn::Set(d, inv_t);
+  const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
+  const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
+  const auto vbeta = hn::Set(d, beta), vbeta1 = hn::Set(d, T(1) - beta);
+  const auto zero = hn::Zero(d);
+  jsd_stats acc;
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    V<decltype(d)> kp = zero, kq = zero;
+    for (size_t i = 0; i < len; i += N) {
+      const bool full = i + N <= len;
+      const T* xp = x + c0 + i;
+      const T* zp = z + c0 + i;
+      const auto xv = full ? hn::LoadU(d, xp) : LoadPart(d, xp, len - i, kNegInf<T>);
+      const auto zv = full ? hn::LoadU(d, zp) : LoadPart(d, zp, len - i, kNegInf<T>);
+      const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
+      const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
+      const auto q = SafeExp(d, lq), p = SafeExp(d, lp);
+      const auto lm = SafeLog(d, hn::MulAdd(vbeta, p, hn::Mul(vbeta1, q)));
+      kp = hn::Add(kp, hn::IfThenZeroElse(hn::Eq(p, zero), hn::Mul(p, hn::Sub(lp, lm))));
+      kq = hn::Add(kq, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(lq, lm))));
+    }
+    acc.kl_pm += Total(d, kp);
+    acc.kl_qm += Total(d, kq);
+  }
+  return acc;
+}
+
+template <class T>
+void DistillRowGrad(const T* x, const T* z, std::int64_t n, T inv_t, row_normaliser<T> nx,
+                    row_normaliser<T> nz, int kind, T beta, T r, T coef, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vt = hn::Set(d, inv_t);
+  const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
+  const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
+  const auto vbeta = hn::Set(d, beta), vbeta1 = hn::Set(d, T(1) - beta);
+  const auto vr = hn::Set(d, r), vcoef = hn::Set(d, coef);
+  const auto zero = hn::Zero(d);
+  const size_t len = static_cast<size_t>(n);
+  for (size_t i = 0; i < len; i += N) {
+    const bool full = i + N <= len;
+    const auto xv = full ? hn::LoadU(d, x + i) : LoadPart(d, x + i, len - i, kNegInf<T>);
+    const auto zv = full ? hn::LoadU(d, z + i) : LoadPart(d, z + i, len - i, kNegInf<T>);
+    const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
+    const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
+    const auto q = SafeExp(d, lq);
+    V<decltype(d)> gv;
+    if (kind == kGradKl) {
+      gv = hn::Sub(q, SafeExp(d, lp));
+    } else {
+      const auto lref = kind == kGradReverseKl
+                            ? lp
+                            : SafeLog(d, hn::MulAdd(vbeta, SafeExp(d, lp), hn::Mul(vbeta1, q)));
+      gv = hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(hn::Sub(lq, lref), vr)));
+    }
+    gv = hn::Mul(gv, vcoef);
+    if (full)
+      hn::StoreU(gv, d, g + i);
+    else
+      hn::BlendedStore(gv, hn::FirstN(d, len - i), d, g + i);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// element-wise losses
+
+template <class T>
+double KlDivElements(const T* x, const T* t, std::int64_t n, bool log_target, T coef, T* g,
+                     T* losses) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto zero = hn::Zero(d), vcoef = hn::Set(d, coef);
+  double total = 0.0;
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    V<decltype(d)> acc = zero;
+    for (size_t i = 0; i < len; i += N) {
+      const bool full = i + N <= len;
+      const size_t at = static_cast<size_t>(c0) + i;
+      const auto xv = full ? hn::LoadU(d, x + at) : LoadPart(d, x + at, len - i, T(0));
+      V<decltype(d)> loss, grad;
+      if (log_target) {
+        const auto tv = full ? hn::LoadU(d, t + at) : LoadPart(d, t + at, len - i, kNegInf<T>);
+        const auto p = SafeExp(d, tv);
+        loss = hn::IfThenZeroElse(hn::Eq(p, zero), hn::Mul(p, hn::Sub(tv, xv)));
+        grad = hn::Neg(p);
+      } else {
+        const auto tv = full ? hn::LoadU(d, t + at) : LoadPart(d, t + at, len - i, T(0));
+        loss = hn::IfThenZeroElse(hn::Eq(tv, zero), hn::Mul(tv, hn::Sub(SafeLog(d, tv), xv)));
+        grad = hn::Neg(tv);
+      }
+      acc = hn::Add(acc, loss);
+      if (full) {
+        if (g) hn::StoreU(hn::Mul(grad, vcoef), d, g + at);
+        if (losses) hn::StoreU(loss, d, losses + at);
+      } else {
+        const auto m = hn::FirstN(d, len - i);
+        if (g) hn::BlendedStore(hn::Mul(grad, vcoef), m, d, g + at);
+        if (losses) hn::BlendedStore(loss, m, d, losses + at);
+      }
+    }
+    total += Total(d, acc);
+  }
+  return total;
+}
+
+template <class T>
+double BceElements(const T* x, const T* t, const T* w, const T* pos_w, std::int64_t n, T coef,
+                   T* g, T* losses) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto zero = hn::Zero(d), one = hn::Set(d, T(1)), vcoef = hn::Set(d, coef);
+  double total = 0.0;
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    V<decltype(d)> acc = zero;
+    for (size_t i = 0; i < len; i += N) {
+      const bool full = i + N <= len;
+      const size_t at = static_cast<size_t>(c0) + i;
+      auto load = [&](const T* p, T fill) {
+        return full ? hn::LoadU(d, p + at) : LoadPart(d, p + at, len - i, fill);
+      };
+      const auto xv = load(x, T(0)), tv = load(t, T(0));
+      const auto e = SafeExp(d, hn::Neg(hn::Abs(xv)));  // exp(-|x|) in (0, 1]
+      const auto softplus_neg = hn::Add(hn::Log1p(d, e), hn::Max(hn::Neg(xv), zero));
+      const auto one_minus_t = hn::Sub(one, tv);
+      // sigma(x) - 1 is -e / (1 + e) for x >= 0 and -1 / (1 + e) for x < 0 (no cancellation)
+      const auto inv = hn::Div(one, hn::Add(one, e));
+      const auto sig_minus_one =
+          hn::Neg(hn::IfThenElse(hn::Ge(xv, zero), hn::Mul(e, inv), inv));
+      auto lw = one;
+      if (pos_w) lw = hn::MulAdd(hn::Sub(load(pos_w, T(1)), one), tv, one);
+      auto loss = hn::MulAdd(one_minus_t, xv, hn::Mul(lw, softplus_neg));
+      auto grad = hn::MulAdd(lw, sig_minus_one, one_minus_t);
+      if (w) {
+        const auto wv = load(w, T(0));
+        loss = hn::Mul(loss, wv);
+        grad = hn::Mul(grad, wv);
+      }
+      if (!full) loss = hn::IfThenElseZero(hn::FirstN(d, len - i), loss);
+      acc = hn::Add(acc, loss);
+      if (full) {
+        if (g) hn::StoreU(hn::Mul(grad, vcoef), d, g + at);
+        if (losses) hn::StoreU(loss, d, losses + at);
+      } else {
+        const auto m = hn::FirstN(d, len - i);
+        if (g) hn::BlendedStore(hn::Mul(grad, vcoef), m, d, g + at);
+        if (losses) hn::BlendedStore(loss, m, d, losses + at);
+      }
+    }
+    total += Total(d, acc);
+  }
+  return total;
+}
+
+// Monomorphic entry points for HWY_EXPORT (one per element type).
+#define SOFTCE_ENTRY_POINTS(T, S)                                                              \
+  softmax_stats SoftmaxRowStats##S(const T* x, std::int64_t n, T it) {                         \
+    return SoftmaxRowStats(x, n, it);                                                          \
+  }                                                                                            \
+  void SoftmaxRowGrad##S(const T* x, std::int64_t n, T it, row_normaliser<T> nm, T sc, T* g) { \
+    SoftmaxRowGrad(x, n, it, nm, sc, g);                                                       \
+  }                                                                                            \
+  target_stats TargetRowStats##S(const T* x, std::int64_t n, const target_desc<T>& t) {        \
+    return TargetRowStats(x, n, t);                                                            \
+  }                                                                                            \
+  void TargetRowGrad##S(const T* x, std::int64_t n, const target_desc<T>& t,                   \
+                        row_normaliser<T> nm, T a, T coef, T* g) {                             \
+    TargetRowGrad(x, n, t, nm, a, coef, g);                                                    \
+  }                                                                                            \
+  distill_stats DistillRowStats##S(const T* x, const T* z, std::int64_t n, T it,               \
+                                   distill_kind k) {                                           \
+    return DistillRowStats(x, z, n, it, k);                                                    \
+  }                                                                                            \
+  jsd_stats JsdRowStats##S(const T* x, const T* z, std::int64_t n, T it, row_normaliser<T> nx, \
+                           row_normaliser<T> nz, T beta) {                                     \
+    return JsdRowStats(x, z, n, it, nx, nz, beta);                                             \
+  }                                                                                            \
+  void DistillRowGrad##S(const T* x, const T* z, std::int64_t n, T it, row_normaliser<T> nx,   \
+                         row_normaliser<T> nz, int kind, T beta, T r, T coef, T* g) {          \
+    DistillRowGrad(x, z, n, it, nx, nz, kind, beta, r, coef, g);                               \
+  }                                                                                            \
+  double KlDivElements##S(const T* x, const T* t, std::int64_t n, bool lt, T coef, T* g,       \
+                          T* l) {                                                              \
+    return KlDivElements(x, t, n, lt, coef, g, l);                                             \
+  }                                                                                            \
+  double BceElements##S(const T* x, const T* t, const T* w, const T* pw, std::int64_t n,       \
+                        T coef, T* g, T* l) {                                                  \
+    return BceElements(x, t, w, pw, n, coef, g, l);                                            \
+  }
+SOFTCE_ENTRY_POINTS(float, F32)
+SOFTCE_ENTRY_POINTS(double, F64)
+#undef SOFTCE_ENTRY_POINTS
+
+const char* TargetName() { return hwy::TargetName(HWY_TARGET); }
+
+}  // namespace HWY_NAMESPACE
+}  // namespace softce::detail
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace softce::detail {
+
+HWY_EXPORT(TargetName);
+#define SOFTCE_EXPORT(S)          \
+  HWY_EXPORT(SoftmaxRowStats##S); \
+  HWY_EXPORT(SoftmaxRowGrad##S);  \
+  HWY_EXPORT(TargetRowStats##S);  \
+  HWY_EXPORT(TargetRowGrad##S);   \
+  HWY_EXPORT(DistillRowStats##S); \
+  HWY_EXPORT(JsdRowStats##S);     \
+  HWY_EXPORT(DistillRowGrad##S);  \
+  HWY_EXPORT(KlDivElements##S);   \
+  HWY_EXPORT(BceElements##S);
+SOFTCE_EXPORT(F32)
+SOFTCE_EXPORT(F64)
+#undef SOFTCE_EXPORT
+
+#define SOFTCE_DISPATCH(T, S)                                                                   \
+  softmax_stats softmax_row_stats(const T* x, std::int64_t n, T it) {                           \
+    return HWY_DYNAMIC_DISPATCH(SoftmaxRowStats##S)(x, n, it);                                  \
+  }                                                                                             \
+  void softmax_row_grad(const T* x, std::int64_t n, T it, row_normaliser<T> nm, T sc, T* g) {   \
+    HWY_DYNAMIC_DISPATCH(SoftmaxRowGrad##S)(x, n, it, nm, sc, g);                               \
+  }                                                                                             \
+  target_stats target_row_stats(const T* x, std::int64_t n, const target_desc<T>& t) {          \
+    return HWY_DYNAMIC_DISPATCH(TargetRowStats##S)(x, n, t);                                    \
+  }                                                                                             \
+  void target_row_grad(const T* x, std::int64_t n, const target_desc<T>& t,                     \
+                       row_normaliser<T> nm, T a, T coef, T* g) {                               \
+    HWY_DYNAMIC_DISPATCH(TargetRowGrad##S)(x, n, t, nm, a, coef, g);                            \
+  }                                                                                             \
+  distill_stats distill_row_stats(const T* x, const T* z, std::int64_t n, T it,                 \
+                                  distill_kind k) {                                             \
+    return HWY_DYNAMIC_DISPATCH(DistillRowStats##S)(x, z, n, it, k);                            \
+  }                                                                                             \
+  jsd_stats jsd_row_stats(const T* x, const T* z, std::int64_t n, T it, row_normaliser<T> nx,   \
+                          row_normaliser<T> nz, T beta) {                                       \
+    return HWY_DYNAMIC_DISPATCH(JsdRowStats##S)(x, z, n, it, nx, nz, beta);                     \
+  }                                                                                             \
+  void distill_row_grad(const T* x, const T* z, std::int64_t n, T it, row_normaliser<T> nx,     \
+                        row_normaliser<T> nz, int kind, T beta, T r, T coef, T* g) {            \
+    HWY_DYNAMIC_DISPATCH(DistillRowGrad##S)(x, z, n, it, nx, nz, kind, beta, r, coef, g);       \
+  }                                                                                             \
+  double kl_div_elements(const T* x, const T* t, std::int64_t n, bool lt, T coef, T* g,         \
+                         T* l) {                                                                \
+    return HWY_DYNAMIC_DISPATCH(KlDivElements##S)(x, t, n, lt, coef, g, l);                     \
+  }                                                                                             \
+  double bce_elements(const T* x, const T* t, const T* w, const T* pw, std::int64_t n, T coef,  \
+                      T* g, T* l) {                                                             \
+    return HWY_DYNAMIC_DISPATCH(BceElements##S)(x, t, w, pw, n, coef, g, l);                    \
+  }
+SOFTCE_DISPATCH(float, F32)
+SOFTCE_DISPATCH(double, F64)
+#undef SOFTCE_DISPATCH
+
+std::string simd_target_name() { return HWY_DYNAMIC_DISPATCH(TargetName)(); }
+
+}  // namespace softce::detail
+#endif  // HWY_ONCE

@@ -1,0 +1,804 @@
+// The row losses (cross-entropy with index, probability and top-k targets; distillation):
+// validation, then one fused pass per row, then a fixed-order reduction.
+//
+// Data flow of one call:
+//   validate (validate.hpp) -> per row: stage the row if needed (staging.hpp), statistics
+//   pass (kernels), loss from the statistics, gradient pass while the row is in cache
+//   -> per-row losses summed in row order (bitwise identical for any thread count).
+// In class-parallel mode (class_parallel.hpp) the statistics of all rows are computed
+// first, combined across shards by the caller's all-reduce, and the loss and gradient
+// passes follow.
+#include <softce/class_parallel.hpp>
+#include <softce/softce.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kernels.hpp"
+#include "row_stats.hpp"
+#include "staging.hpp"
+#include "threading.hpp"
+#include "validate.hpp"
+
+namespace softce {
+using namespace detail;
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// ---------------------------------------------------------------------------------------
+// records exchanged by the class-parallel all-reduce (plain doubles, merged in shard order)
+
+struct ce_record {
+  target_stats st;
+  double target_weight;  // index targets: w[y] on the shard that owns y, else 0
+};
+static_assert(sizeof(ce_record) == 5 * sizeof(double));
+
+void merge_ce_records(double* inout, const double* in, std::int64_t count) {
+  auto* a = reinterpret_cast<ce_record*>(inout);
+  const auto* b = reinterpret_cast<const ce_record*>(in);
+  for (std::int64_t i = 0; i < count; ++i) {
+    merge_into(a[i].st, b[i].st);
+    a[i].target_weight += b[i].target_weight;
+  }
+}
+
+// Top-k targets: softmax statistics of x / T plus, over the top-k entries, a = Σ v,
+// b = Σ v (x_k - shift) / T and e = Σ exp((x_k - shift) / T) (for the tail bucket).
+// Shifts are kept in units of x / T while records travel, so merging needs no temperature.
+struct topk_record {
+  double shift, sum, a, b, e;
+};
+
+void merge_topk(topk_record& acc, const topk_record& part, double inv_t) {
+  const double shift = std::fmax(acc.shift, part.shift);
+  if (shift != -kInf) {
+    const double fa = rescale(acc.shift, shift, inv_t), fb = rescale(part.shift, shift, inv_t);
+    double b_acc = acc.b, b_part = part.b;
+    if (acc.a != 0.0 && acc.shift != -kInf) b_acc += acc.a * (acc.shift - shift) * inv_t;
+    if (part.a != 0.0 && part.shift != -kInf) b_part += part.a * (part.shift - shift) * inv_t;
+    acc.sum = acc.sum * fa + part.sum * fb;
+    acc.e = acc.e * fa + part.e * fb;
+    acc.b = b_acc + b_part;
+  } else {
+    acc.b += part.b;
+  }
+  acc.shift = shift;
+  acc.a += part.a;
+}
+
+void merge_topk_records(double* inout, const double* in, std::int64_t count) {
+  auto* a = reinterpret_cast<topk_record*>(inout);
+  const auto* b = reinterpret_cast<const topk_record*>(in);
+  for (std::int64_t i = 0; i < count; ++i) merge_topk(a[i], b[i], 1.0);
+}
+
+void merge_distill_kl(double* inout, const double* in, std::int64_t count) {
+  auto* a = reinterpret_cast<distill_stats*>(inout);
+  const auto* b = reinterpret_cast<const distill_stats*>(in);
+  for (std::int64_t i = 0; i < count; ++i) merge_into(a[i], b[i], 1.0, distill_kind::kl);
+}
+
+void merge_distill_reverse(double* inout, const double* in, std::int64_t count) {
+  auto* a = reinterpret_cast<distill_stats*>(inout);
+  const auto* b = reinterpret_cast<const distill_stats*>(in);
+  for (std::int64_t i = 0; i < count; ++i) merge_into(a[i], b[i], 1.0, distill_kind::reverse_kl);
+}
+
+void merge_sums(double* inout, const double* in, std::int64_t count) {
+  for (std::int64_t i = 0; i < count; ++i) inout[i] += in[i];
+}
+
+// Calls the shard's all-reduce on an array of records; the shift fields (given by their
+// positions) are scaled by inv_t on the way so that merges need no temperature.
+template <class Record>
+void all_reduce_records(const class_shard& shard, std::vector<Record>& records,
+                        row_stats_merge_fn merge, std::initializer_list<int> shift_fields,
+                        double inv_t) {
+  constexpr int width = sizeof(Record) / sizeof(double);
+  auto* data = reinterpret_cast<double*>(records.data());
+  const std::int64_t count = static_cast<std::int64_t>(records.size());
+  if (inv_t != 1.0)
+    for (std::int64_t i = 0; i < count; ++i)
+      for (int f : shift_fields) data[i * width + f] *= inv_t;
+  shard.all_reduce(data, count, width, merge);
+  if (inv_t != 1.0)
+    for (std::int64_t i = 0; i < count; ++i)
+      for (int f : shift_fields) data[i * width + f] /= inv_t;
+}
+
+// ---------------------------------------------------------------------------------------
+// the reduction
+
+struct reduce_plan {
+  reduction mode;
+  double denominator;  // for mean / batchmean; 1 otherwise
+};
+
+// Sum of per-row losses in row order, then the reduction's division. With a denominator of
+// 0 (no valid rows) the result is NaN, as in PyTorch.
+double finish_reduction(const std::vector<double>& row_losses, const reduce_plan& plan) {
+  double total = 0.0;
+  for (double v : row_losses) total += v;
+  if (plan.mode == reduction::mean || plan.mode == reduction::batchmean)
+    return plan.denominator == 0.0 ? kNaN : total / plan.denominator;
+  return total;
+}
+
+// The factor of the gradient: 1 for none/sum, 1/denominator for mean (0 when there is
+// nothing to average: every row has a zero gradient then).
+double gradient_coef(const reduce_plan& plan) {
+  if (plan.mode == reduction::mean || plan.mode == reduction::batchmean)
+    return plan.denominator == 0.0 ? 0.0 : 1.0 / plan.denominator;
+  return 1.0;
+}
+
+void write_row_losses(const outputs& out, const row_space& space, const std::vector<double>& row_losses) {
+  if (!out.losses) return;
+  const row_operand op = row_shaped_operand(space, *out.losses);
+  char* base = const_cast<char*>(op.base);
+  for (std::int64_t r = 0; r < space.rows; ++r)
+    store_float<double>(base, op.type, op.row_offset(r), row_losses[static_cast<std::size_t>(r)]);
+}
+
+// Row mask: true keeps the row. Returns the number of kept rows.
+std::int64_t count_kept(const std::optional<row_operand>& mask, std::int64_t rows) {
+  if (!mask) return rows;
+  std::int64_t kept = 0;
+  for (std::int64_t r = 0; r < rows; ++r)
+    kept += reinterpret_cast<const bool*>(mask->base)[mask->row_offset(r)] ? 1 : 0;
+  return kept;
+}
+
+bool row_kept(const std::optional<row_operand>& mask, std::int64_t r) {
+  return !mask || reinterpret_cast<const bool*>(mask->base)[mask->row_offset(r)];
+}
+
+std::optional<row_operand> mask_operand(std::string_view fn, const std::optional<array_view>& mask,
+                                        const row_space& space) {
+  if (!mask) return std::nullopt;
+  check_row_shape(fn, "mask", *mask, space);
+  if (mask->type != dtype::boolean)
+    fail(fn, "mask", "expected a bool array, got " + std::string(dtype_name(mask->type)), error_kind::type);
+  return row_shaped_operand(space, *mask);
+}
+
+// Runs `rows` rows. Single process: stats and finish per row back to back (the row stays
+// in cache). Class-parallel: all stats, the all-reduce (inside `exchange`), then finish.
+template <class Context, class Stats, class StatsFn, class FinishFn, class ExchangeFn>
+void run_rows(std::int64_t rows, std::int64_t row_length, bool sharded, const Context& make_context,
+              StatsFn stats_fn, ExchangeFn exchange, FinishFn finish_fn, std::vector<double>& row_losses) {
+  const std::int64_t grain = grain_for(row_length);
+  if (!sharded) {
+    parallel_for(rows, grain, [&](std::int64_t begin, std::int64_t end) {
+      auto ctx = make_context();
+      for (std::int64_t r = begin; r < end; ++r) {
+        Stats st = stats_fn(ctx, r);
+        row_losses[static_cast<std::size_t>(r)] = finish_fn(ctx, r, st);
+      }
+    });
+    return;
+  }
+  std::vector<Stats> all(static_cast<std::size_t>(rows));
+  parallel_for(rows, grain, [&](std::int64_t begin, std::int64_t end) {
+    auto ctx = make_context();
+    for (std::int64_t r = begin; r < end; ++r) all[static_cast<std::size_t>(r)] = stats_fn(ctx, r);
+  });
+  exchange(all);
+  parallel_for(rows, grain, [&](std::int64_t begin, std::int64_t end) {
+    auto ctx = make_context();
+    for (std::int64_t r = begin; r < end; ++r)
+      row_losses[static_cast<std::size_t>(r)] = finish_fn(ctx, r, all[static_cast<std::size_t>(r)]);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// cross-entropy: dense probability targets and class-index targets
+
+double validate_smoothing(std::string_view fn, double eps) {
+  if (!(eps >= 0.0 && eps <= 1.0))
+    fail(fn, "label_smoothing", "expected a value in [0, 1], got " + std::to_string(eps).substr(0, 10));
+  return eps;
+}
+
+template <class T>
+std::vector<T> class_weights(const std::optional<array_view>& weight) {
+  std::vector<T> w;
+  if (!weight) return w;
+  w.resize(static_cast<std::size_t>(weight->shape[0]));
+  gather<T>(static_cast<const char*>(weight->data), weight->type, 0, weight->strides[0], weight->shape[0], w.data());
+  return w;
+}
+
+// CE row loss from merged statistics: Σ w t' (lse - x) = a log(sum) - b.
+double ce_row_loss(const target_stats& st) {
+  if (st.sum == 0.0 || st.shift == -kInf) return st.a > 0.0 ? kInf : 0.0;
+  return st.a * std::log(st.sum) - st.b;
+}
+
+struct ce_call {
+  std::string_view fn;
+  const array_view& input;
+  const cross_entropy_options& options;
+  const outputs& out;
+  const class_shard* shard;
+};
+
+template <class T>
+double cross_entropy_dense_impl(const ce_call& call, const row_space& space, const array_view& target,
+                                bool index_target) {
+  const auto& opt = call.options;
+  const row_operand x_op = class_operand(space, call.input);
+  const row_operand t_op = index_target ? row_shaped_operand(space, target) : class_operand(space, target);
+  std::optional<row_operand> g_op;
+  if (call.out.grad) g_op = class_operand(space, *call.out.grad);
+  const auto mask = mask_operand(call.fn, opt.mask, space);
+  const std::vector<T> weight = class_weights<T>(opt.weight);
+  const std::int64_t C = space.classes;
+  const std::int64_t offset = call.shard ? call.shard->class_offset : 0;
+  const std::int64_t total_classes = call.shard ? call.shard->num_classes : C;
+  const double eps = opt.label_smoothing;
+
+  // index targets: validate, and sum the weights of the non-ignored targets (mean's
+  // denominator, as torch's nll_loss)
+  double weight_total = 0.0;
+  if (index_target) {
+    for (std::int64_t r = 0; r < space.rows; ++r) {
+      const std::int64_t y = load_index(t_op.base, t_op.type, t_op.row_offset(r));
+      if (y == opt.ignore_index) continue;
+      if (y < 0 || y >= total_classes)
+        fail(call.fn, "target", "class index " + std::to_string(y) + " at row " + std::to_string(r) +
+                                    " is out of range for " + std::to_string(total_classes) + " classes",
+             error_kind::index);
+      if (!call.shard) weight_total += weight.empty() ? 1.0 : static_cast<double>(weight[static_cast<std::size_t>(y)]);
+    }
+  }
+  reduce_plan plan{opt.reduce, 1.0};
+  if (opt.reduce == reduction::mean)
+    plan.denominator = index_target ? weight_total : static_cast<double>(count_kept(mask, space.rows));
+
+  std::vector<double> row_losses(static_cast<std::size_t>(space.rows), 0.0);
+  struct context {
+    row_reader<T> x, t;
+    std::optional<row_writer<T>> g;
+    const T* xr = nullptr;
+    target_desc<T> desc;
+    bool skip = false;
+  };
+  auto make_context = [&] {
+    context c{row_reader<T>(&x_op), row_reader<T>(&t_op), std::nullopt, nullptr, {}, false};
+    if (g_op) c.g.emplace(&*g_op);
+    return c;
+  };
+  // Sets up row r in the context (target descriptor, staged rows); returns the weight of
+  // the row's class-index target on this shard (0 if another shard owns it).
+  auto prepare = [&](context& c, std::int64_t r) -> double {
+    c.desc = target_desc<T>{};
+    c.desc.weight = weight.empty() ? nullptr : weight.data();
+    c.desc.keep = static_cast<T>(1.0 - eps);
+    c.desc.add = static_cast<T>(eps / static_cast<double>(total_classes));
+    double target_weight = 0.0;
+    if (index_target) {
+      const std::int64_t y = load_index(t_op.base, t_op.type, t_op.row_offset(r));
+      c.skip = y == opt.ignore_index;
+      const std::int64_t local = y - offset;
+      if (!c.skip && local >= 0 && local < C) {
+        c.desc.onehot = local;
+        target_weight = weight.empty() ? 1.0 : static_cast<double>(weight[static_cast<std::size_t>(local)]);
+      }
+    } else {
+      c.skip = !row_kept(mask, r);
+      if (!c.skip) c.desc.dense = c.t.row(r);
+    }
+    if (!c.skip) c.xr = c.x.row(r);
+    return target_weight;
+  };
+  auto stats_fn = [&](context& c, std::int64_t r) -> ce_record {
+    const double target_weight = prepare(c, r);
+    if (c.skip) return ce_record{{-kInf, 0.0, 0.0, 0.0}, 0.0};
+    return ce_record{target_row_stats(c.xr, C, c.desc), target_weight};
+  };
+  double coef = gradient_coef(plan);
+  auto finish_fn = [&](context& c, std::int64_t r, const ce_record& rec) -> double {
+    if (call.shard) prepare(c, r);  // the passes ran apart: set the row up again
+    if (c.skip) {
+      if (c.g) c.g->zero_row(r);
+      return 0.0;
+    }
+    if (c.g) {
+      T* g = c.g->begin(r);
+      target_row_grad(c.xr, C, c.desc, normaliser<T>(rec.st.shift, rec.st.sum), static_cast<T>(rec.st.a),
+                      static_cast<T>(coef), g);
+      c.g->commit();
+    }
+    return ce_row_loss(rec.st);
+  };
+  auto exchange = [&](std::vector<ce_record>& records) {
+    all_reduce_records(*call.shard, records, merge_ce_records, {0}, 1.0);
+    if (index_target && opt.reduce == reduction::mean) {
+      double total = 0.0;
+      for (std::int64_t r = 0; r < space.rows; ++r) {
+        const std::int64_t y = load_index(t_op.base, t_op.type, t_op.row_offset(r));
+        if (y != opt.ignore_index) total += records[static_cast<std::size_t>(r)].target_weight;
+      }
+      plan.denominator = total;
+      coef = gradient_coef(plan);
+    }
+  };
+  run_rows<decltype(make_context), ce_record>(space.rows, C, call.shard != nullptr, make_context, stats_fn,
+                                              exchange, finish_fn, row_losses);
+  write_row_losses(call.out, space, row_losses);
+  return finish_reduction(row_losses, plan);
+}
+
+// ---------------------------------------------------------------------------------------
+// top-k targets (cross-entropy, and the kl distillation from a top-k teacher)
+
+struct topk_operands {
+  row_operand indices, values;
+  std::int64_t k;
+};
+
+// Checks shapes and dtypes, then every row's indices: in range and without duplicates.
+topk_operands validate_topk(std::string_view fn, const topk& target, const row_space& space,
+                            std::int64_t total_classes) {
+  check_extent(fn, "target.indices", target.indices);
+  check_extent(fn, "target.values", target.values);
+  if (!is_index(target.indices.type))
+    fail(fn, "target.indices", "expected an int32 or int64 array, got " + std::string(dtype_name(target.indices.type)),
+         error_kind::type);
+  check_float(fn, "target.values", target.values);
+  const std::int64_t k = target.indices.ndim == space.ndim + 1 ? target.indices.shape[space.ndim] : -1;
+  bool ok = target.indices.ndim == space.ndim + 1;
+  for (int i = 0; ok && i < space.ndim; ++i) ok = target.indices.shape[i] == space.dims[i];
+  if (!ok)
+    fail(fn, "target.indices", "expected shape " + shape_string(space.dims, space.ndim) +
+                                   " + (K,) (the input's rows, then K), got " + shape_string(target.indices));
+  check_same_shape(fn, "target.values", target.values, target.indices, "indices");
+  topk_operands ops;
+  ops.k = k;
+  auto make = [&](const array_view& v) {
+    row_operand op;
+    op.base = static_cast<const char*>(v.data);
+    op.type = v.type;
+    op.ndim = space.ndim;
+    for (int i = 0; i < space.ndim; ++i) op.dims[i] = space.dims[i], op.strides[i] = v.strides[i];
+    op.class_stride = v.strides[space.ndim];
+    op.inner = k;
+    return op;
+  };
+  ops.indices = make(target.indices);
+  ops.values = make(target.values);
+  std::vector<std::int64_t> row(static_cast<std::size_t>(k));
+  for (std::int64_t r = 0; r < space.rows; ++r) {
+    const std::int64_t off = ops.indices.row_offset(r);
+    for (std::int64_t j = 0; j < k; ++j) {
+      const std::int64_t idx = load_index(ops.indices.base, ops.indices.type, off + j * ops.indices.class_stride);
+      if (idx < 0 || idx >= total_classes)
+        fail(fn, "target.indices", "index " + std::to_string(idx) + " at row " + std::to_string(r) +
+                                       " is out of range for " + std::to_string(total_classes) + " classes",
+             error_kind::index);
+      row[static_cast<std::size_t>(j)] = idx;
+    }
+    std::sort(row.begin(), row.end());
+    auto dup = std::adjacent_find(row.begin(), row.end());
+    if (dup != row.end())
+      fail(fn, "target.indices", "duplicate index " + std::to_string(*dup) + " in row " + std::to_string(r));
+  }
+  return ops;
+}
+
+// Top-k rows: dense softmax statistics plus sparse moments; the gradient is the dense
+// softmax times a factor, then corrected at the k entries. `temperature_scale` is T for
+// distillation (loss T^2 x, gradient T x) and 1 for cross-entropy; `entropy_term` adds
+// Σ v log v (the KL rather than the cross-entropy).
+template <class T>
+double topk_impl(std::string_view fn, const array_view& input, const topk& target,
+                 const std::optional<array_view>& mask_view, reduction mode, const outputs& out,
+                 const class_shard* shard, double temperature, bool entropy_term) {
+  const row_space space = logits_space(fn, input);
+  const std::int64_t C = space.classes;
+  const std::int64_t offset = shard ? shard->class_offset : 0;
+  const std::int64_t total_classes = shard ? shard->num_classes : C;
+  const topk_operands ops = validate_topk(fn, target, space, total_classes);
+  const auto mask = mask_operand(fn, mask_view, space);
+  const row_operand x_op = class_operand(space, input);
+  std::optional<row_operand> g_op;
+  if (out.grad) g_op = class_operand(space, *out.grad);
+  const double inv_t = 1.0 / temperature, t2 = temperature * temperature;
+
+  reduce_plan plan{mode, 1.0};
+  if (mode == reduction::mean || mode == reduction::batchmean) {
+    plan.denominator = static_cast<double>(count_kept(mask, space.rows));
+    if (mode == reduction::mean && entropy_term) plan.denominator *= static_cast<double>(total_classes);
+  }
+  const double coef = gradient_coef(plan) * temperature;
+  const std::int64_t k = ops.k;
+
+  struct context {
+    row_reader<T> x;
+    std::optional<row_writer<T>> g;
+    const T* xr = nullptr;
+  };
+  auto make_context = [&] {
+    context c{row_reader<T>(&x_op), std::nullopt};
+    if (g_op) c.g.emplace(&*g_op);
+    return c;
+  };
+  auto entry = [&](std::int64_t r, std::int64_t j, std::int64_t& local, double& v) {
+    const std::int64_t io = ops.indices.row_offset(r) + j * ops.indices.class_stride;
+    const std::int64_t vo = ops.values.row_offset(r) + j * ops.values.class_stride;
+    local = load_index(ops.indices.base, ops.indices.type, io) - offset;
+    v = load_float<double>(ops.values.base, ops.values.type, vo);
+  };
+  auto stats_fn = [&](context& c, std::int64_t r) -> topk_record {
+    if (!row_kept(mask, r)) return topk_record{-kInf, 0.0, 0.0, 0.0, 0.0};
+    c.xr = c.x.row(r);
+    const softmax_stats sm = softmax_row_stats(c.xr, C, static_cast<T>(inv_t));
+    topk_record rec{sm.shift, sm.sum, 0.0, 0.0, 0.0};
+    const double shift = sm.shift == -kInf ? 0.0 : sm.shift;
+    for (std::int64_t j = 0; j < k; ++j) {
+      std::int64_t local;
+      double v;
+      entry(r, j, local, v);
+      if (local < 0 || local >= C) continue;
+      const double dk = (static_cast<double>(c.xr[local]) - shift) * inv_t;
+      rec.a += v;
+      if (v != 0.0) rec.b += v * dk;
+      rec.e += std::exp(dk);
+    }
+    return rec;
+  };
+  auto finish_fn = [&](context& c, std::int64_t r, const topk_record& rec) -> double {
+    if (!row_kept(mask, r)) {
+      if (c.g) c.g->zero_row(r);
+      return 0.0;
+    }
+    // values are identical on every shard: their sum and entropy need no exchange
+    double value_sum = 0.0, entropy = 0.0;
+    for (std::int64_t j = 0; j < k; ++j) {
+      std::int64_t local;
+      double v;
+      entry(r, j, local, v);
+      value_sum += v;
+      if (entropy_term && v != 0.0) entropy += v * std::log(v);
+    }
+    const bool all_neg_inf = rec.sum == 0.0 || rec.shift == -kInf;
+    double loss = all_neg_inf ? (rec.a > 0.0 ? kInf : 0.0) : rec.a * std::log(rec.sum) - rec.b;
+    const double tau = 1.0 - value_sum;
+    double q_top = all_neg_inf ? 0.0 : rec.e / rec.sum;
+    double tail_factor = 0.0;  // extra coefficient on q outside the top k
+    if (target.tail && tau != 0.0) {
+      loss += -tau * std::log1p(-q_top);
+      if (entropy_term && tau > 0.0) loss += tau * std::log(tau);
+      tail_factor = tau * q_top / (1.0 - q_top);
+    }
+    loss = (loss + entropy) * (entropy_term ? t2 : 1.0);
+    if (c.g) {
+      if (shard) c.xr = c.x.row(r);
+      T* g = c.g->begin(r);
+      const row_normaliser<T> norm = normaliser<T>(rec.shift, rec.sum);
+      // q * (a + tail_factor) everywhere, then the top-k corrections
+      softmax_row_grad(c.xr, C, static_cast<T>(inv_t), norm, static_cast<T>(coef * (rec.a + tail_factor)), g);
+      const double ls = static_cast<double>(norm.log_sum), sh = static_cast<double>(norm.shift);
+      for (std::int64_t j = 0; j < k; ++j) {
+        std::int64_t local;
+        double v;
+        entry(r, j, local, v);
+        if (local < 0 || local >= C) continue;
+        double fix = -v;
+        if (target.tail && tau != 0.0) {
+          const double qk = std::exp((static_cast<double>(c.xr[local]) - sh) * inv_t - ls);
+          fix -= tau * qk / (1.0 - q_top);
+        }
+        g[local] = static_cast<T>(static_cast<double>(g[local]) + coef * fix);
+      }
+      c.g->commit();
+    }
+    return loss;
+  };
+  auto exchange = [&](std::vector<topk_record>& records) {
+    all_reduce_records(*shard, records, merge_topk_records, {0}, inv_t);
+  };
+  std::vector<double> row_losses(static_cast<std::size_t>(space.rows), 0.0);
+  run_rows<decltype(make_context), topk_record>(space.rows, C, shard != nullptr, make_context, stats_fn, exchange,
+                                                finish_fn, row_losses);
+  write_row_losses(out, space, row_losses);
+  return finish_reduction(row_losses, plan);
+}
+
+// ---------------------------------------------------------------------------------------
+// distillation with dense teacher logits
+
+template <class T>
+double distill_dense_impl(std::string_view fn, const array_view& student, const array_view& teacher,
+                          const distillation_options& opt, const outputs& out, const class_shard* shard) {
+  const row_space space = logits_space(fn, student);
+  const std::int64_t C = space.classes;
+  const std::int64_t total_classes = shard ? shard->num_classes : C;
+  const auto mask = mask_operand(fn, opt.mask, space);
+  const row_operand x_op = class_operand(space, student), z_op = class_operand(space, teacher);
+  std::optional<row_operand> g_op;
+  if (out.grad) g_op = class_operand(space, *out.grad);
+  const double T_ = opt.temperature, inv_t = 1.0 / T_, t2 = T_ * T_;
+  // TRL's endpoints: beta = 0 is the forward KL, beta = 1 the reverse KL
+  int kind = opt.kind == divergence::kl ? kGradKl : opt.kind == divergence::reverse_kl ? kGradReverseKl : kGradJsd;
+  if (kind == kGradJsd && opt.beta == 0.0) kind = kGradKl;
+  if (kind == kGradJsd && opt.beta == 1.0) kind = kGradReverseKl;
+  const double beta = opt.beta;
+  const distill_kind stats_kind = kind == kGradReverseKl ? distill_kind::reverse_kl : distill_kind::kl;
+
+  reduce_plan plan{opt.reduce, 1.0};
+  if (opt.reduce == reduction::mean || opt.reduce == reduction::batchmean) {
+    plan.denominator = static_cast<double>(count_kept(mask, space.rows));
+    if (opt.reduce == reduction::mean) plan.denominator *= static_cast<double>(total_classes);
+  }
+  const double coef = gradient_coef(plan) * T_;
+
+  struct context {
+    row_reader<T> x, z;
+    std::optional<row_writer<T>> g;
+    const T* xr = nullptr;
+    const T* zr = nullptr;
+  };
+  auto make_context = [&] {
+    context c{row_reader<T>(&x_op), row_reader<T>(&z_op), std::nullopt};
+    if (g_op) c.g.emplace(&*g_op);
+    return c;
+  };
+  auto stage = [&](context& c, std::int64_t r) {
+    c.xr = c.x.row(r);
+    c.zr = c.z.row(r);
+  };
+  auto stats_fn = [&](context& c, std::int64_t r) -> distill_stats {
+    if (!row_kept(mask, r)) return distill_stats{-kInf, 0.0, -kInf, 0.0, 0.0};
+    stage(c, r);
+    return distill_row_stats(c.xr, c.zr, C, static_cast<T>(inv_t), stats_kind);
+  };
+  // jsd's second pass, per row, after the normalisers are final
+  std::vector<jsd_stats> jsd;
+  auto jsd_of = [&](context& c, const distill_stats& st) {
+    return jsd_row_stats(c.xr, c.zr, C, static_cast<T>(inv_t), normaliser<T>(st.shift_x, st.sum_x),
+                         normaliser<T>(st.shift_z, st.sum_z), static_cast<T>(beta));
+  };
+  auto finish_fn = [&](context& c, std::int64_t r, const distill_stats& st) -> double {
+    if (!row_kept(mask, r)) {
+      if (c.g) c.g->zero_row(r);
+      return 0.0;
+    }
+    if (shard) stage(c, r);
+    const double lsx = st.sum_x > 0.0 ? std::log(st.sum_x) : -kInf;
+    const double lsz = st.sum_z > 0.0 ? std::log(st.sum_z) : -kInf;
+    double divergence_value = 0.0, r_value = 0.0;
+    if (kind == kGradKl) {
+      divergence_value = st.sum_z > 0.0 ? st.k / st.sum_z - lsz + lsx : 0.0;
+    } else if (kind == kGradReverseKl) {
+      divergence_value = st.sum_x > 0.0 ? st.k / st.sum_x - lsx + lsz : 0.0;
+      r_value = divergence_value;
+    } else {
+      const jsd_stats js = shard ? jsd[static_cast<std::size_t>(r)] : jsd_of(c, st);
+      divergence_value = beta * js.kl_pm + (1.0 - beta) * js.kl_qm;
+      r_value = js.kl_qm;
+    }
+    if (c.g) {
+      T* g = c.g->begin(r);
+      const double row_coef = kind == kGradJsd ? coef * (1.0 - beta) : coef;
+      distill_row_grad(c.xr, c.zr, C, static_cast<T>(inv_t), normaliser<T>(st.shift_x, st.sum_x),
+                       normaliser<T>(st.shift_z, st.sum_z), kind, static_cast<T>(beta),
+                       static_cast<T>(r_value), static_cast<T>(row_coef), g);
+      c.g->commit();
+    }
+    return t2 * divergence_value;
+  };
+  auto exchange = [&](std::vector<distill_stats>& records) {
+    all_reduce_records(*shard, records, stats_kind == distill_kind::kl ? merge_distill_kl : merge_distill_reverse,
+                       {0, 2}, inv_t);
+    if (kind != kGradJsd) return;
+    jsd.assign(records.size(), jsd_stats{});
+    parallel_for(space.rows, grain_for(C), [&](std::int64_t begin, std::int64_t end) {
+      auto c = make_context();
+      for (std::int64_t r = begin; r < end; ++r) {
+        if (!row_kept(mask, r)) continue;
+        stage(c, r);
+        jsd[static_cast<std::size_t>(r)] = jsd_of(c, records[static_cast<std::size_t>(r)]);
+      }
+    });
+    shard->all_reduce(reinterpret_cast<double*>(jsd.data()), static_cast<std::int64_t>(jsd.size() * 2), 1, merge_sums);
+  };
+  std::vector<double> row_losses(static_cast<std::size_t>(space.rows), 0.0);
+  run_rows<decltype(make_context), distill_stats>(space.rows, C, shard != nullptr, make_context, stats_fn, exchange,
+                                                  finish_fn, row_losses);
+  write_row_losses(out, space, row_losses);
+  return finish_reduction(row_losses, plan);
+}
+
+// ---------------------------------------------------------------------------------------
+// public entry points (shared by the single-process and class-parallel forms)
+
+bool computes_in_double(const array_view& input) { return input.type == dtype::float64; }
+
+void check_shard(std::string_view fn, const class_shard* shard, const row_space& space) {
+  if (!shard) return;
+  if (!shard->all_reduce) fail(fn, "shard", "expected an all_reduce function, got none");
+  if (shard->class_offset < 0 || shard->num_classes < space.classes ||
+      shard->class_offset > shard->num_classes - space.classes)
+    fail(fn, "shard", "expected classes [" + std::to_string(shard->class_offset) + ", " +
+                          std::to_string(shard->class_offset + space.classes) + ") to lie within " +
+                          std::to_string(shard->num_classes) + " classes");
+}
+
+double cross_entropy_entry(const array_view& input, const array_view& target, const cross_entropy_options& opt,
+                           const outputs& out, const class_shard* shard) {
+  constexpr std::string_view fn = "cross_entropy";
+  const row_space space = logits_space(fn, input);
+  check_shard(fn, shard, space);
+  check_reduction(fn, opt.reduce, {reduction::none, reduction::mean, reduction::sum});
+  validate_smoothing(fn, opt.label_smoothing);
+  check_extent(fn, "target", target);
+  const bool index_target = is_index(target.type);
+  if (index_target) {
+    check_row_shape(fn, "target", target, space);
+    if (opt.mask) fail(fn, "mask", "expected no mask with class-index targets (use ignore_index)");
+  } else if (is_float(target.type)) {
+    check_same_shape(fn, "target", target, input, "input");
+  } else {
+    fail(fn, "target", "expected class indices (int32/int64) or probabilities (float), got " +
+                           std::string(dtype_name(target.type)), error_kind::type);
+  }
+  if (opt.weight) check_class_vector(fn, "weight", *opt.weight, space.classes);
+  check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
+  const ce_call call{fn, input, opt, out, shard};
+  return computes_in_double(input) ? cross_entropy_dense_impl<double>(call, space, target, index_target)
+                                   : cross_entropy_dense_impl<float>(call, space, target, index_target);
+}
+
+// Top-k with class weights or label smoothing: the dense equivalent (scatter into a dense
+// target array), since those need every class's target anyway.
+double topk_via_dense(const array_view& input, const topk& target, const cross_entropy_options& opt,
+                      const outputs& out, const class_shard* shard, const row_space& space) {
+  const std::int64_t offset = shard ? shard->class_offset : 0;
+  const topk_operands ops = validate_topk("cross_entropy", target, space, shard ? shard->num_classes : space.classes);
+  std::vector<double> dense(static_cast<std::size_t>(space.rows * space.classes), 0.0);
+  for (std::int64_t r = 0; r < space.rows; ++r)
+    for (std::int64_t j = 0; j < ops.k; ++j) {
+      const std::int64_t local =
+          load_index(ops.indices.base, ops.indices.type, ops.indices.row_offset(r) + j * ops.indices.class_stride) - offset;
+      if (local < 0 || local >= space.classes) continue;
+      dense[static_cast<std::size_t>(r * space.classes + local)] =
+          load_float<double>(ops.values.base, ops.values.type, ops.values.row_offset(r) + j * ops.values.class_stride);
+    }
+  // a (rows..., C) view of the dense target in the input's layout (class dim at 1)
+  array_view t;
+  t.data = dense.data();
+  t.type = dtype::float64;
+  t.ndim = input.ndim;
+  for (int i = 0; i < input.ndim; ++i) t.shape[i] = input.shape[i];
+  if (input.ndim == 1) {
+    t.strides[0] = 1;
+  } else {
+    // row-major over (N, d1, ...) with the class dimension innermost in memory
+    std::int64_t stride = space.classes;
+    for (int i = input.ndim - 1; i >= 2; --i) {
+      t.strides[i] = stride;
+      stride *= input.shape[i];
+    }
+    t.strides[0] = stride;
+    t.strides[1] = 1;
+  }
+  return cross_entropy_entry(input, t, opt, out, shard);
+}
+
+double cross_entropy_topk_entry(const array_view& input, const topk& target, const cross_entropy_options& opt,
+                                const outputs& out, const class_shard* shard) {
+  constexpr std::string_view fn = "cross_entropy";
+  const row_space space = logits_space(fn, input);
+  check_shard(fn, shard, space);
+  check_reduction(fn, opt.reduce, {reduction::none, reduction::mean, reduction::sum});
+  validate_smoothing(fn, opt.label_smoothing);
+  if (opt.weight) check_class_vector(fn, "weight", *opt.weight, space.classes);
+  check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
+  if (target.tail && (opt.weight || opt.label_smoothing != 0.0))
+    fail(fn, "target.tail", "expected no class weight and no label smoothing with a tail bucket");
+  if (opt.weight || opt.label_smoothing != 0.0) return topk_via_dense(input, target, opt, out, shard, space);
+  return computes_in_double(input)
+             ? topk_impl<double>(fn, input, target, opt.mask, opt.reduce, out, shard, 1.0, false)
+             : topk_impl<float>(fn, input, target, opt.mask, opt.reduce, out, shard, 1.0, false);
+}
+
+void check_distillation_options(std::string_view fn, const distillation_options& opt) {
+  if (!(opt.temperature > 0.0) || !std::isfinite(opt.temperature))
+    fail(fn, "temperature", "expected a finite value > 0, got " + std::to_string(opt.temperature));
+  if (!(opt.beta >= 0.0 && opt.beta <= 1.0))
+    fail(fn, "beta", "expected a value in [0, 1], got " + std::to_string(opt.beta));
+}
+
+double distillation_entry(const array_view& student, const array_view& teacher, const distillation_options& opt,
+                          const outputs& out, const class_shard* shard) {
+  constexpr std::string_view fn = "distillation_loss";
+  const row_space space = logits_space(fn, student);
+  check_shard(fn, shard, space);
+  check_distillation_options(fn, opt);
+  check_float(fn, "teacher", teacher);
+  check_same_shape(fn, "teacher", teacher, student, "student's");
+  check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
+  return computes_in_double(student) ? distill_dense_impl<double>(fn, student, teacher, opt, out, shard)
+                                     : distill_dense_impl<float>(fn, student, teacher, opt, out, shard);
+}
+
+double distillation_topk_entry(const array_view& student, const topk& teacher, const distillation_options& opt,
+                               const outputs& out, const class_shard* shard) {
+  constexpr std::string_view fn = "distillation_loss";
+  const row_space space = logits_space(fn, student);
+  check_shard(fn, shard, space);
+  check_distillation_options(fn, opt);
+  if (opt.kind != divergence::kl)
+    fail(fn, "teacher", "expected teacher logits for divergence '" + std::string(divergence_name(opt.kind)) +
+                            "' (a top-k teacher supports 'kl' only)");
+  check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
+  return computes_in_double(student)
+             ? topk_impl<double>(fn, student, teacher, opt.mask, opt.reduce, out, shard, opt.temperature, true)
+             : topk_impl<float>(fn, student, teacher, opt.mask, opt.reduce, out, shard, opt.temperature, true);
+}
+
+}  // namespace
+
+double cross_entropy(const array_view& input, const array_view& target, const cross_entropy_options& options,
+                     const outputs& out) {
+  return cross_entropy_entry(input, target, options, out, nullptr);
+}
+
+double cross_entropy(const array_view& input, const topk& target, const cross_entropy_options& options,
+                     const outputs& out) {
+  return cross_entropy_topk_entry(input, target, options, out, nullptr);
+}
+
+double cross_entropy_with_probs(const array_view& input, const array_view& target, std::optional<array_view> weight,
+                                reduction reduce, const outputs& out) {
+  check_reduction("cross_entropy_with_probs", reduce, {reduction::none, reduction::mean, reduction::sum});
+  if (!is_float(target.type))
+    fail("cross_entropy_with_probs", "target",
+         "expected probabilities (float), got " + std::string(dtype_name(target.type)), error_kind::type);
+  cross_entropy_options opt;
+  opt.weight = weight;
+  opt.reduce = reduce;
+  return cross_entropy_entry(input, target, opt, out, nullptr);
+}
+
+double distillation_loss(const array_view& student_logits, const array_view& teacher_logits,
+                         const distillation_options& options, const outputs& out) {
+  return distillation_entry(student_logits, teacher_logits, options, out, nullptr);
+}
+
+double distillation_loss(const array_view& student_logits, const topk& teacher, const distillation_options& options,
+                         const outputs& out) {
+  return distillation_topk_entry(student_logits, teacher, options, out, nullptr);
+}
+
+std::string simd_target() { return simd_target_name(); }
+
+namespace class_parallel {
+double cross_entropy(const class_shard& shard, const array_view& input, const array_view& target,
+                     const cross_entropy_options& options, const outputs& out) {
+  return cross_entropy_entry(input, target, options, out, &shard);
+}
+double cross_entropy(const class_shard& shard, const array_view& input, const topk& target,
+                     const cross_entropy_options& options, const outputs& out) {
+  return cross_entropy_topk_entry(input, target, options, out, &shard);
+}
+double distillation_loss(const class_shard& shard, const array_view& student_logits,
+                         const array_view& teacher_logits, const distillation_options& options,
+                         const outputs& out) {
+  return distillation_entry(student_logits, teacher_logits, options, out, &shard);
+}
+double distillation_loss(const class_shard& shard, const array_view& student_logits, const topk& teacher,
+                         const distillation_options& options, const outputs& out) {
+  return distillation_topk_entry(student_logits, teacher, options, out, &shard);
+}
+}  // namespace class_parallel
+
+}  // namespace softce

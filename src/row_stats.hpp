@@ -1,0 +1,83 @@
+// The row-statistics monoid: exact merging of partial softmax statistics (online softmax).
+//
+// A partial statistic keeps `shift` = the max of its slice (-inf for an empty or all -inf
+// slice), `sum` = Σ exp((x - shift) / T), and moments. Merging rescales both sides to the
+// larger shift. Moments of the form Σ w (x - shift) are moved to the new shift by adding
+// a * (old - new); a slice with a = 0 contributes nothing, and an all -inf slice already
+// holds 0 or -inf there, so no 0 * inf appears. Used by the kernels (chunk by chunk), the
+// driver (pieces of long rows) and the class-parallel all-reduce (shard by shard).
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "kernels.hpp"
+
+namespace softce::detail {
+
+inline constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// exp((from - to) * inv_t) for a shift `from` moving to `to` >= from; 0 for from = -inf.
+inline double rescale(double from, double to, double inv_t) {
+  if (from == -kInf) return 0.0;
+  return std::exp((from - to) * inv_t);
+}
+
+inline void merge_into(softmax_stats& acc, const softmax_stats& part, double inv_t) {
+  double shift = std::fmax(acc.shift, part.shift);
+  if (shift == -kInf) return;  // both all -inf: sums stay 0
+  acc.sum = acc.sum * rescale(acc.shift, shift, inv_t) + part.sum * rescale(part.shift, shift, inv_t);
+  acc.shift = shift;
+}
+
+inline void move_moment(double& b, double a, double from, double to) {
+  if (a != 0.0 && from != -kInf) b += a * (from - to);
+}
+
+inline void merge_into(target_stats& acc, const target_stats& part) {
+  double shift = std::fmax(acc.shift, part.shift);
+  double b_acc = acc.b, b_part = part.b;
+  if (shift != -kInf) {
+    move_moment(b_acc, acc.a, acc.shift, shift);
+    move_moment(b_part, part.a, part.shift, shift);
+    acc.sum = acc.sum * rescale(acc.shift, shift, 1.0) + part.sum * rescale(part.shift, shift, 1.0);
+  }
+  acc.shift = shift;
+  acc.a += part.a;
+  acc.b = b_acc + b_part;
+}
+
+// distill_stats.k is Σ e_ref (d_ref - d_other) where "ref" is the teacher for kl and the
+// student for reverse_kl: it scales like the ref sum and shifts with both shifts.
+inline void merge_into(distill_stats& acc, const distill_stats& part, double inv_t,
+                       distill_kind kind) {
+  double sx = std::fmax(acc.shift_x, part.shift_x), sz = std::fmax(acc.shift_z, part.shift_z);
+  auto moved_k = [&](const distill_stats& s) {
+    double ref_sum = kind == distill_kind::kl ? s.sum_z : s.sum_x;
+    if (ref_sum == 0.0) return 0.0;
+    double dz = s.shift_z == -kInf ? 0.0 : (s.shift_z - sz) * inv_t;
+    double dx = s.shift_x == -kInf ? 0.0 : (s.shift_x - sx) * inv_t;
+    double factor = kind == distill_kind::kl ? rescale(s.shift_z, sz, inv_t) : rescale(s.shift_x, sx, inv_t);
+    double delta = kind == distill_kind::kl ? dz - dx : dx - dz;
+    return factor * (s.k + ref_sum * delta);
+  };
+  double k = moved_k(acc) + moved_k(part);
+  if (sx != -kInf)
+    acc.sum_x = acc.sum_x * rescale(acc.shift_x, sx, inv_t) + part.sum_x * rescale(part.shift_x, sx, inv_t);
+  if (sz != -kInf)
+    acc.sum_z = acc.sum_z * rescale(acc.shift_z, sz, inv_t) + part.sum_z * rescale(part.shift_z, sz, inv_t);
+  acc.shift_x = sx;
+  acc.shift_z = sz;
+  acc.k = k;
+}
+
+// The normaliser the gradient kernels use: log q = (x - shift) * inv_t - log_sum. For an
+// all -inf row (sum = 0) q is defined as 0: shift 0 and log_sum = +inf give exp(-inf) = 0.
+template <class T>
+inline row_normaliser<T> normaliser(double shift, double sum) {
+  if (sum == 0.0 || shift == -kInf)
+    return {T(0), std::numeric_limits<T>::infinity()};
+  return {static_cast<T>(shift), static_cast<T>(std::log(sum))};
+}
+
+}  // namespace softce::detail

@@ -1,0 +1,173 @@
+// Staging: reading strided or 16-bit rows into contiguous float/double buffers for the
+// kernels, and writing results back. Rows that are already contiguous in the compute type
+// are used in place, without a copy.
+#pragma once
+
+#include <softce/softce.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "validate.hpp"
+
+namespace softce::detail {
+
+inline float bf16_to_float(std::uint16_t bits) {
+  std::uint32_t u = static_cast<std::uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline std::uint16_t float_to_bf16(float f) {  // round to nearest even
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return static_cast<std::uint16_t>((u >> 16) | 0x40);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return static_cast<std::uint16_t>(u >> 16);
+}
+
+inline float f16_to_float(std::uint16_t bits) {
+  _Float16 h;
+  std::memcpy(&h, &bits, 2);
+  return static_cast<float>(h);
+}
+
+inline std::uint16_t float_to_f16(float f) {
+  _Float16 h = static_cast<_Float16>(f);  // round to nearest even
+  std::uint16_t bits;
+  std::memcpy(&bits, &h, 2);
+  return bits;
+}
+
+// Reads element `offset` of a float array of any float dtype as T.
+template <class T>
+inline T load_float(const char* base, dtype type, std::int64_t offset) {
+  switch (type) {
+    case dtype::float32: return static_cast<T>(reinterpret_cast<const float*>(base)[offset]);
+    case dtype::float64: return static_cast<T>(reinterpret_cast<const double*>(base)[offset]);
+    case dtype::bfloat16:
+      return static_cast<T>(bf16_to_float(reinterpret_cast<const std::uint16_t*>(base)[offset]));
+    case dtype::float16:
+      return static_cast<T>(f16_to_float(reinterpret_cast<const std::uint16_t*>(base)[offset]));
+    default: return T(0);
+  }
+}
+
+template <class T>
+inline void store_float(char* base, dtype type, std::int64_t offset, T value) {
+  switch (type) {
+    case dtype::float32: reinterpret_cast<float*>(base)[offset] = static_cast<float>(value); break;
+    case dtype::float64: reinterpret_cast<double*>(base)[offset] = static_cast<double>(value); break;
+    case dtype::bfloat16:
+      reinterpret_cast<std::uint16_t*>(base)[offset] = float_to_bf16(static_cast<float>(value));
+      break;
+    case dtype::float16:
+      reinterpret_cast<std::uint16_t*>(base)[offset] = float_to_f16(static_cast<float>(value));
+      break;
+    default: break;
+  }
+}
+
+inline std::int64_t load_index(const char* base, dtype type, std::int64_t offset) {
+  return type == dtype::int32 ? reinterpret_cast<const std::int32_t*>(base)[offset]
+                              : reinterpret_cast<const std::int64_t*>(base)[offset];
+}
+
+// Copies `count` elements at base + offset + i * stride into out (converted to T).
+template <class T>
+void gather(const char* base, dtype type, std::int64_t offset, std::int64_t stride,
+            std::int64_t count, T* out) {
+  if (type == dtype_of<T>()) {
+    const T* p = reinterpret_cast<const T*>(base) + offset;
+    for (std::int64_t i = 0; i < count; ++i) out[i] = p[i * stride];
+    return;
+  }
+  switch (type) {
+    case dtype::float32: {
+      const float* p = reinterpret_cast<const float*>(base) + offset;
+      for (std::int64_t i = 0; i < count; ++i) out[i] = static_cast<T>(p[i * stride]);
+      break;
+    }
+    case dtype::float64: {
+      const double* p = reinterpret_cast<const double*>(base) + offset;
+      for (std::int64_t i = 0; i < count; ++i) out[i] = static_cast<T>(p[i * stride]);
+      break;
+    }
+    case dtype::bfloat16: {
+      const std::uint16_t* p = reinterpret_cast<const std::uint16_t*>(base) + offset;
+      for (std::int64_t i = 0; i < count; ++i) out[i] = static_cast<T>(bf16_to_float(p[i * stride]));
+      break;
+    }
+    case dtype::float16: {
+      const std::uint16_t* p = reinterpret_cast<const std::uint16_t*>(base) + offset;
+      for (std::int64_t i = 0; i < count; ++i) out[i] = static_cast<T>(f16_to_float(p[i * stride]));
+      break;
+    }
+    default: break;
+  }
+}
+
+template <class T>
+void scatter(const T* in, std::int64_t count, char* base, dtype type, std::int64_t offset,
+             std::int64_t stride) {
+  if (type == dtype_of<T>()) {
+    T* p = reinterpret_cast<T*>(base) + offset;
+    for (std::int64_t i = 0; i < count; ++i) p[i * stride] = in[i];
+    return;
+  }
+  for (std::int64_t i = 0; i < count; ++i) store_float<T>(base, type, offset + i * stride, in[i]);
+}
+
+// Reads rows of an operand as contiguous T (in place when possible).
+template <class T>
+class row_reader {
+ public:
+  explicit row_reader(const row_operand* op) : op_(op) {}
+  const T* row(std::int64_t r) {
+    const std::int64_t off = op_->row_offset(r);
+    if (op_->type == dtype_of<T>() && op_->contiguous_rows()) return op_->template ptr<T>(off);
+    buffer_.resize(static_cast<std::size_t>(op_->inner));
+    gather<T>(op_->base, op_->type, off, op_->class_stride, op_->inner, buffer_.data());
+    return buffer_.data();
+  }
+
+ private:
+  const row_operand* op_;
+  std::vector<T> buffer_;
+};
+
+// Hands out a contiguous T row to write, and copies it to the operand on commit().
+template <class T>
+class row_writer {
+ public:
+  explicit row_writer(const row_operand* op) : op_(op) {}
+  T* begin(std::int64_t r) {
+    offset_ = op_->row_offset(r);
+    direct_ = op_->type == dtype_of<T>() && op_->contiguous_rows();
+    if (direct_) return const_cast<T*>(op_->template ptr<T>(offset_));
+    buffer_.resize(static_cast<std::size_t>(op_->inner));
+    return buffer_.data();
+  }
+  void commit() {
+    if (!direct_)
+      scatter<T>(buffer_.data(), op_->inner, const_cast<char*>(op_->base), op_->type, offset_,
+                 op_->class_stride);
+  }
+  void zero_row(std::int64_t r) {
+    T* g = begin(r);
+    std::fill(g, g + op_->inner, T(0));
+    commit();
+  }
+
+ private:
+  const row_operand* op_;
+  std::vector<T> buffer_;
+  std::int64_t offset_ = 0;
+  bool direct_ = false;
+};
+
+}  // namespace softce::detail

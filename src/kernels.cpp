@@ -163,7 +163,7 @@ HWY_INLINE V<D> WeightedTarget(D d, const target_desc<T>& t, size_t i, size_t r)
 }
 
 template <class T>
-target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t) {
+target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t, exp_cache<T> cache) {
   const hn::ScalableTag<T> d;
   const size_t N = hn::Lanes(d);
   target_stats acc{-kInf, 0.0, 0.0, 0.0};
@@ -178,21 +178,27 @@ target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t)
     const T m = ChunkMax(d, xc, len);
     const auto vshift = hn::Set(d, FiniteShift(m));
     const auto zero = hn::Zero(d);
+    T* ec = cache.e ? cache.e + c0 : nullptr;
+    if (cache.shifts) cache.shifts[c0 / kChunk] = FiniteShift(m);
     V<decltype(d)> vs = zero, va = zero, vb = zero;
     size_t i = 0;
     for (; i + N <= len; i += N) {
       const auto diff = hn::Sub(hn::LoadU(d, xc + i), vshift);
       const auto wt = WeightedTarget<false>(d, tc, i, N);
-      vs = hn::Add(vs, SafeExp(d, diff));
+      const auto e = SafeExp(d, diff);
+      vs = hn::Add(vs, e);
       va = hn::Add(va, wt);
       vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
+      if (ec) hn::StoreU(e, d, ec + i);
     }
     if (i < len) {
       const auto diff = hn::Sub(LoadPart(d, xc + i, len - i, kNegInf<T>), vshift);
       const auto wt = WeightedTarget<true>(d, tc, i, len - i);
-      vs = hn::Add(vs, SafeExp(d, diff));
+      const auto e = SafeExp(d, diff);
+      vs = hn::Add(vs, e);
       va = hn::Add(va, wt);
       vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
+      if (ec) hn::BlendedStore(e, hn::FirstN(d, len - i), d, ec + i);
     }
     // b was taken against FiniteShift(m); for m = -inf that is 0 and b is 0 or -inf.
     merge_into(acc, target_stats{static_cast<double>(m), Total(d, vs), Total(d, va), Total(d, vb)});
@@ -221,11 +227,50 @@ void TargetRowGrad(const T* x, std::int64_t n, const target_desc<T>& t, row_norm
   }
 }
 
+// The factor turning cached exp((x - shift_c) / T) into q: exp((shift_c - M) / T - log_sum).
+template <class T>
+HWY_INLINE T ChunkFactor(T chunk_shift, row_normaliser<T> norm, T inv_t) {
+  const double v = (static_cast<double>(chunk_shift) - static_cast<double>(norm.shift)) * static_cast<double>(inv_t) -
+                   static_cast<double>(norm.log_sum);
+  return static_cast<T>(std::exp(v));
+}
+
+template <class T>
+void TargetRowGradCached(exp_cache<T> cache, std::int64_t n, const target_desc<T>& t, row_normaliser<T> norm, T a,
+                         T coef, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto va = hn::Set(d, a), vcoef = hn::Set(d, coef);
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const auto vf = hn::Set(d, ChunkFactor(cache.shifts[c0 / kChunk], norm, T(1)));
+    target_desc<T> tc = t;
+    if (t.dense) tc.dense = t.dense + c0;
+    if (t.weight) tc.weight = t.weight + c0;
+    if (t.onehot >= 0) tc.onehot = t.onehot - c0;
+    const T* ec = cache.e + c0;
+    T* gc = g + c0;
+    size_t i = 0;
+    for (; i + N <= len; i += N) {
+      const auto q = hn::Mul(hn::LoadU(d, ec + i), vf);
+      const auto wt = WeightedTarget<false>(d, tc, i, N);
+      hn::StoreU(hn::Mul(vcoef, hn::MulSub(q, va, wt)), d, gc + i);
+    }
+    if (i < len) {
+      const auto m = hn::FirstN(d, len - i);
+      const auto q = hn::Mul(hn::MaskedLoad(m, d, ec + i), vf);
+      const auto wt = WeightedTarget<true>(d, tc, i, len - i);
+      hn::BlendedStore(hn::Mul(vcoef, hn::MulSub(q, va, wt)), m, d, gc + i);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // distillation (dense teacher logits)
 
 template <class T>
-distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, distill_kind kind) {
+distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, distill_kind kind, exp_cache<T> cx,
+                              exp_cache<T> cz) {
   const hn::ScalableTag<T> d;
   const size_t N = hn::Lanes(d);
   distill_stats acc{-kInf, 0.0, -kInf, 0.0, 0.0};
@@ -237,6 +282,8 @@ distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, d
     const T mx = ChunkMax(d, xc, len), mz = ChunkMax(d, zc, len);
     const auto vsx = hn::Set(d, FiniteShift(mx)), vsz = hn::Set(d, FiniteShift(mz));
     const auto zero = hn::Zero(d);
+    if (cx.shifts) cx.shifts[c0 / kChunk] = FiniteShift(mx);
+    if (cz.shifts) cz.shifts[c0 / kChunk] = FiniteShift(mz);
     V<decltype(d)> sx = zero, sz = zero, vk = zero;
     for (size_t i = 0; i < len; i += N) {
       const bool full = i + N <= len;
@@ -246,6 +293,15 @@ distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, d
       const auto ex = SafeExp(d, dx), ez = SafeExp(d, dz);
       sx = hn::Add(sx, ex);
       sz = hn::Add(sz, ez);
+      if (cx.e) {
+        if (full) {
+          hn::StoreU(ex, d, cx.e + c0 + i);
+          hn::StoreU(ez, d, cz.e + c0 + i);
+        } else {
+          hn::BlendedStore(ex, hn::FirstN(d, len - i), d, cx.e + c0 + i);
+          hn::BlendedStore(ez, hn::FirstN(d, len - i), d, cz.e + c0 + i);
+        }
+      }
       if (kind == distill_kind::kl)
         vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(ez, zero), hn::Mul(ez, hn::Sub(dz, dx))));
       else
@@ -325,6 +381,30 @@ void DistillRowGrad(const T* x, const T* z, std::int64_t n, T inv_t, row_normali
       hn::StoreU(gv, d, g + i);
     else
       hn::BlendedStore(gv, hn::FirstN(d, len - i), d, g + i);
+  }
+}
+
+template <class T>
+void DistillRowGradKlCached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T inv_t, row_normaliser<T> nx,
+                            row_normaliser<T> nz, T coef, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vcoef = hn::Set(d, coef);
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const auto fx = hn::Set(d, ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
+    const auto fz = hn::Set(d, ChunkFactor(cz.shifts[c0 / kChunk], nz, inv_t));
+    for (size_t i = 0; i < len; i += N) {
+      const size_t at = static_cast<size_t>(c0) + i;
+      if (i + N <= len) {
+        const auto q = hn::Mul(hn::LoadU(d, cx.e + at), fx);
+        hn::StoreU(hn::Mul(vcoef, hn::NegMulAdd(hn::LoadU(d, cz.e + at), fz, q)), d, g + at);
+      } else {
+        const auto m = hn::FirstN(d, len - i);
+        const auto q = hn::Mul(hn::MaskedLoad(m, d, cx.e + at), fx);
+        hn::BlendedStore(hn::Mul(vcoef, hn::NegMulAdd(hn::MaskedLoad(m, d, cz.e + at), fz, q)), m, d, g + at);
+      }
+    }
   }
 }
 
@@ -428,16 +508,25 @@ double BceElements(const T* x, const T* t, const T* w, const T* pos_w, std::int6
   void SoftmaxRowGrad##S(const T* x, std::int64_t n, T it, row_normaliser<T> nm, T sc, T* g) { \
     SoftmaxRowGrad(x, n, it, nm, sc, g);                                                       \
   }                                                                                            \
-  target_stats TargetRowStats##S(const T* x, std::int64_t n, const target_desc<T>& t) {        \
-    return TargetRowStats(x, n, t);                                                            \
+  target_stats TargetRowStats##S(const T* x, std::int64_t n, const target_desc<T>& t,          \
+                                 exp_cache<T> c) {                                             \
+    return TargetRowStats(x, n, t, c);                                                         \
+  }                                                                                            \
+  void TargetRowGradCached##S(exp_cache<T> c, std::int64_t n, const target_desc<T>& t,         \
+                              row_normaliser<T> nm, T a, T coef, T* g) {                       \
+    TargetRowGradCached(c, n, t, nm, a, coef, g);                                              \
+  }                                                                                            \
+  void DistillRowGradKlCached##S(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T it,       \
+                                 row_normaliser<T> nx, row_normaliser<T> nz, T coef, T* g) {   \
+    DistillRowGradKlCached(cx, cz, n, it, nx, nz, coef, g);                                    \
   }                                                                                            \
   void TargetRowGrad##S(const T* x, std::int64_t n, const target_desc<T>& t,                   \
                         row_normaliser<T> nm, T a, T coef, T* g) {                             \
     TargetRowGrad(x, n, t, nm, a, coef, g);                                                    \
   }                                                                                            \
   distill_stats DistillRowStats##S(const T* x, const T* z, std::int64_t n, T it,               \
-                                   distill_kind k) {                                           \
-    return DistillRowStats(x, z, n, it, k);                                                    \
+                                   distill_kind k, exp_cache<T> cx, exp_cache<T> cz) {         \
+    return DistillRowStats(x, z, n, it, k, cx, cz);                                            \
   }                                                                                            \
   jsd_stats JsdRowStats##S(const T* x, const T* z, std::int64_t n, T it, row_normaliser<T> nx, \
                            row_normaliser<T> nz, T beta) {                                     \
@@ -474,6 +563,8 @@ HWY_EXPORT(TargetName);
   HWY_EXPORT(SoftmaxRowGrad##S);  \
   HWY_EXPORT(TargetRowStats##S);  \
   HWY_EXPORT(TargetRowGrad##S);   \
+  HWY_EXPORT(TargetRowGradCached##S); \
+  HWY_EXPORT(DistillRowGradKlCached##S); \
   HWY_EXPORT(DistillRowStats##S); \
   HWY_EXPORT(JsdRowStats##S);     \
   HWY_EXPORT(DistillRowGrad##S);  \
@@ -490,16 +581,25 @@ SOFTCE_EXPORT(F64)
   void softmax_row_grad(const T* x, std::int64_t n, T it, row_normaliser<T> nm, T sc, T* g) {   \
     HWY_DYNAMIC_DISPATCH(SoftmaxRowGrad##S)(x, n, it, nm, sc, g);                               \
   }                                                                                             \
-  target_stats target_row_stats(const T* x, std::int64_t n, const target_desc<T>& t) {          \
-    return HWY_DYNAMIC_DISPATCH(TargetRowStats##S)(x, n, t);                                    \
+  target_stats target_row_stats(const T* x, std::int64_t n, const target_desc<T>& t,           \
+                                exp_cache<T> c) {                                               \
+    return HWY_DYNAMIC_DISPATCH(TargetRowStats##S)(x, n, t, c);                                 \
+  }                                                                                             \
+  void target_row_grad_cached(exp_cache<T> c, std::int64_t n, const target_desc<T>& t,          \
+                              row_normaliser<T> nm, T a, T coef, T* g) {                        \
+    HWY_DYNAMIC_DISPATCH(TargetRowGradCached##S)(c, n, t, nm, a, coef, g);                      \
+  }                                                                                             \
+  void distill_row_grad_kl_cached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T it,       \
+                                  row_normaliser<T> nx, row_normaliser<T> nz, T coef, T* g) {   \
+    HWY_DYNAMIC_DISPATCH(DistillRowGradKlCached##S)(cx, cz, n, it, nx, nz, coef, g);            \
   }                                                                                             \
   void target_row_grad(const T* x, std::int64_t n, const target_desc<T>& t,                     \
                        row_normaliser<T> nm, T a, T coef, T* g) {                               \
     HWY_DYNAMIC_DISPATCH(TargetRowGrad##S)(x, n, t, nm, a, coef, g);                            \
   }                                                                                             \
   distill_stats distill_row_stats(const T* x, const T* z, std::int64_t n, T it,                 \
-                                  distill_kind k) {                                             \
-    return HWY_DYNAMIC_DISPATCH(DistillRowStats##S)(x, z, n, it, k);                            \
+                                  distill_kind k, exp_cache<T> cx, exp_cache<T> cz) {           \
+    return HWY_DYNAMIC_DISPATCH(DistillRowStats##S)(x, z, n, it, k, cx, cz);                    \
   }                                                                                             \
   jsd_stats jsd_row_stats(const T* x, const T* z, std::int64_t n, T it, row_normaliser<T> nx,   \
                           row_normaliser<T> nz, T beta) {                                       \

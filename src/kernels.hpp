@@ -66,17 +66,35 @@ struct row_normaliser {
 
 enum class distill_kind { kl, reverse_kl };
 
+// Optional output of a statistics pass, so that the gradient pass needs no second exp:
+// e[i] = exp((x[i] - shift_c) / T) and shifts[c] = shift_c for each chunk c. `e` may be
+// the gradient buffer itself (even when that aliases x: each element is read before it is
+// overwritten).
+template <class T>
+struct exp_cache {
+  T* e = nullptr;
+  T* shifts = nullptr;  // ceil(n / kChunk) entries
+};
+
 #define SOFTCE_DECLARE_KERNELS(T)                                                          \
   softmax_stats softmax_row_stats(const T* x, std::int64_t n, T inv_temperature);          \
   /* g = scale * exp((x - shift) * inv_t - log_sum) */                                     \
   void softmax_row_grad(const T* x, std::int64_t n, T inv_temperature,                     \
                         row_normaliser<T> norm, T scale, T* g);                            \
-  target_stats target_row_stats(const T* x, std::int64_t n, const target_desc<T>& t);      \
+  target_stats target_row_stats(const T* x, std::int64_t n, const target_desc<T>& t,       \
+                                exp_cache<T> cache);                                       \
+  /* the gradient from a cache: q = e * exp(shift_c - norm.shift - norm.log_sum) */        \
+  void target_row_grad_cached(exp_cache<T> cache, std::int64_t n, const target_desc<T>& t, \
+                              row_normaliser<T> norm, T a, T coef, T* g);                  \
   /* g = coef * (q * a - w * t') */                                                        \
   void target_row_grad(const T* x, std::int64_t n, const target_desc<T>& t,                \
                        row_normaliser<T> norm, T a, T coef, T* g);                         \
   distill_stats distill_row_stats(const T* x, const T* z, std::int64_t n, T inv_temperature, \
-                                  distill_kind kind);                                      \
+                                  distill_kind kind, exp_cache<T> cx, exp_cache<T> cz);    \
+  /* kl gradient from caches: g = coef (q - p) */                                          \
+  void distill_row_grad_kl_cached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n,        \
+                                  T inv_temperature, row_normaliser<T> nx,                 \
+                                  row_normaliser<T> nz, T coef, T* g);                     \
   jsd_stats jsd_row_stats(const T* x, const T* z, std::int64_t n, T inv_temperature,       \
                           row_normaliser<T> nx, row_normaliser<T> nz, T beta);             \
   /* kl: g = coef (q - p); reverse_kl: g = coef q (log q - log p - r);                     \

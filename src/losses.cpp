@@ -269,9 +269,12 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     const T* xr = nullptr;
     target_desc<T> desc;
     bool skip = false;
+    T* gr = nullptr;          // the gradient row, holding the exp cache between the passes
+    std::vector<T> shifts;    // the cache's chunk shifts
   };
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), row_reader<T>(&t_op), std::nullopt, nullptr, {}, false};
+    context c{row_reader<T>(&x_op), row_reader<T>(&t_op), std::nullopt, nullptr, {}, false, nullptr, {}};
+    c.shifts.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
     if (g_op) c.g.emplace(&*g_op);
     return c;
   };
@@ -301,7 +304,14 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
   auto stats_fn = [&](context& c, std::int64_t r) -> ce_record {
     const double target_weight = prepare(c, r);
     if (c.skip) return ce_record{{-kInf, 0.0, 0.0, 0.0}, 0.0};
-    return ce_record{target_row_stats(c.xr, C, c.desc), target_weight};
+    // Single process with a gradient: the statistics pass leaves exp(x - shift) in the
+    // gradient row, so the gradient pass needs no second exp.
+    exp_cache<T> cache;
+    if (c.g && !call.shard) {
+      c.gr = c.g->begin(r);
+      cache = exp_cache<T>{c.gr, c.shifts.data()};
+    }
+    return ce_record{target_row_stats(c.xr, C, c.desc, cache), target_weight};
   };
   double coef = gradient_coef(plan);
   auto finish_fn = [&](context& c, std::int64_t r, const ce_record& rec) -> double {
@@ -311,9 +321,14 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
       return 0.0;
     }
     if (c.g) {
-      T* g = c.g->begin(r);
-      target_row_grad(c.xr, C, c.desc, normaliser<T>(rec.st.shift, rec.st.sum), static_cast<T>(rec.st.a),
-                      static_cast<T>(coef), g);
+      const row_normaliser<T> norm = normaliser<T>(rec.st.shift, rec.st.sum);
+      if (call.shard) {
+        T* g = c.g->begin(r);
+        target_row_grad(c.xr, C, c.desc, norm, static_cast<T>(rec.st.a), static_cast<T>(coef), g);
+      } else {
+        target_row_grad_cached(exp_cache<T>{c.gr, c.shifts.data()}, C, c.desc, norm, static_cast<T>(rec.st.a),
+                               static_cast<T>(coef), c.gr);
+      }
       c.g->commit();
     }
     return ce_row_loss(rec.st);
@@ -545,10 +560,19 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
     std::optional<row_writer<T>> g;
     const T* xr = nullptr;
     const T* zr = nullptr;
+    T* gr = nullptr;                         // gradient row, holding exp of the student
+    std::vector<T> ez, shifts_x, shifts_z;   // exp of the teacher and the chunk shifts
   };
+  // kl in one process: the statistics pass caches both exps, the gradient pass reuses them
+  const bool cached = out.grad && !shard && kind == kGradKl;
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), row_reader<T>(&z_op), std::nullopt};
+    context c{row_reader<T>(&x_op), row_reader<T>(&z_op), std::nullopt, nullptr, nullptr, nullptr, {}, {}, {}};
     if (g_op) c.g.emplace(&*g_op);
+    if (cached) {
+      c.ez.resize(static_cast<std::size_t>(C));
+      c.shifts_x.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
+      c.shifts_z.resize(c.shifts_x.size());
+    }
     return c;
   };
   auto stage = [&](context& c, std::int64_t r) {
@@ -558,7 +582,13 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
   auto stats_fn = [&](context& c, std::int64_t r) -> distill_stats {
     if (!row_kept(mask, r)) return distill_stats{-kInf, 0.0, -kInf, 0.0, 0.0};
     stage(c, r);
-    return distill_row_stats(c.xr, c.zr, C, static_cast<T>(inv_t), stats_kind);
+    exp_cache<T> cx, cz;
+    if (cached) {
+      c.gr = c.g->begin(r);
+      cx = exp_cache<T>{c.gr, c.shifts_x.data()};
+      cz = exp_cache<T>{c.ez.data(), c.shifts_z.data()};
+    }
+    return distill_row_stats(c.xr, c.zr, C, static_cast<T>(inv_t), stats_kind, cx, cz);
   };
   // jsd's second pass, per row, after the normalisers are final
   std::vector<jsd_stats> jsd;
@@ -585,7 +615,12 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
       divergence_value = beta * js.kl_pm + (1.0 - beta) * js.kl_qm;
       r_value = js.kl_qm;
     }
-    if (c.g) {
+    if (c.g && cached) {
+      distill_row_grad_kl_cached(exp_cache<T>{c.gr, c.shifts_x.data()}, exp_cache<T>{c.ez.data(), c.shifts_z.data()},
+                                 C, static_cast<T>(inv_t), normaliser<T>(st.shift_x, st.sum_x),
+                                 normaliser<T>(st.shift_z, st.sum_z), static_cast<T>(coef), c.gr);
+      c.g->commit();
+    } else if (c.g) {
       T* g = c.g->begin(r);
       const double row_coef = kind == kGradJsd ? coef * (1.0 - beta) : coef;
       distill_row_grad(c.xr, c.zr, C, static_cast<T>(inv_t), normaliser<T>(st.shift_x, st.sum_x),

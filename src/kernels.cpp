@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "kernels.hpp"
@@ -500,6 +501,74 @@ double BceElements(const T* x, const T* t, const T* w, const T* pos_w, std::int6
   return total;
 }
 
+// ---------------------------------------------------------------------------------------
+// 16-bit float conversion (staging of bfloat16 / float16 rows)
+
+void HalfToFloat(const std::uint16_t* in, bool bfloat, std::int64_t n, float* out) {
+  const hn::ScalableTag<float> df;
+  const hn::Rebind<std::uint16_t, decltype(df)> du16;
+  const hn::Rebind<hwy::float16_t, decltype(df)> df16;
+  const hn::RebindToUnsigned<decltype(df)> du32;
+  const size_t N = hn::Lanes(df);
+  std::int64_t i = 0;
+  for (; i + static_cast<std::int64_t>(N) <= n; i += N) {
+    const auto bits = hn::LoadU(du16, in + i);
+    if (bfloat)
+      hn::StoreU(hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du32, bits))), df, out + i);
+    else
+      hn::StoreU(hn::PromoteTo(df, hn::BitCast(df16, bits)), df, out + i);
+  }
+  for (; i < n; ++i) {
+    std::uint32_t u = static_cast<std::uint32_t>(in[i]);
+    if (bfloat) {
+      u <<= 16;
+      std::memcpy(out + i, &u, 4);
+    } else {
+      _Float16 h;
+      const std::uint16_t b = static_cast<std::uint16_t>(u);
+      std::memcpy(&h, &b, 2);
+      out[i] = static_cast<float>(h);
+    }
+  }
+}
+
+void FloatToHalf(const float* in, bool bfloat, std::int64_t n, std::uint16_t* out) {
+  const hn::ScalableTag<float> df;
+  const hn::Rebind<std::uint16_t, decltype(df)> du16;
+  const hn::Rebind<hwy::float16_t, decltype(df)> df16;
+  const hn::RebindToUnsigned<decltype(df)> du32;
+  const hn::RebindToSigned<decltype(df)> di32;
+  const size_t N = hn::Lanes(df);
+  std::int64_t i = 0;
+  if (bfloat) {
+    for (; i + static_cast<std::int64_t>(N) <= n; i += N) {
+      const auto v = hn::LoadU(df, in + i);
+      const auto u = hn::BitCast(du32, v);
+      // round to nearest even: add 0x7FFF plus the lowest kept bit; keep NaNs quiet
+      const auto rounded = hn::ShiftRight<16>(hn::Add(u, hn::Add(hn::Set(du32, 0x7FFFu), hn::And(hn::ShiftRight<16>(u), hn::Set(du32, 1u)))));
+      const auto quiet_nan = hn::Or(hn::ShiftRight<16>(u), hn::Set(du32, 0x40u));
+      const auto bits = hn::IfThenElse(hn::RebindMask(du32, hn::Ne(v, v)), quiet_nan, rounded);
+      hn::StoreU(hn::DemoteTo(du16, hn::BitCast(di32, bits)), du16, out + i);
+    }
+  } else {
+    for (; i + static_cast<std::int64_t>(N) <= n; i += N)
+      hn::StoreU(hn::BitCast(du16, hn::DemoteTo(df16, hn::LoadU(df, in + i))), du16, out + i);
+  }
+  for (; i < n; ++i) {
+    if (bfloat) {
+      std::uint32_t u;
+      std::memcpy(&u, in + i, 4);
+      if (in[i] != in[i])
+        out[i] = static_cast<std::uint16_t>((u >> 16) | 0x40);
+      else
+        out[i] = static_cast<std::uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    } else {
+      const _Float16 h = static_cast<_Float16>(in[i]);
+      std::memcpy(out + i, &h, 2);
+    }
+  }
+}
+
 // Monomorphic entry points for HWY_EXPORT (one per element type).
 #define SOFTCE_ENTRY_POINTS(T, S)                                                              \
   softmax_stats SoftmaxRowStats##S(const T* x, std::int64_t n, T it) {                         \
@@ -550,6 +619,7 @@ SOFTCE_ENTRY_POINTS(double, F64)
 
 const char* TargetName() { return hwy::TargetName(HWY_TARGET); }
 
+
 }  // namespace HWY_NAMESPACE
 }  // namespace softce::detail
 HWY_AFTER_NAMESPACE();
@@ -558,6 +628,15 @@ HWY_AFTER_NAMESPACE();
 namespace softce::detail {
 
 HWY_EXPORT(TargetName);
+HWY_EXPORT(HalfToFloat);
+HWY_EXPORT(FloatToHalf);
+
+void half_to_float(const std::uint16_t* in, bool bfloat, std::int64_t n, float* out) {
+  HWY_DYNAMIC_DISPATCH(HalfToFloat)(in, bfloat, n, out);
+}
+void float_to_half(const float* in, bool bfloat, std::int64_t n, std::uint16_t* out) {
+  HWY_DYNAMIC_DISPATCH(FloatToHalf)(in, bfloat, n, out);
+}
 #define SOFTCE_EXPORT(S)          \
   HWY_EXPORT(SoftmaxRowStats##S); \
   HWY_EXPORT(SoftmaxRowGrad##S);  \

@@ -113,6 +113,10 @@ SOFTCE_DECLARE_KERNELS(float)
 SOFTCE_DECLARE_KERNELS(double)
 #undef SOFTCE_DECLARE_KERNELS
 
+// 16-bit float conversion of contiguous arrays (round to nearest even on the way down).
+void half_to_float(const std::uint16_t* in, bool bfloat, std::int64_t n, float* out);
+void float_to_half(const float* in, bool bfloat, std::int64_t n, std::uint16_t* out);
+
 // distill_row_grad kinds
 inline constexpr int kGradKl = 0, kGradReverseKl = 1, kGradJsd = 2;
 

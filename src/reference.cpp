@@ -773,8 +773,9 @@ double binary_cross_entropy_with_logits(const array_view& input, const array_vie
     const double lw = 1 + (pos_weight - 1) * t;
     const double softplus_minus_x = std::log1p(std::exp(-std::fabs(x))) + std::max(-x, 0.0);
     const double loss = w * ((1 - t) * x + lw * softplus_minus_x);
-    const double sigmoid = x >= 0 ? 1 / (1 + std::exp(-x)) : std::exp(x) / (1 + std::exp(x));
-    const double grad = w * ((1 - t) + lw * (sigmoid - 1));
+    // sigmoid(x) - 1 = -sigmoid(-x), computed without cancellation
+    const double sigmoid_minus_one = x >= 0 ? -std::exp(-x) / (1 + std::exp(-x)) : -1 / (1 + std::exp(x));
+    const double grad = w * ((1 - t) + lw * sigmoid_minus_one);
     total.add(loss);
     if (out.grad) store(*out.grad, walk.index, coef * grad);
     if (write_losses) store(*out.losses, walk.index, loss);

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels.hpp"
 #include "validate.hpp"
 
 namespace softce::detail {
@@ -81,6 +82,12 @@ inline std::int64_t load_index(const char* base, dtype type, std::int64_t offset
 template <class T>
 void gather(const char* base, dtype type, std::int64_t offset, std::int64_t stride,
             std::int64_t count, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1 && (type == dtype::bfloat16 || type == dtype::float16)) {
+      half_to_float(reinterpret_cast<const std::uint16_t*>(base) + offset, type == dtype::bfloat16, count, out);
+      return;
+    }
+  }
   if (type == dtype_of<T>()) {
     const T* p = reinterpret_cast<const T*>(base) + offset;
     for (std::int64_t i = 0; i < count; ++i) out[i] = p[i * stride];
@@ -114,6 +121,12 @@ void gather(const char* base, dtype type, std::int64_t offset, std::int64_t stri
 template <class T>
 void scatter(const T* in, std::int64_t count, char* base, dtype type, std::int64_t offset,
              std::int64_t stride) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1 && (type == dtype::bfloat16 || type == dtype::float16)) {
+      float_to_half(in, type == dtype::bfloat16, count, reinterpret_cast<std::uint16_t*>(base) + offset);
+      return;
+    }
+  }
   if (type == dtype_of<T>()) {
     T* p = reinterpret_cast<T*>(base) + offset;
     for (std::int64_t i = 0; i < count; ++i) p[i * stride] = in[i];

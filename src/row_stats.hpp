@@ -20,6 +20,7 @@ inline constexpr double kInf = std::numeric_limits<double>::infinity();
 // exp((from - to) * inv_t) for a shift `from` moving to `to` >= from; 0 for from = -inf.
 inline double rescale(double from, double to, double inv_t) {
   if (from == -kInf) return 0.0;
+  if (from == to) return 1.0;  // the common case (one chunk, or the max's own chunk): no exp
   return std::exp((from - to) * inv_t);
 }
 

@@ -202,7 +202,7 @@ void run_rows(std::int64_t rows, std::int64_t row_length, bool sharded, const Co
 
 double validate_smoothing(std::string_view fn, double eps) {
   if (!(eps >= 0.0 && eps <= 1.0))
-    fail(fn, "label_smoothing", "expected a value in [0, 1], got " + std::to_string(eps).substr(0, 10));
+    fail(fn, "label_smoothing", "expected a value in [0, 1], got " + format_number(eps));
   return eps;
 }
 
@@ -487,11 +487,13 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     double loss = all_neg_inf ? (rec.a > 0.0 ? kInf : 0.0) : rec.a * std::log(rec.sum) - rec.b;
     const double tau = 1.0 - value_sum;
     double q_top = all_neg_inf ? 0.0 : rec.e / rec.sum;
-    double tail_factor = 0.0;  // extra coefficient on q outside the top k
+    // d/dx_c of -tau log(1 - Q) is -tau q_c Q / (1 - Q) outside the top k and +tau q_c
+    // inside it: the dense factor carries the first, the top-k fix-up the difference
+    double tail_factor = 0.0;
     if (target.tail && tau != 0.0) {
       loss += -tau * std::log1p(-q_top);
       if (entropy_term && tau > 0.0) loss += tau * std::log(tau);
-      tail_factor = tau * q_top / (1.0 - q_top);
+      tail_factor = -tau * q_top / (1.0 - q_top);
     }
     loss = (loss + entropy) * (entropy_term ? t2 : 1.0);
     if (c.g) {
@@ -509,7 +511,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
         double fix = -v;
         if (target.tail && tau != 0.0) {
           const double qk = std::exp((static_cast<double>(c.xr[local]) - sh) * inv_t - ls);
-          fix -= tau * qk / (1.0 - q_top);
+          fix += tau * qk / (1.0 - q_top);
         }
         g[local] = static_cast<T>(static_cast<double>(g[local]) + coef * fix);
       }
@@ -681,6 +683,9 @@ double cross_entropy_entry(const array_view& input, const array_view& target, co
     if (opt.mask) fail(fn, "mask", "expected no mask with class-index targets (use ignore_index)");
   } else if (is_float(target.type)) {
     check_same_shape(fn, "target", target, input, "input");
+    if (opt.ignore_index >= 0)  // as torch: probability targets have no ignore_index
+      fail(fn, "ignore_index", "expected no ignore_index with probability targets (use mask), got " +
+                                   std::to_string(opt.ignore_index));
   } else {
     fail(fn, "target", "expected class indices (int32/int64) or probabilities (float), got " +
                            std::string(dtype_name(target.type)), error_kind::type);
@@ -747,9 +752,9 @@ double cross_entropy_topk_entry(const array_view& input, const topk& target, con
 
 void check_distillation_options(std::string_view fn, const distillation_options& opt) {
   if (!(opt.temperature > 0.0) || !std::isfinite(opt.temperature))
-    fail(fn, "temperature", "expected a finite value > 0, got " + std::to_string(opt.temperature));
+    fail(fn, "temperature", "expected a finite value > 0, got " + format_number(opt.temperature));
   if (!(opt.beta >= 0.0 && opt.beta <= 1.0))
-    fail(fn, "beta", "expected a value in [0, 1], got " + std::to_string(opt.beta));
+    fail(fn, "beta", "expected a value in [0, 1], got " + format_number(opt.beta));
 }
 
 double distillation_entry(const array_view& student, const array_view& teacher, const distillation_options& opt,

@@ -1,6 +1,7 @@
 // Argument checks shared by every loss (see validate.hpp).
 #include "validate.hpp"
 
+#include <charconv>
 #include <cstdlib>
 
 namespace softce::detail {
@@ -23,6 +24,12 @@ void fail(std::string_view function, std::string_view argument, const std::strin
     message += ": ";
   }
   throw error(message + what, kind);
+}
+
+std::string format_number(double value) {
+  char buffer[64];
+  const auto result = std::to_chars(buffer, buffer + sizeof buffer, value);
+  return std::string(buffer, result.ptr);
 }
 
 bool is_float(dtype t) noexcept {

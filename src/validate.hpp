@@ -18,6 +18,9 @@ inline std::string shape_string(const array_view& v) { return shape_string(v.sha
 [[noreturn]] void fail(std::string_view function, std::string_view argument, const std::string& what,
                        error_kind kind = error_kind::value);
 
+// Shortest text that reads back as the same double ("1.5", "0.1", "inf").
+std::string format_number(double value);
+
 bool is_float(dtype t) noexcept;
 bool is_index(dtype t) noexcept;
 

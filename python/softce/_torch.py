@@ -1,0 +1,412 @@
+"""The PyTorch side of softce: autograd and torch.compile support around the C++ kernels.
+
+The gradient is computed in the forward pass, in the same fused kernel as the loss, into a
+buffer allocated here; backward only scales it by the upstream gradient (and returns it
+untouched when that is 1, the usual `loss.backward()`). Tensors reach the C++ core
+zero-copy through DLPack, so this module is not compiled against torch.
+
+Two paths share the kernels:
+- eager: a torch.autograd.Function (lowest overhead, supports inplace_backward);
+- torch.compile: custom operators softce::* (torch.library.custom_op) with fake
+  implementations and registered autograd, so graphs using the losses compile with
+  fullgraph=True. inplace_backward is ignored there (custom ops may not alias their inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _core
+from .functional import TopK, row_shape
+
+# ---------------------------------------------------------------------------------------
+# argument checks and conversion
+
+
+def _as_tensor(x, like: Tensor):
+    if x is None or isinstance(x, Tensor):
+        return x
+    return torch.as_tensor(x, device=like.device)
+
+
+def _check_cpu(function: str, name: str, t: Optional[Tensor]) -> None:
+    if t is not None and t.device.type != "cpu":
+        raise TypeError(
+            f"{function}: {name}: expected a CPU tensor, got a tensor on '{t.device}'; "
+            "softce has no GPU kernels in this build (move the tensors to the CPU with .cpu())"
+        )
+
+
+def _check_no_grad(function: str, name: str, t: Optional[Tensor]) -> None:
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{function}: the gradient with respect to {name} is not implemented (softce "
+            f"differentiates the input only); pass {name}.detach() if {name} needs no gradient"
+        )
+
+
+# A DLPack capsule straight from torch's C function is several microseconds cheaper per
+# array than nanobind calling Tensor.__dlpack__; fall back to the latter if it goes away.
+_to_dlpack = getattr(torch.utils.dlpack, "to_dlpack", None) or (lambda t: t.__dlpack__())
+
+
+def _dl(t: Optional[Tensor]):
+    """A zero-copy DLPack capsule of `t` for softce._core (consumed by one call)."""
+    # detach(): DLPack export refuses tensors that require grad; it is a free alias.
+    return None if t is None else _to_dlpack(t.detach())
+
+
+def _wants_grad(input: Tensor) -> bool:
+    return input.requires_grad and torch.is_grad_enabled()
+
+
+def _check_inplace(function: str, input: Tensor) -> None:
+    if input.is_leaf and input.requires_grad:
+        raise ValueError(
+            f"{function}: inplace_backward=True would overwrite a leaf tensor that requires "
+            "grad; it is meant for logits produced by the model (e.g. a Linear layer's output)"
+        )
+    if torch.empty_like(input).stride() != input.stride():
+        raise ValueError(
+            f"{function}: inplace_backward=True needs an input whose elements do not overlap "
+            "(e.g. not an expanded tensor)"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# forward: allocate the outputs, run the kernel
+
+
+def _forward(call, input: Tensor, reduction: str, per_row: bool, compute_grad: bool,
+             inplace: bool = False):
+    """Runs call(x, grad, losses) -> float on DLPack capsules of the input and of the output
+    buffers allocated here; returns (loss tensor, grad tensor or None)."""
+    x = input.detach()
+    grad = (x if inplace else torch.empty_like(x)) if compute_grad else None
+    losses = None
+    if reduction == "none":
+        losses = x.new_empty(row_shape(x.shape) if per_row else x.shape)
+    value = call(_dl(x), _dl(grad), _dl(losses))
+    loss = losses if losses is not None else torch.tensor(value, dtype=x.dtype)
+    return loss, grad
+
+
+def _scale(grad: Tensor, grad_loss: Tensor, per_row: bool, eager: bool) -> Tensor:
+    """d loss / d input from the stored gradient and the upstream gradient."""
+    if grad_loss.dim() == 0:
+        # loss.backward() passes a 1: nothing to do (checked only in eager mode, where
+        # reading the value is free; a traced graph always multiplies).
+        if eager and grad_loss.item() == 1.0:
+            return grad
+        return grad * grad_loss
+    if per_row and grad.dim() >= 2:
+        grad_loss = grad_loss.unsqueeze(1)  # per-row upstream gradient over the class dim
+    return grad * grad_loss
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Eager autograd: forward runs the fused kernel (loss and gradient), backward scales."""
+
+    @staticmethod
+    def forward(ctx, input, run, per_row):
+        loss, grad = run()
+        ctx.save_for_backward(grad)
+        ctx.per_row = per_row
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return _scale(grad, grad_loss, ctx.per_row, eager=True), None, None
+
+
+def _eager(function: str, input: Tensor, reduction: str, per_row: bool, call,
+           inplace_backward: bool, return_grad: bool):
+    compute_grad = return_grad or _wants_grad(input)
+    inplace = inplace_backward and compute_grad
+    if inplace:
+        _check_inplace(function, input)
+
+    def run():
+        loss, grad = _forward(call, input, reduction, per_row, compute_grad, inplace)
+        if inplace:
+            # The logits now hold the gradient: bump their version so that autograd
+            # reports any other use of them in backward instead of silently using it.
+            torch.autograd.graph.increment_version(input)
+        return loss, grad
+
+    if return_grad:
+        loss, grad = run()
+        return loss, grad
+    if not compute_grad:
+        return run()[0]
+    return _FusedLoss.apply(input, run, per_row)
+
+
+def _compiled(op, input: Tensor, args: tuple, return_grad: bool):
+    loss, grad = op(input, *args, return_grad or _wants_grad(input))
+    return (loss, grad.detach()) if return_grad else loss
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# ---------------------------------------------------------------------------------------
+# custom operators for torch.compile
+
+
+def _fake(input: Tensor, reduction: str, per_row: bool, compute_grad: bool):
+    if reduction == "none":
+        loss = input.new_empty(row_shape(input.shape) if per_row else input.shape)
+    else:
+        loss = input.new_empty(())
+    grad = torch.empty_like(input) if compute_grad else input.new_empty(0)
+    return loss, grad
+
+
+def _register_autograd(op, per_row: bool, num_args: int):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.compute_grad = inputs[-1]
+
+    def backward(ctx, grad_loss, _grad_of_grad):
+        if not ctx.compute_grad:
+            raise RuntimeError(
+                f"{op._qualname}: called with compute_grad=False, so no gradient was "
+                "computed in the forward pass; call it with compute_grad=True to backpropagate"
+            )
+        (grad,) = ctx.saved_tensors
+        return (_scale(grad, grad_loss, per_row, eager=False),) + (None,) * (num_args - 1)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def _op_result(loss: Tensor, grad: Optional[Tensor], input: Tensor):
+    return loss, (grad if grad is not None else input.new_empty(0))
+
+
+def _ce_call(target, topk_values, tail, weight, ignore_index, reduction, label_smoothing,
+             mask):
+    if topk_values is None:
+        return lambda x, grad, losses: _core.cross_entropy(
+            x, target, weight, ignore_index, reduction, label_smoothing, mask, grad, losses)
+    return lambda x, grad, losses: _core.cross_entropy_topk(
+        x, target, topk_values, tail, weight, ignore_index, reduction, label_smoothing, mask,
+        grad, losses)
+
+
+@torch.library.custom_op("softce::cross_entropy", mutates_args=())
+def _cross_entropy_op(input: Tensor, target: Tensor, topk_values: Optional[Tensor],
+                      tail: bool, weight: Optional[Tensor], ignore_index: int,
+                      reduction: str, label_smoothing: float, mask: Optional[Tensor],
+                      compute_grad: bool) -> tuple[Tensor, Tensor]:
+    call = _ce_call(_dl(target), _dl(topk_values), tail, _dl(weight), ignore_index,
+                    reduction, label_smoothing, _dl(mask))
+    return _op_result(*_forward(call, input, reduction, True, compute_grad), input)
+
+
+@_cross_entropy_op.register_fake
+def _(input, target, topk_values, tail, weight, ignore_index, reduction, label_smoothing,
+      mask, compute_grad):
+    return _fake(input, reduction, True, compute_grad)
+
+
+_register_autograd(_cross_entropy_op, per_row=True, num_args=10)
+
+
+def _cewp_call(target, weight, reduction):
+    return lambda x, grad, losses: _core.cross_entropy_with_probs(
+        x, target, weight, reduction, grad, losses)
+
+
+@torch.library.custom_op("softce::cross_entropy_with_probs", mutates_args=())
+def _cross_entropy_with_probs_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                                 reduction: str, compute_grad: bool) -> tuple[Tensor, Tensor]:
+    call = _cewp_call(_dl(target), _dl(weight), reduction)
+    return _op_result(*_forward(call, input, reduction, True, compute_grad), input)
+
+
+@_cross_entropy_with_probs_op.register_fake
+def _(input, target, weight, reduction, compute_grad):
+    return _fake(input, reduction, True, compute_grad)
+
+
+_register_autograd(_cross_entropy_with_probs_op, per_row=True, num_args=5)
+
+
+def _kl_call(target, reduction, log_target):
+    return lambda x, grad, losses: _core.kl_div(x, target, reduction, log_target, grad, losses)
+
+
+@torch.library.custom_op("softce::kl_div", mutates_args=())
+def _kl_div_op(input: Tensor, target: Tensor, reduction: str, log_target: bool,
+               compute_grad: bool) -> tuple[Tensor, Tensor]:
+    call = _kl_call(_dl(target), reduction, log_target)
+    return _op_result(*_forward(call, input, reduction, False, compute_grad), input)
+
+
+@_kl_div_op.register_fake
+def _(input, target, reduction, log_target, compute_grad):
+    return _fake(input, reduction, False, compute_grad)
+
+
+_register_autograd(_kl_div_op, per_row=False, num_args=5)
+
+
+def _bce_call(target, weight, pos_weight, reduction):
+    return lambda x, grad, losses: _core.binary_cross_entropy_with_logits(
+        x, target, weight, pos_weight, reduction, grad, losses)
+
+
+@torch.library.custom_op("softce::binary_cross_entropy_with_logits", mutates_args=())
+def _bce_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
+            pos_weight: Optional[Tensor], reduction: str,
+            compute_grad: bool) -> tuple[Tensor, Tensor]:
+    call = _bce_call(_dl(target), _dl(weight), _dl(pos_weight), reduction)
+    return _op_result(*_forward(call, input, reduction, False, compute_grad), input)
+
+
+@_bce_op.register_fake
+def _(input, target, weight, pos_weight, reduction, compute_grad):
+    return _fake(input, reduction, False, compute_grad)
+
+
+_register_autograd(_bce_op, per_row=False, num_args=6)
+
+
+def _distill_call(teacher, topk_values, tail, temperature, divergence, beta, reduction,
+                  mask):
+    if topk_values is None:
+        return lambda x, grad, losses: _core.distillation_loss(
+            x, teacher, temperature, divergence, beta, reduction, mask, grad, losses)
+    return lambda x, grad, losses: _core.distillation_loss_topk(
+        x, teacher, topk_values, tail, temperature, divergence, beta, reduction, mask, grad,
+        losses)
+
+
+@torch.library.custom_op("softce::distillation_loss", mutates_args=())
+def _distillation_op(student_logits: Tensor, teacher: Tensor, topk_values: Optional[Tensor],
+                     tail: bool, temperature: float, divergence: str, beta: float,
+                     reduction: str, mask: Optional[Tensor],
+                     compute_grad: bool) -> tuple[Tensor, Tensor]:
+    call = _distill_call(_dl(teacher), _dl(topk_values), tail, temperature, divergence, beta,
+                         reduction, _dl(mask))
+    return _op_result(*_forward(call, student_logits, reduction, True, compute_grad),
+                      student_logits)
+
+
+@_distillation_op.register_fake
+def _(student_logits, teacher, topk_values, tail, temperature, divergence, beta, reduction,
+      mask, compute_grad):
+    return _fake(student_logits, reduction, True, compute_grad)
+
+
+_register_autograd(_distillation_op, per_row=True, num_args=10)
+
+
+# ---------------------------------------------------------------------------------------
+# the losses (called by softce.functional for tensor inputs)
+
+
+def _prepare_target(function: str, target, input: Tensor, name: str, differentiable_check):
+    """Returns (target or indices, topk values or None, tail), converted and checked."""
+    if isinstance(target, TopK):
+        indices = _as_tensor(target.indices, input)
+        values = _as_tensor(target.values, input)
+        for sub, t in ((f"{name}.indices", indices), (f"{name}.values", values)):
+            _check_cpu(function, sub, t)
+        differentiable_check(function, f"{name}.values", values)
+        return indices, values, bool(target.tail)
+    target = _as_tensor(target, input)
+    _check_cpu(function, name, target)
+    differentiable_check(function, name, target)
+    return target, None, False
+
+
+def _ignore(function, name, t):
+    pass
+
+
+def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, mask,
+                  inplace_backward, return_grad):
+    fn = "cross_entropy"
+    _check_cpu(fn, "input", input)
+    target, values, tail = _prepare_target(fn, target, input, "target", _check_no_grad)
+    weight = _as_tensor(weight, input)
+    mask = _as_tensor(mask, input)
+    _check_cpu(fn, "weight", weight)
+    _check_cpu(fn, "mask", mask)
+    _check_no_grad(fn, "weight", weight)
+    if _is_compiling():
+        return _compiled(_cross_entropy_op, input,
+                         (target, values, tail, weight, ignore_index, reduction,
+                          label_smoothing, mask), return_grad)
+    call = _ce_call(_dl(target), _dl(values), tail, _dl(weight), ignore_index, reduction,
+                    label_smoothing, _dl(mask))
+    return _eager(fn, input, reduction, True, call, inplace_backward, return_grad)
+
+
+def cross_entropy_with_probs(input, target, weight, reduction, inplace_backward, return_grad):
+    fn = "cross_entropy_with_probs"
+    _check_cpu(fn, "input", input)
+    target = _as_tensor(target, input)
+    weight = _as_tensor(weight, input)
+    for name, t in (("target", target), ("weight", weight)):
+        _check_cpu(fn, name, t)
+        _check_no_grad(fn, name, t)
+    if _is_compiling():
+        return _compiled(_cross_entropy_with_probs_op, input, (target, weight, reduction),
+                         return_grad)
+    call = _cewp_call(_dl(target), _dl(weight), reduction)
+    return _eager(fn, input, reduction, True, call, inplace_backward, return_grad)
+
+
+def kl_div(input, target, reduction, log_target, inplace_backward, return_grad):
+    fn = "kl_div"
+    _check_cpu(fn, "input", input)
+    target = _as_tensor(target, input)
+    _check_cpu(fn, "target", target)
+    _check_no_grad(fn, "target", target)
+    if _is_compiling():
+        return _compiled(_kl_div_op, input, (target, reduction, log_target), return_grad)
+    call = _kl_call(_dl(target), reduction, log_target)
+    return _eager(fn, input, reduction, False, call, inplace_backward, return_grad)
+
+
+def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
+                                     inplace_backward, return_grad):
+    fn = "binary_cross_entropy_with_logits"
+    _check_cpu(fn, "input", input)
+    target = _as_tensor(target, input)
+    weight = _as_tensor(weight, input)
+    pos_weight = _as_tensor(pos_weight, input)
+    for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
+        _check_cpu(fn, name, t)
+        _check_no_grad(fn, name, t)
+    if _is_compiling():
+        return _compiled(_bce_op, input, (target, weight, pos_weight, reduction), return_grad)
+    call = _bce_call(_dl(target), _dl(weight), _dl(pos_weight), reduction)
+    return _eager(fn, input, reduction, False, call, inplace_backward, return_grad)
+
+
+def distillation_loss(student_logits, teacher, temperature, divergence, beta, reduction, mask,
+                      inplace_backward, return_grad):
+    fn = "distillation_loss"
+    _check_cpu(fn, "student_logits", student_logits)
+    # The teacher never gets a gradient (it is detached, as the contract says).
+    teacher, values, tail = _prepare_target(fn, teacher, student_logits, "teacher", _ignore)
+    mask = _as_tensor(mask, student_logits)
+    _check_cpu(fn, "mask", mask)
+    if _is_compiling():
+        return _compiled(_distillation_op, student_logits,
+                         (teacher.detach(), None if values is None else values.detach(), tail,
+                          temperature, divergence, beta, reduction, mask), return_grad)
+    call = _distill_call(_dl(teacher), _dl(values), tail, temperature, divergence, beta,
+                         reduction, _dl(mask))
+    return _eager(fn, student_logits, reduction, True, call, inplace_backward, return_grad)

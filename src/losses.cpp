@@ -360,21 +360,22 @@ struct topk_operands {
 };
 
 // Checks shapes and dtypes, then every row's indices: in range and without duplicates.
-topk_operands validate_topk(std::string_view fn, const topk& target, const row_space& space,
+topk_operands validate_topk(std::string_view fn, std::string_view name, const topk& target, const row_space& space,
                             std::int64_t total_classes) {
-  check_extent(fn, "target.indices", target.indices);
-  check_extent(fn, "target.values", target.values);
+  const std::string indices_arg = std::string(name) + ".indices", values_arg = std::string(name) + ".values";
+  check_extent(fn, indices_arg, target.indices);
+  check_extent(fn, values_arg, target.values);
   if (!is_index(target.indices.type))
-    fail(fn, "target.indices", "expected an int32 or int64 array, got " + std::string(dtype_name(target.indices.type)),
+    fail(fn, indices_arg, "expected an int32 or int64 array, got " + std::string(dtype_name(target.indices.type)),
          error_kind::type);
-  check_float(fn, "target.values", target.values);
+  check_float(fn, values_arg, target.values);
   const std::int64_t k = target.indices.ndim == space.ndim + 1 ? target.indices.shape[space.ndim] : -1;
   bool ok = target.indices.ndim == space.ndim + 1;
   for (int i = 0; ok && i < space.ndim; ++i) ok = target.indices.shape[i] == space.dims[i];
   if (!ok)
-    fail(fn, "target.indices", "expected shape " + shape_string(space.dims, space.ndim) +
+    fail(fn, indices_arg, "expected shape " + shape_string(space.dims, space.ndim) +
                                    " + (K,) (the input's rows, then K), got " + shape_string(target.indices));
-  check_same_shape(fn, "target.values", target.values, target.indices, "indices");
+  check_same_shape(fn, values_arg, target.values, target.indices, "indices");
   topk_operands ops;
   ops.k = k;
   auto make = [&](const array_view& v) {
@@ -395,7 +396,7 @@ topk_operands validate_topk(std::string_view fn, const topk& target, const row_s
     for (std::int64_t j = 0; j < k; ++j) {
       const std::int64_t idx = load_index(ops.indices.base, ops.indices.type, off + j * ops.indices.class_stride);
       if (idx < 0 || idx >= total_classes)
-        fail(fn, "target.indices", "index " + std::to_string(idx) + " at row " + std::to_string(r) +
+        fail(fn, indices_arg, "index " + std::to_string(idx) + " at row " + std::to_string(r) +
                                        " is out of range for " + std::to_string(total_classes) + " classes",
              error_kind::index);
       row[static_cast<std::size_t>(j)] = idx;
@@ -403,7 +404,7 @@ topk_operands validate_topk(std::string_view fn, const topk& target, const row_s
     std::sort(row.begin(), row.end());
     auto dup = std::adjacent_find(row.begin(), row.end());
     if (dup != row.end())
-      fail(fn, "target.indices", "duplicate index " + std::to_string(*dup) + " in row " + std::to_string(r));
+      fail(fn, indices_arg, "duplicate index " + std::to_string(*dup) + " in row " + std::to_string(r));
   }
   return ops;
 }
@@ -420,7 +421,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
   const std::int64_t C = space.classes;
   const std::int64_t offset = shard ? shard->class_offset : 0;
   const std::int64_t total_classes = shard ? shard->num_classes : C;
-  const topk_operands ops = validate_topk(fn, target, space, total_classes);
+  const topk_operands ops = validate_topk(fn, entropy_term ? "teacher" : "target", target, space, total_classes);
   const auto mask = mask_operand(fn, mask_view, space);
   const row_operand x_op = class_operand(space, input);
   std::optional<row_operand> g_op;
@@ -702,7 +703,7 @@ double cross_entropy_entry(const array_view& input, const array_view& target, co
 double topk_via_dense(const array_view& input, const topk& target, const cross_entropy_options& opt,
                       const outputs& out, const class_shard* shard, const row_space& space) {
   const std::int64_t offset = shard ? shard->class_offset : 0;
-  const topk_operands ops = validate_topk("cross_entropy", target, space, shard ? shard->num_classes : space.classes);
+  const topk_operands ops = validate_topk("cross_entropy", "target", target, space, shard ? shard->num_classes : space.classes);
   std::vector<double> dense(static_cast<std::size_t>(space.rows * space.classes), 0.0);
   for (std::int64_t r = 0; r < space.rows; ++r)
     for (std::int64_t j = 0; j < ops.k; ++j) {

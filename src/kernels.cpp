@@ -117,6 +117,38 @@ softmax_stats SoftmaxRowStats(const T* x, std::int64_t n, T inv_t) {
   return acc;
 }
 
+// Σ exp((x - shift) / T) over [begin, end), in chunks (float accumulation within a chunk).
+template <class T>
+double ExpSumRange(const T* x, std::int64_t begin, std::int64_t end, T inv_t, T shift) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vshift = hn::Set(d, shift), vt = hn::Set(d, inv_t);
+  double total = 0.0;
+  for (std::int64_t c0 = begin; c0 < end; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, end - c0));
+    const T* xc = x + c0;
+    V<decltype(d)> s = hn::Zero(d);
+    for (size_t i = 0; i < len; i += N) {
+      const auto xv = i + N <= len ? hn::LoadU(d, xc + i) : LoadPart(d, xc + i, len - i, kNegInf<T>);
+      s = hn::Add(s, SafeExp(d, hn::Mul(hn::Sub(xv, vshift), vt)));
+    }
+    total += Total(d, s);
+  }
+  return total;
+}
+
+template <class T>
+double ExpSumExcluding(const T* x, std::int64_t n, T inv_t, T shift, const std::int64_t* excluded,
+                       std::int64_t count) {
+  double total = 0.0;
+  std::int64_t begin = 0;
+  for (std::int64_t j = 0; j < count; ++j) {
+    total += ExpSumRange(x, begin, excluded[j], inv_t, shift);
+    begin = excluded[j] + 1;
+  }
+  return total + ExpSumRange(x, begin, n, inv_t, shift);
+}
+
 template <class T>
 void SoftmaxRowGrad(const T* x, std::int64_t n, T inv_t, row_normaliser<T> norm, T scale, T* g) {
   const hn::ScalableTag<T> d;
@@ -316,6 +348,18 @@ distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, d
   return acc;
 }
 
+// log m for m = beta p + (1 - beta) q, from log p and log q (logaddexp): stays finite where
+// beta p or (1 - beta) q underflow although p or q is still positive.
+template <class D>
+HWY_INLINE V<D> LogMixture(D d, V<D> lp, V<D> lq, V<D> log_beta, V<D> log_beta1) {
+  const auto a = hn::Add(lp, log_beta), b = hn::Add(lq, log_beta1);
+  const auto hi = hn::Max(a, b);
+  const auto lo = hn::Min(a, b);
+  // hi = -inf (both zero): -inf; otherwise hi + log1p(exp(lo - hi))
+  const auto tail = hn::Log1p(d, SafeExp(d, hn::Sub(lo, hi)));
+  return hn::IfThenElse(hn::Eq(hi, hn::Set(d, kNegInf<hn::TFromD<D>>)), hi, hn::Add(hi, tail));
+}
+
 template <class T>
 jsd_stats JsdRowStats(const T* x, const T* z, std::int64_t n, T inv_t, row_normaliser<T> nx,
                       row_normaliser<T> nz, T beta) {
@@ -324,7 +368,7 @@ jsd_stats JsdRowStats(const T* x, const T* z, std::int64_t n, T inv_t, row_norma
   const auto vt = hn::Set(d, inv_t);
   const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
   const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
-  const auto vbeta = hn::Set(d, beta), vbeta1 = hn::Set(d, T(1) - beta);
+  const auto vlbeta = hn::Set(d, std::log(beta)), vlbeta1 = hn::Set(d, std::log1p(-beta));
   const auto zero = hn::Zero(d);
   jsd_stats acc;
   for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
@@ -339,7 +383,7 @@ jsd_stats JsdRowStats(const T* x, const T* z, std::int64_t n, T inv_t, row_norma
       const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
       const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
       const auto q = SafeExp(d, lq), p = SafeExp(d, lp);
-      const auto lm = SafeLog(d, hn::MulAdd(vbeta, p, hn::Mul(vbeta1, q)));
+      const auto lm = LogMixture(d, lp, lq, vlbeta, vlbeta1);
       kp = hn::Add(kp, hn::IfThenZeroElse(hn::Eq(p, zero), hn::Mul(p, hn::Sub(lp, lm))));
       kq = hn::Add(kq, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(lq, lm))));
     }
@@ -357,7 +401,9 @@ void DistillRowGrad(const T* x, const T* z, std::int64_t n, T inv_t, row_normali
   const auto vt = hn::Set(d, inv_t);
   const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
   const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
-  const auto vbeta = hn::Set(d, beta), vbeta1 = hn::Set(d, T(1) - beta);
+  // log beta and log(1 - beta); only jsd (0 < beta < 1) uses them
+  const auto vlbeta = hn::Set(d, kind == kGradJsd ? std::log(beta) : T(0));
+  const auto vlbeta1 = hn::Set(d, kind == kGradJsd ? std::log1p(-beta) : T(0));
   const auto vr = hn::Set(d, r), vcoef = hn::Set(d, coef);
   const auto zero = hn::Zero(d);
   const size_t len = static_cast<size_t>(n);
@@ -372,9 +418,7 @@ void DistillRowGrad(const T* x, const T* z, std::int64_t n, T inv_t, row_normali
     if (kind == kGradKl) {
       gv = hn::Sub(q, SafeExp(d, lp));
     } else {
-      const auto lref = kind == kGradReverseKl
-                            ? lp
-                            : SafeLog(d, hn::MulAdd(vbeta, SafeExp(d, lp), hn::Mul(vbeta1, q)));
+      const auto lref = kind == kGradReverseKl ? lp : LogMixture(d, lp, lq, vlbeta, vlbeta1);
       gv = hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(hn::Sub(lq, lref), vr)));
     }
     gv = hn::Mul(gv, vcoef);
@@ -574,6 +618,10 @@ void FloatToHalf(const float* in, bool bfloat, std::int64_t n, std::uint16_t* ou
   softmax_stats SoftmaxRowStats##S(const T* x, std::int64_t n, T it) {                         \
     return SoftmaxRowStats(x, n, it);                                                          \
   }                                                                                            \
+  double ExpSumExcluding##S(const T* x, std::int64_t n, T it, T sh, const std::int64_t* ex,     \
+                            std::int64_t cnt) {                                                \
+    return ExpSumExcluding(x, n, it, sh, ex, cnt);                                             \
+  }                                                                                            \
   void SoftmaxRowGrad##S(const T* x, std::int64_t n, T it, row_normaliser<T> nm, T sc, T* g) { \
     SoftmaxRowGrad(x, n, it, nm, sc, g);                                                       \
   }                                                                                            \
@@ -640,6 +688,7 @@ void float_to_half(const float* in, bool bfloat, std::int64_t n, std::uint16_t* 
 #define SOFTCE_EXPORT(S)          \
   HWY_EXPORT(SoftmaxRowStats##S); \
   HWY_EXPORT(SoftmaxRowGrad##S);  \
+  HWY_EXPORT(ExpSumExcluding##S); \
   HWY_EXPORT(TargetRowStats##S);  \
   HWY_EXPORT(TargetRowGrad##S);   \
   HWY_EXPORT(TargetRowGradCached##S); \
@@ -659,6 +708,10 @@ SOFTCE_EXPORT(F64)
   }                                                                                             \
   void softmax_row_grad(const T* x, std::int64_t n, T it, row_normaliser<T> nm, T sc, T* g) {   \
     HWY_DYNAMIC_DISPATCH(SoftmaxRowGrad##S)(x, n, it, nm, sc, g);                               \
+  }                                                                                             \
+  double exp_sum_excluding(const T* x, std::int64_t n, T it, T sh, const std::int64_t* ex,      \
+                           std::int64_t cnt) {                                                  \
+    return HWY_DYNAMIC_DISPATCH(ExpSumExcluding##S)(x, n, it, sh, ex, cnt);                     \
   }                                                                                             \
   target_stats target_row_stats(const T* x, std::int64_t n, const target_desc<T>& t,           \
                                 exp_cache<T> c) {                                               \

@@ -78,6 +78,9 @@ struct exp_cache {
 
 #define SOFTCE_DECLARE_KERNELS(T)                                                          \
   softmax_stats softmax_row_stats(const T* x, std::int64_t n, T inv_temperature);          \
+  /* Σ exp((x - shift) * inv_t) over the slice except the (sorted) excluded indices */      \
+  double exp_sum_excluding(const T* x, std::int64_t n, T inv_temperature, T shift,           \
+                           const std::int64_t* excluded, std::int64_t excluded_count);       \
   /* g = scale * exp((x - shift) * inv_t - log_sum) */                                     \
   void softmax_row_grad(const T* x, std::int64_t n, T inv_temperature,                     \
                         row_normaliser<T> norm, T scale, T* g);                            \

@@ -49,10 +49,12 @@ void merge_ce_records(double* inout, const double* in, std::int64_t count) {
 }
 
 // Top-k targets: softmax statistics of x / T plus, over the top-k entries, a = Σ v,
-// b = Σ v (x_k - shift) / T and e = Σ exp((x_k - shift) / T) (for the tail bucket).
+// b = Σ v (x_k - shift) / T and e = Σ exp((x_k - shift) / T); with a tail bucket also the
+// sum outside the top k, e_tail, summed directly (1 - Q = e_tail / sum without the
+// cancellation of 1 - e / sum when almost all the mass is in the top k).
 // Shifts are kept in units of x / T while records travel, so merging needs no temperature.
 struct topk_record {
-  double shift, sum, a, b, e;
+  double shift, sum, a, b, e, e_tail;
 };
 
 void merge_topk(topk_record& acc, const topk_record& part, double inv_t) {
@@ -64,6 +66,7 @@ void merge_topk(topk_record& acc, const topk_record& part, double inv_t) {
     if (part.a != 0.0 && part.shift != -kInf) b_part += part.a * (part.shift - shift) * inv_t;
     acc.sum = acc.sum * fa + part.sum * fb;
     acc.e = acc.e * fa + part.e * fb;
+    acc.e_tail = acc.e_tail * fa + part.e_tail * fb;
     acc.b = b_acc + b_part;
   } else {
     acc.b += part.b;
@@ -221,6 +224,11 @@ double ce_row_loss(const target_stats& st) {
   return st.a * std::log(st.sum) - st.b;
 }
 
+struct topk_operands {
+  row_operand indices, values;
+  std::int64_t k;
+};
+
 struct ce_call {
   std::string_view fn;
   const array_view& input;
@@ -229,12 +237,16 @@ struct ce_call {
   const class_shard* shard;
 };
 
+// Dense probability targets, class-index targets, and top-k targets with class weights or
+// label smoothing (`sparse`: each row's top-k is scattered into a dense row buffer, since
+// every class's target is needed then anyway).
 template <class T>
 double cross_entropy_dense_impl(const ce_call& call, const row_space& space, const array_view& target,
-                                bool index_target) {
+                                bool index_target, const topk_operands* sparse = nullptr) {
   const auto& opt = call.options;
   const row_operand x_op = class_operand(space, call.input);
-  const row_operand t_op = index_target ? row_shaped_operand(space, target) : class_operand(space, target);
+  const row_operand t_op = sparse ? row_operand{} : index_target ? row_shaped_operand(space, target)
+                                                                 : class_operand(space, target);
   std::optional<row_operand> g_op;
   if (call.out.grad) g_op = class_operand(space, *call.out.grad);
   const auto mask = mask_operand(call.fn, opt.mask, space);
@@ -271,10 +283,12 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     bool skip = false;
     T* gr = nullptr;          // the gradient row, holding the exp cache between the passes
     std::vector<T> shifts;    // the cache's chunk shifts
+    std::vector<T> dense;     // a top-k row scattered into zeros
   };
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), row_reader<T>(&t_op), std::nullopt, nullptr, {}, false, nullptr, {}};
+    context c{row_reader<T>(&x_op), row_reader<T>(&t_op), std::nullopt, nullptr, {}, false, nullptr, {}, {}};
     c.shifts.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
+    if (sparse) c.dense.resize(static_cast<std::size_t>(C));
     if (g_op) c.g.emplace(&*g_op);
     return c;
   };
@@ -293,6 +307,20 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
       if (!c.skip && local >= 0 && local < C) {
         c.desc.onehot = local;
         target_weight = weight.empty() ? 1.0 : static_cast<double>(weight[static_cast<std::size_t>(local)]);
+      }
+    } else if (sparse) {
+      c.skip = !row_kept(mask, r);
+      if (!c.skip) {
+        std::fill(c.dense.begin(), c.dense.end(), T(0));
+        const row_operand& ix = sparse->indices;
+        const row_operand& vs = sparse->values;
+        for (std::int64_t j = 0; j < sparse->k; ++j) {
+          const std::int64_t local = load_index(ix.base, ix.type, ix.row_offset(r) + j * ix.class_stride) - offset;
+          if (local >= 0 && local < C)
+            c.dense[static_cast<std::size_t>(local)] =
+                load_float<T>(vs.base, vs.type, vs.row_offset(r) + j * vs.class_stride);
+        }
+        c.desc.dense = c.dense.data();
       }
     } else {
       c.skip = !row_kept(mask, r);
@@ -353,11 +381,6 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
 
 // ---------------------------------------------------------------------------------------
 // top-k targets (cross-entropy, and the kl distillation from a top-k teacher)
-
-struct topk_operands {
-  row_operand indices, values;
-  std::int64_t k;
-};
 
 // Checks shapes and dtypes, then every row's indices: in range and without duplicates.
 topk_operands validate_topk(std::string_view fn, std::string_view name, const topk& target, const row_space& space,
@@ -440,9 +463,11 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     row_reader<T> x;
     std::optional<row_writer<T>> g;
     const T* xr = nullptr;
+    std::vector<double> top_logits;
+    std::vector<std::int64_t> local_top;  // this shard's top-k classes of the row
   };
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), std::nullopt};
+    context c{row_reader<T>(&x_op), std::nullopt, nullptr, {}, {}};
     if (g_op) c.g.emplace(&*g_op);
     return c;
   };
@@ -453,11 +478,12 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     v = load_float<double>(ops.values.base, ops.values.type, vo);
   };
   auto stats_fn = [&](context& c, std::int64_t r) -> topk_record {
-    if (!row_kept(mask, r)) return topk_record{-kInf, 0.0, 0.0, 0.0, 0.0};
+    if (!row_kept(mask, r)) return topk_record{-kInf, 0.0, 0.0, 0.0, 0.0, 0.0};
     c.xr = c.x.row(r);
     const softmax_stats sm = softmax_row_stats(c.xr, C, static_cast<T>(inv_t));
-    topk_record rec{sm.shift, sm.sum, 0.0, 0.0, 0.0};
+    topk_record rec{sm.shift, sm.sum, 0.0, 0.0, 0.0, 0.0};
     const double shift = sm.shift == -kInf ? 0.0 : sm.shift;
+    c.local_top.clear();
     for (std::int64_t j = 0; j < k; ++j) {
       std::int64_t local;
       double v;
@@ -467,6 +493,12 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       rec.a += v;
       if (v != 0.0) rec.b += v * dk;
       rec.e += std::exp(dk);
+      c.local_top.push_back(local);
+    }
+    if (target.tail) {
+      std::sort(c.local_top.begin(), c.local_top.end());
+      rec.e_tail = exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(shift), c.local_top.data(),
+                                     static_cast<std::int64_t>(c.local_top.size()));
     }
     return rec;
   };
@@ -487,34 +519,40 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     const bool all_neg_inf = rec.sum == 0.0 || rec.shift == -kInf;
     double loss = all_neg_inf ? (rec.a > 0.0 ? kInf : 0.0) : rec.a * std::log(rec.sum) - rec.b;
     const double tau = 1.0 - value_sum;
-    double q_top = all_neg_inf ? 0.0 : rec.e / rec.sum;
-    // d/dx_c of -tau log(1 - Q) is -tau q_c Q / (1 - Q) outside the top k and +tau q_c
-    // inside it: the dense factor carries the first, the top-k fix-up the difference
-    double tail_factor = 0.0;
-    if (target.tail && tau != 0.0) {
-      loss += -tau * std::log1p(-q_top);
-      if (entropy_term && tau > 0.0) loss += tau * std::log(tau);
-      tail_factor = -tau * q_top / (1.0 - q_top);
+    const bool tail_active = target.tail && tau != 0.0 && !all_neg_inf;
+    // -tau log(1 - Q) with 1 - Q = e_tail / sum; d/dx_c is -tau q_c Q / (1 - Q) outside the
+    // top k (Q / (1 - Q) = e / e_tail) and +tau q_c inside it
+    double outside_factor = 0.0;
+    if (tail_active) {
+      loss += -tau * (std::log(rec.e_tail) - std::log(rec.sum));
+      if (rec.e_tail > 0.0) outside_factor = -tau * rec.e / rec.e_tail;
     }
+    if (entropy_term && target.tail && tau > 0.0) loss += tau * std::log(tau);
     loss = (loss + entropy) * (entropy_term ? t2 : 1.0);
     if (c.g) {
       if (shard) c.xr = c.x.row(r);
+      // the top-k logits, read before the gradient may overwrite them (in place)
+      c.top_logits.resize(static_cast<std::size_t>(k));
+      for (std::int64_t j = 0; j < k; ++j) {
+        std::int64_t local;
+        double v;
+        entry(r, j, local, v);
+        c.top_logits[static_cast<std::size_t>(j)] = local >= 0 && local < C ? static_cast<double>(c.xr[local]) : 0.0;
+      }
       T* g = c.g->begin(r);
       const row_normaliser<T> norm = normaliser<T>(rec.shift, rec.sum);
-      // q * (a + tail_factor) everywhere, then the top-k corrections
-      softmax_row_grad(c.xr, C, static_cast<T>(inv_t), norm, static_cast<T>(coef * (rec.a + tail_factor)), g);
+      // q (a + outside_factor) everywhere, then the top-k entries written directly:
+      // q_k (a + tau) - v_k with the tail, q_k a - v_k without
+      softmax_row_grad(c.xr, C, static_cast<T>(inv_t), norm, static_cast<T>(coef * (rec.a + outside_factor)), g);
       const double ls = static_cast<double>(norm.log_sum), sh = static_cast<double>(norm.shift);
+      const double inside = rec.a + (tail_active ? tau : 0.0);
       for (std::int64_t j = 0; j < k; ++j) {
         std::int64_t local;
         double v;
         entry(r, j, local, v);
         if (local < 0 || local >= C) continue;
-        double fix = -v;
-        if (target.tail && tau != 0.0) {
-          const double qk = std::exp((static_cast<double>(c.xr[local]) - sh) * inv_t - ls);
-          fix += tau * qk / (1.0 - q_top);
-        }
-        g[local] = static_cast<T>(static_cast<double>(g[local]) + coef * fix);
+        const double qk = std::exp((c.top_logits[static_cast<std::size_t>(j)] - sh) * inv_t - ls);
+        g[local] = static_cast<T>(coef * (qk * inside - v));
       }
       c.g->commit();
     }
@@ -671,8 +709,7 @@ void check_shard(std::string_view fn, const class_shard* shard, const row_space&
 }
 
 double cross_entropy_entry(const array_view& input, const array_view& target, const cross_entropy_options& opt,
-                           const outputs& out, const class_shard* shard) {
-  constexpr std::string_view fn = "cross_entropy";
+                           const outputs& out, const class_shard* shard, std::string_view fn = "cross_entropy") {
   const row_space space = logits_space(fn, input);
   check_shard(fn, shard, space);
   check_reduction(fn, opt.reduce, {reduction::none, reduction::mean, reduction::sum});
@@ -698,42 +735,6 @@ double cross_entropy_entry(const array_view& input, const array_view& target, co
                                    : cross_entropy_dense_impl<float>(call, space, target, index_target);
 }
 
-// Top-k with class weights or label smoothing: the dense equivalent (scatter into a dense
-// target array), since those need every class's target anyway.
-double topk_via_dense(const array_view& input, const topk& target, const cross_entropy_options& opt,
-                      const outputs& out, const class_shard* shard, const row_space& space) {
-  const std::int64_t offset = shard ? shard->class_offset : 0;
-  const topk_operands ops = validate_topk("cross_entropy", "target", target, space, shard ? shard->num_classes : space.classes);
-  std::vector<double> dense(static_cast<std::size_t>(space.rows * space.classes), 0.0);
-  for (std::int64_t r = 0; r < space.rows; ++r)
-    for (std::int64_t j = 0; j < ops.k; ++j) {
-      const std::int64_t local =
-          load_index(ops.indices.base, ops.indices.type, ops.indices.row_offset(r) + j * ops.indices.class_stride) - offset;
-      if (local < 0 || local >= space.classes) continue;
-      dense[static_cast<std::size_t>(r * space.classes + local)] =
-          load_float<double>(ops.values.base, ops.values.type, ops.values.row_offset(r) + j * ops.values.class_stride);
-    }
-  // a (rows..., C) view of the dense target in the input's layout (class dim at 1)
-  array_view t;
-  t.data = dense.data();
-  t.type = dtype::float64;
-  t.ndim = input.ndim;
-  for (int i = 0; i < input.ndim; ++i) t.shape[i] = input.shape[i];
-  if (input.ndim == 1) {
-    t.strides[0] = 1;
-  } else {
-    // row-major over (N, d1, ...) with the class dimension innermost in memory
-    std::int64_t stride = space.classes;
-    for (int i = input.ndim - 1; i >= 2; --i) {
-      t.strides[i] = stride;
-      stride *= input.shape[i];
-    }
-    t.strides[0] = stride;
-    t.strides[1] = 1;
-  }
-  return cross_entropy_entry(input, t, opt, out, shard);
-}
-
 double cross_entropy_topk_entry(const array_view& input, const topk& target, const cross_entropy_options& opt,
                                 const outputs& out, const class_shard* shard) {
   constexpr std::string_view fn = "cross_entropy";
@@ -745,7 +746,12 @@ double cross_entropy_topk_entry(const array_view& input, const topk& target, con
   check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
   if (target.tail && (opt.weight || opt.label_smoothing != 0.0))
     fail(fn, "target.tail", "expected no class weight and no label smoothing with a tail bucket");
-  if (opt.weight || opt.label_smoothing != 0.0) return topk_via_dense(input, target, opt, out, shard, space);
+  if (opt.weight || opt.label_smoothing != 0.0) {
+    const topk_operands ops = validate_topk(fn, "target", target, space, shard ? shard->num_classes : space.classes);
+    const ce_call call{fn, input, opt, out, shard};
+    return computes_in_double(input) ? cross_entropy_dense_impl<double>(call, space, input, false, &ops)
+                                     : cross_entropy_dense_impl<float>(call, space, input, false, &ops);
+  }
   return computes_in_double(input)
              ? topk_impl<double>(fn, input, target, opt.mask, opt.reduce, out, shard, 1.0, false)
              : topk_impl<float>(fn, input, target, opt.mask, opt.reduce, out, shard, 1.0, false);
@@ -765,7 +771,7 @@ double distillation_entry(const array_view& student, const array_view& teacher, 
   check_shard(fn, shard, space);
   check_distillation_options(fn, opt);
   check_float(fn, "teacher", teacher);
-  check_same_shape(fn, "teacher", teacher, student, "student's");
+  check_same_shape(fn, "teacher", teacher, student, "student");
   check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
   return computes_in_double(student) ? distill_dense_impl<double>(fn, student, teacher, opt, out, shard)
                                      : distill_dense_impl<float>(fn, student, teacher, opt, out, shard);
@@ -807,7 +813,7 @@ double cross_entropy_with_probs(const array_view& input, const array_view& targe
   cross_entropy_options opt;
   opt.weight = weight;
   opt.reduce = reduce;
-  return cross_entropy_entry(input, target, opt, out, nullptr);
+  return cross_entropy_entry(input, target, opt, out, nullptr, "cross_entropy_with_probs");
 }
 
 double distillation_loss(const array_view& student_logits, const array_view& teacher_logits,

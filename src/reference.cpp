@@ -321,13 +321,21 @@ double cross_entropy_row(const std::vector<double>& x, const std::vector<double>
   for (std::size_t c = 0; c < C; ++c)
     if (weighted_target[c] != 0) loss.add(weighted_target[c] * (lse - x[c]));
 
-  double Q = 0, outside = 0;  // outside = 1 - Q, summed directly (no cancellation)
+  // Q = sum_K q and outside = 1 - Q from separate sums of exp(x - M) (no cancellation;
+  // with K empty, log(outside) is exactly log(s) - log(s) = 0).
+  double Q = 0, outside = 0;
   if (tail_active) {
-    accurate_sum inside_sum, outside_sum;
-    for (std::size_t c = 0; c < C; ++c) ((*tail.in_topk)[c] ? inside_sum : outside_sum).add(q[c]);
-    Q = inside_sum.value();
-    outside = outside_sum.value();
-    loss.add(-tail.tau * std::log(outside));
+    double max = -infinity;
+    for (double v : x) max = std::max(max, v);
+    accurate_sum all, inside_sum, outside_sum;
+    for (std::size_t c = 0; c < C; ++c) {
+      const double e = std::exp(x[c] - max);
+      all.add(e);
+      ((*tail.in_topk)[c] ? inside_sum : outside_sum).add(e);
+    }
+    Q = inside_sum.value() / all.value();
+    outside = outside_sum.value() / all.value();
+    loss.add(-tail.tau * (std::log(outside_sum.value()) - std::log(all.value())));
   }
 
   if (grad) {

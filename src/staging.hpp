@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.hpp"
@@ -29,6 +30,20 @@ inline std::uint16_t float_to_bf16(float f) {  // round to nearest even
   if (std::isnan(f)) return static_cast<std::uint16_t>((u >> 16) | 0x40);
   u += 0x7FFF + ((u >> 16) & 1);
   return static_cast<std::uint16_t>(u >> 16);
+}
+
+// double -> bfloat16 rounded once: round to odd into float32 (keeps a sticky bit), then
+// round to nearest even into bfloat16; plain double -> float -> bfloat16 could round twice.
+inline std::uint16_t double_to_bf16(double d) {
+  float f = static_cast<float>(d);
+  if (std::isfinite(f) && static_cast<double>(f) != d) {
+    std::uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if (std::fabs(static_cast<double>(f)) > std::fabs(d)) --u;  // truncate toward zero
+    u |= 1;                                                       // sticky
+    std::memcpy(&f, &u, 4);
+  }
+  return float_to_bf16(f);
 }
 
 inline float f16_to_float(std::uint16_t bits) {
@@ -64,11 +79,14 @@ inline void store_float(char* base, dtype type, std::int64_t offset, T value) {
     case dtype::float32: reinterpret_cast<float*>(base)[offset] = static_cast<float>(value); break;
     case dtype::float64: reinterpret_cast<double*>(base)[offset] = static_cast<double>(value); break;
     case dtype::bfloat16:
-      reinterpret_cast<std::uint16_t*>(base)[offset] = float_to_bf16(static_cast<float>(value));
+      reinterpret_cast<std::uint16_t*>(base)[offset] =
+          std::is_same_v<T, double> ? double_to_bf16(static_cast<double>(value)) : float_to_bf16(static_cast<float>(value));
       break;
-    case dtype::float16:
-      reinterpret_cast<std::uint16_t*>(base)[offset] = float_to_f16(static_cast<float>(value));
+    case dtype::float16: {
+      const _Float16 h = static_cast<_Float16>(value);  // one rounding, from T directly
+      std::memcpy(reinterpret_cast<std::uint16_t*>(base) + offset, &h, 2);
       break;
+    }
     default: break;
   }
 }

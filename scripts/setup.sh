@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 packages=(cmake ninja-build g++ pkg-config libhwy-dev libgtest-dev libbenchmark-dev
           libopenblas-dev libopenmpi-dev openmpi-bin libcli11-dev nlohmann-json3-dev
-          libfmt-dev dataset-fashion-mnist clang libclang-rt-14-dev)
+          libfmt-dev dataset-fashion-mnist clang libclang-rt-14-dev libplplot-dev
+          plplot-driver-cairo zlib1g-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,33 @@
+#!/usr/bin/env python3
+"""Copies program output into README.md between its markers, so that the README's figures
+are the programs' own output, never typed by hand:
+
+  <!-- demo-output:begin --> ... <!-- demo-output:end -->  <- docs/demo-output.txt
+                                                              (`softce demo --threads 2`)
+  <!-- bench:begin --> ... <!-- bench:end -->              <- docs/benchmark-table.md
+                                                              (`python bench/bench.py --markdown`)
+Run it after regenerating either file.
+"""
+import pathlib
+import re
+import sys
+
+root = pathlib.Path(__file__).resolve().parent.parent
+readme = root / "README.md"
+text = readme.read_text()
+
+
+def splice(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+        sys.exit(f"README.md: markers for {name!r} not found")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+demo = root / "docs" / "demo-output.txt"
+if demo.exists():
+    text = splice(text, "demo-output", "```\n" + demo.read_text().rstrip() + "\n```")
+bench = root / "docs" / "benchmark-table.md"
+if bench.exists():
+    text = splice(text, "bench", bench.read_text())
+readme.write_text(text)

@@ -8,6 +8,10 @@ Functional API (PyTorch tensors with autograd, or NumPy arrays)::
 
 Modules (need torch): softce.nn.CrossEntropyLoss, KLDivLoss, BCEWithLogitsLoss,
 DistillationLoss. See docs/python.md.
+
+Class-parallel (the class dimension split across torch.distributed ranks):
+cross_entropy(..., process_group=group) and distillation_loss(..., process_group=group);
+see docs/distributed.md.
 """
 
 import sys as _sys

@@ -158,6 +158,7 @@ def cross_entropy(
     mask=None,
     inplace_backward: bool = False,
     return_grad: bool = False,
+    process_group=None,
 ):
     """torch.nn.functional.cross_entropy, fused, with soft-label extensions.
 
@@ -166,8 +167,18 @@ def cross_entropy(
     probability / top-k targets; ``mean`` then divides by the number of unmasked rows.
     ``inplace_backward=True`` writes the gradient over ``input`` (see docs/python.md).
     ``return_grad=True`` returns ``(loss, grad)`` without building an autograd graph.
+    ``process_group`` (a torch.distributed ProcessGroup): class-parallel; ``input``,
+    probability targets and ``weight`` hold this rank's contiguous range of classes (ranks
+    in order), index and top-k targets global class ids; every rank gets the global loss
+    and the gradient of its own classes (see docs/distributed.md).
     """
     reduction = legacy_reduction(size_average, reduce, reduction)
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.cross_entropy(input, target, weight, ignore_index, reduction,
+                                         label_smoothing, mask, inplace_backward,
+                                         return_grad, process_group)
     if _is_tensor(input):
         return _torch_backend().cross_entropy(
             input, target, weight, int(ignore_index), reduction, float(label_smoothing),
@@ -257,7 +268,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
 def distillation_loss(student_logits, teacher, *, temperature: float = 1.0,
                       divergence: str = "kl", beta: float = 0.5,
                       reduction: str = "batchmean", mask=None,
-                      inplace_backward: bool = False, return_grad: bool = False):
+                      inplace_backward: bool = False, return_grad: bool = False,
+                      process_group=None):
     """Knowledge-distillation loss between student logits and a teacher (logits of the same
     shape, or a :class:`TopK` of probabilities).
 
@@ -265,7 +277,16 @@ def distillation_loss(student_logits, teacher, *, temperature: float = 1.0,
     ``"reverse_kl"`` T²·KL(q‖p), ``"jsd"`` T²·(β KL(p‖m) + (1−β) KL(q‖m)) with
     m = βp + (1−β)q (TRL's GKD convention, β = 0 / 1 being kl / reverse_kl).
     ``batchmean`` divides by the number of unmasked rows. Only the student gets a gradient.
+    ``process_group`` (a torch.distributed ProcessGroup): class-parallel; the student and
+    teacher logits hold this rank's contiguous range of classes (ranks in order), a top-k
+    teacher global class ids (see docs/distributed.md).
     """
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.distillation_loss(student_logits, teacher, temperature, divergence,
+                                             beta, reduction, mask, inplace_backward,
+                                             return_grad, process_group)
     if _is_tensor(student_logits):
         return _torch_backend().distillation_loss(
             student_logits, teacher, float(temperature), divergence, float(beta), reduction,

@@ -6,17 +6,28 @@
 // the GIL released. Outputs (gradient, per-row losses) are allocated by the caller in
 // Python and passed in as writable arrays, so this file never creates framework objects.
 // softce::error becomes ValueError / IndexError / TypeError with the core's message.
+//
+// Class-parallel entry points (class_parallel_*): the same losses with the class dimension
+// split across the ranks of a torch.distributed process group. The collectives are done in
+// Python (softce/distributed.py): the shard's all_reduce re-acquires the GIL and hands the
+// row-statistics records and an opaque merge function to a Python callable, which gathers
+// the records of every rank and gives them back to merge_records (below) to be combined in
+// rank order.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/string_view.h>
+#include <nanobind/stl/vector.h>
 
+#include <softce/class_parallel.hpp>
 #include <softce/softce.hpp>
 
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -262,6 +273,204 @@ double distillation_loss_topk(const input_array& student, const input_array& ind
   return softce::distillation_loss(x, t, options, out);
 }
 
+// ---------------------------------------------------------------------------------------
+// class-parallel losses (torch.distributed through Python callables)
+
+// The merge function crosses Python as a capsule with this name, so that merge_records
+// accepts only what an all_reduce callback was given.
+constexpr const char* kMergeCapsule = "softce.row_stats_merge_fn";
+
+// A class_shard whose all_reduce calls `all_reduce(records, merge)` in Python: `records` is
+// a float64 NumPy array (count, width) viewing the core's buffer (valid during the call
+// only; the callable replaces its contents by the combination over all ranks) and `merge`
+// the capsule of the core's merge function. The core calls it on the thread that called
+// the loss, which released the GIL: take it back for the callable. A Python exception in
+// the callable propagates through the core (nb::python_error) and out of the loss call.
+softce::class_shard python_shard(std::int64_t class_offset, std::int64_t num_classes,
+                                 nb::handle all_reduce) {
+  softce::class_shard shard;
+  shard.class_offset = class_offset;
+  shard.num_classes = num_classes;
+  // A borrowed handle: the caller's argument outlives the call, and copies of the
+  // std::function (made without the GIL) must not touch reference counts.
+  shard.all_reduce = [callable = all_reduce](
+                         double* stats, std::int64_t count, int width,
+                         softce::row_stats_merge_fn merge) {
+    nb::gil_scoped_acquire gil;
+    const std::size_t shape[2] = {static_cast<std::size_t>(count),
+                                  static_cast<std::size_t>(width)};
+    nb::ndarray<nb::numpy, double, nb::ndim<2>, nb::c_contig> records(stats, 2, shape,
+                                                                      nb::handle());
+    // A function pointer as void*: conditionally supported by C++, fine on every platform
+    // CPython runs on (POSIX requires it for dlsym).
+    nb::capsule capsule(reinterpret_cast<const void*>(merge), kMergeCapsule);
+    // rv_policy::reference: a view of the core's buffer, not a copy (an ndarray without
+    // an owner is copied under the default policy)
+    callable(records.cast(nb::rv_policy::reference), capsule);
+  };
+  return shard;
+}
+
+// Combines the records of every rank: gathered (ranks, count, width), rank order, into
+// out (count, width): out = gathered[0] (+) gathered[1] (+) ... with the core's merge
+// function, left to right, so every rank computes the same bits from the same data.
+using gathered_records = nb::ndarray<const double, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+using merged_records = nb::ndarray<double, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+void merge_records(const gathered_records& gathered, const nb::capsule& merge,
+                   const merged_records& out) {
+  constexpr std::string_view fn = "merge_records";
+  if (!PyCapsule_IsValid(merge.ptr(), kMergeCapsule))
+    throw softce::error(std::string(fn) + ": merge: expected the capsule given to an all_reduce "
+                        "callback", softce::error_kind::type);
+  const auto merge_fn = reinterpret_cast<softce::row_stats_merge_fn>(merge.data(kMergeCapsule));
+  const std::size_t ranks = gathered.shape(0), count = gathered.shape(1);
+  const std::size_t width = gathered.shape(2);
+  if (ranks == 0 || out.shape(0) != count || out.shape(1) != width)
+    throw softce::error(std::string(fn) + ": expected gathered records (ranks, " +
+                        std::to_string(out.shape(0)) + ", " + std::to_string(out.shape(1)) +
+                        ") with ranks >= 1, got (" + std::to_string(ranks) + ", " +
+                        std::to_string(count) + ", " + std::to_string(width) + ")");
+  const double* in = gathered.data();
+  double* result = out.data();  // a buffer of its own (the core's), not part of `gathered`
+  const std::size_t block = count * width;
+  nb::gil_scoped_release release;
+  if (block == 0) return;
+  std::memcpy(result, in, block * sizeof(double));
+  for (std::size_t r = 1; r < ranks; ++r)
+    merge_fn(result, in + r * block, static_cast<std::int64_t>(count));
+}
+
+// A 64-bit fingerprint of arrays' dtypes, shapes and element bits (in index order): the
+// agreement step compares those of the arrays that must be identical on every rank
+// (index / top-k targets, masks). None contributes a marker of its own.
+std::uint64_t fingerprint(const std::vector<std::optional<input_array>>& arrays) {
+  std::vector<softce::array_view> views;
+  std::vector<bool> present;
+  for (const auto& a : arrays) {
+    present.push_back(a.has_value());
+    if (a) views.push_back(in_view(*a, "fingerprint", "array"));
+  }
+  nb::gil_scoped_release release;
+  std::uint64_t h = 0x9e3779b97f4a7c15ull;
+  auto add = [&h](std::uint64_t v) {
+    h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+  };
+  std::size_t next = 0;
+  for (bool p : present) {
+    add(p ? 1 : 2);
+    if (!p) continue;
+    const softce::array_view& v = views[next++];
+    add(static_cast<std::uint64_t>(v.type));
+    add(static_cast<std::uint64_t>(v.ndim));
+    for (int i = 0; i < v.ndim; ++i) add(static_cast<std::uint64_t>(v.shape[i]));
+    const std::int64_t n = v.numel();
+    if (n == 0) continue;
+    const auto size = static_cast<std::int64_t>(softce::dtype_size(v.type));
+    const char* base = static_cast<const char*>(v.data);
+    std::int64_t index[softce::max_dims] = {};
+    for (std::int64_t e = 0; e < n; ++e) {
+      std::int64_t offset = 0;
+      for (int i = 0; i < v.ndim; ++i) offset += index[i] * v.strides[i];
+      std::uint64_t bits = 0;
+      std::memcpy(&bits, base + offset * size, static_cast<std::size_t>(size));
+      add(bits);
+      for (int i = v.ndim - 1; i >= 0; --i) {
+        if (++index[i] < v.shape[i]) break;
+        index[i] = 0;
+      }
+    }
+  }
+  return h;
+}
+
+double class_parallel_cross_entropy(std::int64_t class_offset, std::int64_t num_classes,
+                                    nb::callable all_reduce, const input_array& input,
+                                    const input_array& target,
+                                    const std::optional<input_array>& weight,
+                                    std::int64_t ignore_index, std::string_view reduction,
+                                    double label_smoothing,
+                                    const std::optional<input_array>& mask,
+                                    const std::optional<output_array>& grad,
+                                    const std::optional<output_array>& losses) {
+  constexpr std::string_view fn = "cross_entropy";
+  const auto shard = python_shard(class_offset, num_classes, all_reduce);
+  softce::cross_entropy_options options;
+  options.weight = in_view(weight, fn, "weight");
+  options.ignore_index = ignore_index;
+  options.reduce = softce::parse_reduction(reduction);
+  options.label_smoothing = label_smoothing;
+  options.mask = in_view(mask, fn, "mask");
+  const auto x = in_view(input, fn, "input");
+  const auto t = in_view(target, fn, "target");
+  const auto out = out_views(grad, losses, fn);
+  nb::gil_scoped_release release;
+  return softce::class_parallel::cross_entropy(shard, x, t, options, out);
+}
+
+double class_parallel_cross_entropy_topk(std::int64_t class_offset, std::int64_t num_classes,
+                                         nb::callable all_reduce, const input_array& input,
+                                         const input_array& indices, const input_array& values,
+                                         bool tail, const std::optional<input_array>& weight,
+                                         std::int64_t ignore_index, std::string_view reduction,
+                                         double label_smoothing,
+                                         const std::optional<input_array>& mask,
+                                         const std::optional<output_array>& grad,
+                                         const std::optional<output_array>& losses) {
+  constexpr std::string_view fn = "cross_entropy";
+  const auto shard = python_shard(class_offset, num_classes, all_reduce);
+  softce::cross_entropy_options options;
+  options.weight = in_view(weight, fn, "weight");
+  options.ignore_index = ignore_index;
+  options.reduce = softce::parse_reduction(reduction);
+  options.label_smoothing = label_smoothing;
+  options.mask = in_view(mask, fn, "mask");
+  const auto x = in_view(input, fn, "input");
+  const auto t = make_topk(indices, values, tail, fn);
+  const auto out = out_views(grad, losses, fn);
+  nb::gil_scoped_release release;
+  return softce::class_parallel::cross_entropy(shard, x, t, options, out);
+}
+
+double class_parallel_distillation_loss(std::int64_t class_offset, std::int64_t num_classes,
+                                        nb::callable all_reduce, const input_array& student,
+                                        const input_array& teacher, double temperature,
+                                        std::string_view divergence, double beta,
+                                        std::string_view reduction,
+                                        const std::optional<input_array>& mask,
+                                        const std::optional<output_array>& grad,
+                                        const std::optional<output_array>& losses) {
+  constexpr std::string_view fn = "distillation_loss";
+  const auto shard = python_shard(class_offset, num_classes, all_reduce);
+  const auto options = distillation_options(temperature, divergence, beta, reduction, mask);
+  const auto x = in_view(student, fn, "student_logits");
+  const auto t = in_view(teacher, fn, "teacher");
+  const auto out = out_views(grad, losses, fn);
+  nb::gil_scoped_release release;
+  return softce::class_parallel::distillation_loss(shard, x, t, options, out);
+}
+
+double class_parallel_distillation_loss_topk(std::int64_t class_offset, std::int64_t num_classes,
+                                             nb::callable all_reduce, const input_array& student,
+                                             const input_array& indices,
+                                             const input_array& values, bool tail,
+                                             double temperature, std::string_view divergence,
+                                             double beta, std::string_view reduction,
+                                             const std::optional<input_array>& mask,
+                                             const std::optional<output_array>& grad,
+                                             const std::optional<output_array>& losses) {
+  constexpr std::string_view fn = "distillation_loss";
+  const auto shard = python_shard(class_offset, num_classes, all_reduce);
+  const auto options = distillation_options(temperature, divergence, beta, reduction, mask);
+  const auto x = in_view(student, fn, "student_logits");
+  const auto t = make_topk(indices, values, tail, fn);
+  const auto out = out_views(grad, losses, fn);
+  nb::gil_scoped_release release;
+  return softce::class_parallel::distillation_loss(shard, x, t, options, out);
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -305,6 +514,32 @@ NB_MODULE(_core, m) {
         "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a, "temperature"_a,
         "divergence"_a, "beta"_a, "reduction"_a, "mask"_a.noconvert().none(),
         "grad"_a.noconvert().none(), "losses"_a.noconvert().none());
+
+  // class-parallel: the same arguments after (class_offset, num_classes, all_reduce)
+  m.def("class_parallel_cross_entropy", &class_parallel_cross_entropy, "class_offset"_a,
+        "num_classes"_a, "all_reduce"_a, "input"_a.noconvert(), "target"_a.noconvert(),
+        "weight"_a.noconvert().none(), "ignore_index"_a, "reduction"_a, "label_smoothing"_a,
+        "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
+        "losses"_a.noconvert().none());
+  m.def("class_parallel_cross_entropy_topk", &class_parallel_cross_entropy_topk,
+        "class_offset"_a, "num_classes"_a, "all_reduce"_a, "input"_a.noconvert(),
+        "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a,
+        "weight"_a.noconvert().none(), "ignore_index"_a, "reduction"_a, "label_smoothing"_a,
+        "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
+        "losses"_a.noconvert().none());
+  m.def("class_parallel_distillation_loss", &class_parallel_distillation_loss,
+        "class_offset"_a, "num_classes"_a, "all_reduce"_a, "student_logits"_a.noconvert(),
+        "teacher"_a.noconvert(), "temperature"_a, "divergence"_a, "beta"_a, "reduction"_a,
+        "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
+        "losses"_a.noconvert().none());
+  m.def("class_parallel_distillation_loss_topk", &class_parallel_distillation_loss_topk,
+        "class_offset"_a, "num_classes"_a, "all_reduce"_a, "student_logits"_a.noconvert(),
+        "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a, "temperature"_a,
+        "divergence"_a, "beta"_a, "reduction"_a, "mask"_a.noconvert().none(),
+        "grad"_a.noconvert().none(), "losses"_a.noconvert().none());
+  m.def("merge_records", &merge_records, "gathered"_a.noconvert(), "merge"_a,
+        "out"_a.noconvert());
+  m.def("fingerprint", &fingerprint, "arrays"_a);
 
   m.def("parse_reduction", [](std::string_view name) {
     return std::string(softce::reduction_name(softce::parse_reduction(name)));

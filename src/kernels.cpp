@@ -55,10 +55,22 @@ HWY_INLINE V<D> SafeLog(D d, V<D> v) {
   return hn::IfThenElse(hn::Lt(v, zero), hn::Set(d, std::numeric_limits<T>::quiet_NaN()), out);
 }
 
+// Partial vectors at the end of a slice go through a stack buffer: Highway 1.0.3's
+// MaskedLoad / BlendedStore touch the whole vector on targets without masked memory
+// operations (SSE4), which would read or write past the end of the caller's array.
 template <class D, class T = hn::TFromD<D>>
 HWY_INLINE V<D> LoadPart(D d, const T* p, size_t r, T fill) {
-  const auto m = hn::FirstN(d, r);
-  return hn::IfThenElse(m, hn::MaskedLoad(m, d, p), hn::Set(d, fill));
+  HWY_ALIGN_MAX T buffer[HWY_MAX_BYTES / sizeof(T)];
+  const size_t N = hn::Lanes(d);
+  for (size_t i = 0; i < N; ++i) buffer[i] = i < r ? p[i] : fill;
+  return hn::Load(d, buffer);
+}
+
+template <class D, class T = hn::TFromD<D>>
+HWY_INLINE void StorePart(V<D> v, D d, T* p, size_t r) {
+  HWY_ALIGN_MAX T buffer[HWY_MAX_BYTES / sizeof(T)];
+  hn::Store(v, d, buffer);
+  for (size_t i = 0; i < r; ++i) p[i] = buffer[i];
 }
 
 template <class D>
@@ -164,7 +176,7 @@ void SoftmaxRowGrad(const T* x, std::int64_t n, T inv_t, row_normaliser<T> norm,
   if (i < len) {
     const auto xv = LoadPart(d, x + i, len - i, kNegInf<T>);
     const auto q = SafeExp(d, hn::Sub(hn::Mul(hn::Sub(xv, vshift), vt), vls));
-    hn::BlendedStore(hn::Mul(q, vscale), hn::FirstN(d, len - i), d, g + i);
+    StorePart(hn::Mul(q, vscale), d, g + i, len - i);
   }
 }
 
@@ -177,7 +189,7 @@ HWY_INLINE V<D> WeightedTarget(D d, const target_desc<T>& t, size_t i, size_t r)
   const size_t N = hn::Lanes(d);
   V<D> tv;
   if (t.dense) {
-    tv = kTail ? hn::MaskedLoad(hn::FirstN(d, r), d, t.dense + i) : hn::LoadU(d, t.dense + i);
+    tv = kTail ? LoadPart(d, t.dense + i, r, T(0)) : hn::LoadU(d, t.dense + i);
   } else {
     tv = hn::Zero(d);
     const std::int64_t rel = t.onehot - static_cast<std::int64_t>(i);
@@ -190,7 +202,7 @@ HWY_INLINE V<D> WeightedTarget(D d, const target_desc<T>& t, size_t i, size_t r)
   }
   V<D> wt = hn::MulAdd(tv, hn::Set(d, t.keep), hn::Set(d, t.add));
   if (t.weight)
-    wt = hn::Mul(wt, kTail ? hn::MaskedLoad(hn::FirstN(d, r), d, t.weight + i) : hn::LoadU(d, t.weight + i));
+    wt = hn::Mul(wt, kTail ? LoadPart(d, t.weight + i, r, T(0)) : hn::LoadU(d, t.weight + i));
   if (kTail) wt = hn::IfThenElseZero(hn::FirstN(d, r), wt);
   return wt;
 }
@@ -231,7 +243,7 @@ target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t,
       vs = hn::Add(vs, e);
       va = hn::Add(va, wt);
       vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
-      if (ec) hn::BlendedStore(e, hn::FirstN(d, len - i), d, ec + i);
+      if (ec) StorePart(e, d, ec + i, len - i);
     }
     // b was taken against FiniteShift(m); for m = -inf that is 0 and b is 0 or -inf.
     merge_into(acc, target_stats{static_cast<double>(m), Total(d, vs), Total(d, va), Total(d, vb)});
@@ -256,7 +268,7 @@ void TargetRowGrad(const T* x, std::int64_t n, const target_desc<T>& t, row_norm
   if (i < len) {
     const auto q = SafeExp(d, hn::Sub(hn::Sub(LoadPart(d, x + i, len - i, kNegInf<T>), vshift), vls));
     const auto wt = WeightedTarget<true>(d, t, i, len - i);
-    hn::BlendedStore(hn::Mul(vcoef, hn::MulSub(q, va, wt)), hn::FirstN(d, len - i), d, g + i);
+    StorePart(hn::Mul(vcoef, hn::MulSub(q, va, wt)), d, g + i, len - i);
   }
 }
 
@@ -290,10 +302,9 @@ void TargetRowGradCached(exp_cache<T> cache, std::int64_t n, const target_desc<T
       hn::StoreU(hn::Mul(vcoef, hn::MulSub(q, va, wt)), d, gc + i);
     }
     if (i < len) {
-      const auto m = hn::FirstN(d, len - i);
-      const auto q = hn::Mul(hn::MaskedLoad(m, d, ec + i), vf);
+      const auto q = hn::Mul(LoadPart(d, ec + i, len - i, T(0)), vf);
       const auto wt = WeightedTarget<true>(d, tc, i, len - i);
-      hn::BlendedStore(hn::Mul(vcoef, hn::MulSub(q, va, wt)), m, d, gc + i);
+      StorePart(hn::Mul(vcoef, hn::MulSub(q, va, wt)), d, gc + i, len - i);
     }
   }
 }
@@ -331,8 +342,8 @@ distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, d
           hn::StoreU(ex, d, cx.e + c0 + i);
           hn::StoreU(ez, d, cz.e + c0 + i);
         } else {
-          hn::BlendedStore(ex, hn::FirstN(d, len - i), d, cx.e + c0 + i);
-          hn::BlendedStore(ez, hn::FirstN(d, len - i), d, cz.e + c0 + i);
+          StorePart(ex, d, cx.e + c0 + i, len - i);
+          StorePart(ez, d, cz.e + c0 + i, len - i);
         }
       }
       if (kind == distill_kind::kl)
@@ -425,7 +436,7 @@ void DistillRowGrad(const T* x, const T* z, std::int64_t n, T inv_t, row_normali
     if (full)
       hn::StoreU(gv, d, g + i);
     else
-      hn::BlendedStore(gv, hn::FirstN(d, len - i), d, g + i);
+      StorePart(gv, d, g + i, len - i);
   }
 }
 
@@ -445,9 +456,8 @@ void DistillRowGradKlCached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T 
         const auto q = hn::Mul(hn::LoadU(d, cx.e + at), fx);
         hn::StoreU(hn::Mul(vcoef, hn::NegMulAdd(hn::LoadU(d, cz.e + at), fz, q)), d, g + at);
       } else {
-        const auto m = hn::FirstN(d, len - i);
-        const auto q = hn::Mul(hn::MaskedLoad(m, d, cx.e + at), fx);
-        hn::BlendedStore(hn::Mul(vcoef, hn::NegMulAdd(hn::MaskedLoad(m, d, cz.e + at), fz, q)), m, d, g + at);
+        const auto q = hn::Mul(LoadPart(d, cx.e + at, len - i, T(0)), fx);
+        StorePart(hn::Mul(vcoef, hn::NegMulAdd(LoadPart(d, cz.e + at, len - i, T(0)), fz, q)), d, g + at, len - i);
       }
     }
   }
@@ -486,9 +496,8 @@ double KlDivElements(const T* x, const T* t, std::int64_t n, bool log_target, T 
         if (g) hn::StoreU(hn::Mul(grad, vcoef), d, g + at);
         if (losses) hn::StoreU(loss, d, losses + at);
       } else {
-        const auto m = hn::FirstN(d, len - i);
-        if (g) hn::BlendedStore(hn::Mul(grad, vcoef), m, d, g + at);
-        if (losses) hn::BlendedStore(loss, m, d, losses + at);
+        if (g) StorePart(hn::Mul(grad, vcoef), d, g + at, len - i);
+        if (losses) StorePart(loss, d, losses + at, len - i);
       }
     }
     total += Total(d, acc);
@@ -535,9 +544,8 @@ double BceElements(const T* x, const T* t, const T* w, const T* pos_w, std::int6
         if (g) hn::StoreU(hn::Mul(grad, vcoef), d, g + at);
         if (losses) hn::StoreU(loss, d, losses + at);
       } else {
-        const auto m = hn::FirstN(d, len - i);
-        if (g) hn::BlendedStore(hn::Mul(grad, vcoef), m, d, g + at);
-        if (losses) hn::BlendedStore(loss, m, d, losses + at);
+        if (g) StorePart(hn::Mul(grad, vcoef), d, g + at, len - i);
+        if (losses) StorePart(loss, d, losses + at, len - i);
       }
     }
     total += Total(d, acc);

@@ -495,7 +495,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       rec.e += std::exp(dk);
       c.local_top.push_back(local);
     }
-    if (target.tail) {
+    if (target.tail && k < total_classes) {
       std::sort(c.local_top.begin(), c.local_top.end());
       rec.e_tail = exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(shift), c.local_top.data(),
                                      static_cast<std::int64_t>(c.local_top.size()));
@@ -519,7 +519,9 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     const bool all_neg_inf = rec.sum == 0.0 || rec.shift == -kInf;
     double loss = all_neg_inf ? (rec.a > 0.0 ? kInf : 0.0) : rec.a * std::log(rec.sum) - rec.b;
     const double tau = 1.0 - value_sum;
-    const bool tail_active = target.tail && tau != 0.0 && !all_neg_inf;
+    // a top-k that covers every class has no tail (tau is then only the values' rounding)
+    const bool has_tail = target.tail && k < total_classes;
+    const bool tail_active = has_tail && tau != 0.0 && !all_neg_inf;
     // -tau log(1 - Q) with 1 - Q = e_tail / sum; d/dx_c is -tau q_c Q / (1 - Q) outside the
     // top k (Q / (1 - Q) = e / e_tail) and +tau q_c inside it
     double outside_factor = 0.0;
@@ -527,7 +529,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       loss += -tau * (std::log(rec.e_tail) - std::log(rec.sum));
       if (rec.e_tail > 0.0) outside_factor = -tau * rec.e / rec.e_tail;
     }
-    if (entropy_term && target.tail && tau > 0.0) loss += tau * std::log(tau);
+    if (entropy_term && has_tail && tau > 0.0) loss += tau * std::log(tau);  // 0 for tau <= 0
     loss = (loss + entropy) * (entropy_term ? t2 : 1.0);
     if (c.g) {
       if (shard) c.xr = c.x.row(r);

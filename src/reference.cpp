@@ -396,8 +396,9 @@ double cross_entropy_impl(const array_view& input, const ce_target& target,
   }
 
   const bool mean = options.reduce == reduction::mean;
-  const bool no_rows = mean && kept_rows == 0;  // mean over nothing: NaN, zero gradient
-  const double coef = mean ? 1.0 / denominator.value() : 1.0;
+  // mean over nothing (no rows, or a zero total weight): NaN, zero gradient
+  const bool no_rows = mean && (kept_rows == 0 || denominator.value() == 0);
+  const double coef = mean ? (no_rows ? 0.0 : 1.0 / denominator.value()) : 1.0;
 
   std::optional<class_addressing> grad_at;
   if (out.grad) grad_at.emplace(*out.grad);
@@ -450,7 +451,7 @@ double cross_entropy_impl(const array_view& input, const ce_target& target,
           }
           for (std::int64_t c = 0; c < C; ++c)
             weighted_target[c] = w[c] * ((1 - eps) * t[c] + eps / static_cast<double>(C));
-          if (k.tail) {
+          if (k.tail && K < C) {  // a top-k covering every class has no tail
             tail.tau = 1 - mass.value();
             tail.in_topk = &in_topk;
           }
@@ -605,7 +606,7 @@ double distillation_topk_row(const std::vector<double>& x, const std::vector<std
   }
   tail_term tail;
   double tau = 0;
-  if (with_tail) {
+  if (with_tail && static_cast<std::int64_t>(idx.size()) < static_cast<std::int64_t>(u.size())) {
     tau = 1 - mass.value();
     tail.tau = tau;
     tail.in_topk = &in_topk;
@@ -613,7 +614,7 @@ double distillation_topk_row(const std::vector<double>& x, const std::vector<std
   // The cross-entropy row gives -sum_k v log q_k (and -tau log(1 - Q)) and its gradient.
   const double cross = cross_entropy_row(u, t, tail, coef * T, grad);
   double loss = entropy_term.value() + cross;
-  if (with_tail && tau != 0) loss += tau * std::log(tau);
+  if (tau > 0) loss += tau * std::log(tau);  // tau log tau taken as 0 for tau <= 0
   return T * T * loss;
 }
 

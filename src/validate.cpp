@@ -72,8 +72,8 @@ void check_same_shape(std::string_view function, std::string_view argument, cons
   bool same = v.ndim == reference.ndim;
   for (int i = 0; same && i < v.ndim; ++i) same = v.shape[i] == reference.shape[i];
   if (!same)
-    fail(function, argument, "expected shape " + shape_string(reference) + " (the " +
-                                 std::string(reference_name) + "'s), got " + shape_string(v));
+    fail(function, argument, "expected shape " + shape_string(reference) + " (the " + std::string(reference_name) +
+                                 (reference_name.ends_with('s') ? "'" : "'s") + "), got " + shape_string(v));
 }
 
 void check_reduction(std::string_view function, reduction r, std::initializer_list<reduction> allowed) {

@@ -1,0 +1,89 @@
+// Highway runtime dispatch: the best SIMD target present is chosen, and every target
+// compiled in and supported by this CPU (AVX3 and AVX2 on this development machine, plus
+// SSE4 and the scalar emulation) gives results that match the float64 reference.
+#include <hwy/targets.h>
+
+#include <string>
+#include <vector>
+
+#include "test_support.hpp"
+
+namespace softce_test {
+namespace {
+
+using softce::divergence;
+namespace ref = softce::reference;
+
+// Targets this binary can run here, best first (Highway orders its target bits so that a
+// lower bit is a better target).
+std::vector<std::int64_t> runnable_targets() {
+  std::vector<std::int64_t> targets = hwy::SupportedAndGeneratedTargets();
+  std::sort(targets.begin(), targets.end());
+  return targets;
+}
+
+// Leaves the dispatcher as it found it, whatever a test does.
+struct restore_targets {
+  ~restore_targets() { hwy::SetSupportedTargetsForTest(0); }
+};
+
+TEST(Dispatch, PicksTheBestTargetPresent) {
+  restore_targets restore;
+  hwy::SetSupportedTargetsForTest(0);
+  const std::vector<std::int64_t> targets = runnable_targets();
+  ASSERT_FALSE(targets.empty());
+  EXPECT_EQ(softce::simd_target(), hwy::TargetName(targets.front()));
+}
+
+TEST(Dispatch, EveryTargetMatchesTheReference) {
+  restore_targets restore;
+  const std::vector<std::int64_t> targets = runnable_targets();
+  // at least two vector targets are exercised wherever the CPU has AVX2
+  EXPECT_GE(targets.size(), 2u);
+  for (std::int64_t target : targets) {
+    hwy::SetSupportedTargetsForTest(target);
+    SCOPED_TRACE(hwy::TargetName(target));
+    ASSERT_EQ(softce::simd_target(), hwy::TargetName(target));
+    std::mt19937_64 rng(4242);
+    for (dtype type : {dtype::float32, dtype::float64}) {
+      // odd C: every kernel's partial-vector tail; C > kChunk: the chunk merge
+      for (const shape_t& shape : {shape_t{5, 37}, shape_t{2, 3000}}) {
+        SCOPED_TRACE(std::string(name_of(type)) + " " + std::to_string(shape[1]) + " classes");
+        const std::int64_t n = product(shape);
+        const tensor x = make_tensor(shape, type, normal_values(rng, n, 3.0));
+        const tensor z = make_tensor(shape, type, normal_values(rng, n, 3.0));
+        const tensor t = make_tensor(shape, type, probability_targets(rng, shape, target_rows::normalised));
+        std::vector<std::int64_t> labels(static_cast<std::size_t>(shape[0]));
+        for (std::size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<std::int64_t>(i * 7) % shape[1];
+        const tensor y = make_index_tensor({shape[0]}, dtype::int64, labels);
+        output_request req;
+        req.grad = true;
+        req.grad_type = type;
+        softce::cross_entropy_options ce;
+        ce.label_smoothing = 0.1;
+        expect_matches_reference(
+            [&](const array_view& in, const softce::outputs& o) { return softce::cross_entropy(in, t.view(), ce, o); },
+            [&](const array_view& in, const softce::outputs& o) { return ref::cross_entropy(in, t.view(), ce, o); }, x, req);
+        expect_matches_reference(
+            [&](const array_view& in, const softce::outputs& o) { return softce::cross_entropy(in, y.view(), ce, o); },
+            [&](const array_view& in, const softce::outputs& o) { return ref::cross_entropy(in, y.view(), ce, o); }, x, req);
+        for (divergence kind : {divergence::kl, divergence::reverse_kl, divergence::jsd}) {
+          softce::distillation_options d;
+          d.kind = kind;
+          d.temperature = 2.0;
+          expect_matches_reference(
+              [&](const array_view& in, const softce::outputs& o) { return softce::distillation_loss(in, z.view(), d, o); },
+              [&](const array_view& in, const softce::outputs& o) { return ref::distillation_loss(in, z.view(), d, o); }, x,
+              req, 1e-6);
+        }
+        expect_matches_reference(
+            [&](const array_view& in, const softce::outputs& o) { return softce::binary_cross_entropy_with_logits(in, t.view(), {}, o); },
+            [&](const array_view& in, const softce::outputs& o) { return ref::binary_cross_entropy_with_logits(in, t.view(), {}, o); },
+            x, req);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace softce_test

@@ -1,0 +1,151 @@
+// Thread count: results (loss, gradient, per-row losses) are bitwise identical for 1 and 2
+// threads, on inputs big enough to be split across threads.
+#include "test_support.hpp"
+
+namespace softce_test {
+namespace {
+
+using softce::divergence;
+using softce::reduction;
+
+// Restores the thread count on exit.
+struct thread_count_guard {
+  int saved = softce::get_num_threads();
+  ~thread_count_guard() { softce::set_num_threads(saved); }
+};
+
+struct bits {
+  double loss;
+  std::vector<unsigned char> grad, losses;
+};
+
+bits run_with_threads(int threads, const std::function<double(const softce::outputs&)>& call, const shape_t& grad_shape,
+                      dtype grad_type, const shape_t& losses_shape) {
+  softce::set_num_threads(threads);
+  EXPECT_EQ(softce::get_num_threads(), threads);
+  tensor g(grad_shape, grad_type), l(losses_shape, dtype::float64);
+  softce::outputs out;
+  out.grad = g.mutable_view();
+  if (!losses_shape.empty()) out.losses = l.mutable_view();
+  const double loss = call(out);
+  return {loss, g.element_bytes(), losses_shape.empty() ? std::vector<unsigned char>{} : l.element_bytes()};
+}
+
+void expect_same_bits(const std::string& what, const std::function<double(const softce::outputs&)>& call,
+                      const shape_t& grad_shape, dtype grad_type, const shape_t& losses_shape = {}) {
+  SCOPED_TRACE(what);
+  thread_count_guard guard;
+  const bits one = run_with_threads(1, call, grad_shape, grad_type, losses_shape);
+  const bits two = run_with_threads(2, call, grad_shape, grad_type, losses_shape);
+  const bits two_again = run_with_threads(2, call, grad_shape, grad_type, losses_shape);
+  EXPECT_EQ(std::memcmp(&one.loss, &two.loss, sizeof(double)), 0) << std::setprecision(17) << one.loss << " vs " << two.loss;
+  EXPECT_EQ(std::memcmp(&two.loss, &two_again.loss, sizeof(double)), 0);
+  EXPECT_TRUE(one.grad == two.grad) << "gradients differ";
+  EXPECT_TRUE(one.losses == two.losses) << "per-row losses differ";
+}
+
+TEST(Threads, SetAndGet) {
+  thread_count_guard guard;
+  EXPECT_GE(softce::get_num_threads(), 1);
+  softce::set_num_threads(3);
+  EXPECT_EQ(softce::get_num_threads(), 3);
+  softce::set_num_threads(1);
+  EXPECT_EQ(softce::get_num_threads(), 1);
+}
+
+TEST(Threads, RowLossesAreBitwiseIdenticalForOneAndTwoThreads) {
+  std::mt19937_64 rng(901);
+  const std::int64_t N = 512, C = 4096;
+  const shape_t shape{N, C};
+  for (dtype type : {dtype::float32, dtype::float64}) {
+    const tensor x = make_tensor(shape, type, normal_values(rng, N * C, 2.0));
+    const tensor z = make_tensor(shape, type, normal_values(rng, N * C, 2.0));
+    const tensor t = make_tensor(shape, type, probability_targets(rng, shape));
+    std::vector<std::int64_t> y(N), m(N);
+    for (auto& v : y) v = rng() % 10 == 0 ? -100 : static_cast<std::int64_t>(rng() % C);
+    for (auto& v : m) v = rng() % 5 != 0;
+    const tensor labels = make_index_tensor({N}, dtype::int32, y);
+    const tensor mask = make_index_tensor({N}, dtype::boolean, m);
+    const tensor w = make_tensor({C}, type, uniform_values(rng, C, 0.5, 1.5));
+    const topk_data d = random_topk(rng, shape, 16, false);
+    const tensor idx = make_index_tensor(d.shape, dtype::int64, d.indices), val = make_tensor(d.shape, type, d.values);
+    const std::string name = name_of(type);
+
+    for (reduction r : {reduction::mean, reduction::none}) {
+      const std::string suffix = std::string(" ") + reduction_text(r) + " " + name;
+      const shape_t losses_shape = r == reduction::none ? shape_t{N} : shape_t{};
+      softce::cross_entropy_options o;
+      o.reduce = r;
+      o.weight = w.view();
+      o.label_smoothing = 0.1;
+      expect_same_bits("index targets" + suffix,
+                       [&](const softce::outputs& out) { return softce::cross_entropy(x.view(), labels.view(), o, out); }, shape, type,
+                       losses_shape);
+      softce::cross_entropy_options pm;
+      pm.reduce = r;
+      pm.mask = mask.view();
+      expect_same_bits("probability targets" + suffix,
+                       [&](const softce::outputs& out) { return softce::cross_entropy(x.view(), t.view(), pm, out); }, shape, type,
+                       losses_shape);
+      expect_same_bits("top-k tail" + suffix,
+                       [&](const softce::outputs& out) {
+                         return softce::cross_entropy(x.view(), softce::topk{idx.view(), val.view(), true}, pm, out);
+                       },
+                       shape, type, losses_shape);
+      for (divergence kind : {divergence::kl, divergence::reverse_kl, divergence::jsd}) {
+        softce::distillation_options dop;
+        dop.kind = kind;
+        dop.temperature = 2;
+        dop.reduce = r == reduction::mean ? reduction::batchmean : r;
+        dop.mask = mask.view();
+        expect_same_bits(std::string("distillation ") + divergence_text(kind) + suffix,
+                         [&](const softce::outputs& out) { return softce::distillation_loss(x.view(), z.view(), dop, out); }, shape,
+                         type, losses_shape);
+      }
+      softce::distillation_options dk;
+      dk.reduce = r == reduction::mean ? reduction::batchmean : r;
+      expect_same_bits("distillation top-k" + suffix,
+                       [&](const softce::outputs& out) {
+                         return softce::distillation_loss(x.view(), softce::topk{idx.view(), val.view(), true}, dk, out);
+                       },
+                       shape, type, losses_shape);
+    }
+  }
+}
+
+TEST(Threads, ElementwiseLossesAreBitwiseIdenticalForOneAndTwoThreads) {
+  std::mt19937_64 rng(902);
+  for (const shape_t& shape : {shape_t{512, 4096}, shape_t{4, 300000}, shape_t{2000000}}) {
+    const std::int64_t n = product(shape);
+    const tensor x = make_tensor(shape, dtype::float32, uniform_values(rng, n, -5.0, 0.0));
+    const tensor t = make_tensor(shape, dtype::float32, uniform_values(rng, n, 0.0, 1.0));
+    const tensor pw = make_tensor({shape.back()}, dtype::float32, uniform_values(rng, shape.back(), 0.5, 2.0));
+    for (reduction r : {reduction::mean, reduction::sum}) {
+      softce::kl_div_options kl;
+      kl.reduce = r;
+      expect_same_bits("kl_div " + shape_text(shape),
+                       [&](const softce::outputs& out) { return softce::kl_div(x.view(), t.view(), kl, out); }, shape, dtype::float32);
+      softce::bce_options bce;
+      bce.reduce = r;
+      bce.pos_weight = pw.view();
+      expect_same_bits("bce " + shape_text(shape),
+                       [&](const softce::outputs& out) { return softce::binary_cross_entropy_with_logits(x.view(), t.view(), bce, out); },
+                       shape, dtype::float32);
+    }
+  }
+}
+
+// Strided and 16-bit inputs take the staging path; that must be deterministic too.
+TEST(Threads, StagedRowsAreBitwiseIdenticalForOneAndTwoThreads) {
+  std::mt19937_64 rng(903);
+  const shape_t shape{64, 4096, 2};  // classes at stride 2
+  const std::int64_t n = product(shape);
+  const tensor x = make_tensor(shape, dtype::bfloat16, normal_values(rng, n, 2.0));
+  const tensor t = make_tensor(shape, dtype::bfloat16, probability_targets(rng, shape));
+  expect_same_bits("bfloat16 (N, C, d)",
+                   [&](const softce::outputs& out) { return softce::cross_entropy(x.view(), t.view(), {}, out); }, shape,
+                   dtype::bfloat16);
+}
+
+}  // namespace
+}  // namespace softce_test

@@ -804,7 +804,7 @@ void test_errors() {
       "cross_entropy: target.indices: index 37 at row 3 is out of range for 37 classes", softce::error_kind::index);
   expect_error(
       "error: top-k teacher index outside every shard", [&] { softce::mpi::distillation_loss(sh, input, tk); },
-      "distillation_loss: target.indices: index 37 at row 3 is out of range for 37 classes",
+      "distillation_loss: teacher.indices: index 37 at row 3 is out of range for 37 classes",
       softce::error_kind::index);
   // shards that do not reach num_classes
   expect_error(

@@ -15,6 +15,7 @@
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
+#include <hwy/cache_control.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,6 +46,39 @@ HWY_INLINE V<D> SafeExp(D d, V<D> v) {
   return hn::IfThenZeroElse(tiny, hn::Exp(d, hn::Max(v, lowest)));
 }
 
+// exp(v) for v <= 0 (softmax arguments x - max, log-probabilities, -|x|), exactly 0 for -inf
+// and for results below the smallest normal float. About 2/3 of the vector operations of
+// SafeExp: with no overflow range to handle, 2^k is one exponent-field add and one multiply
+// (hn::Exp splits it in two to reach the denormal range), and the clamp doubles as the -inf
+// guard. Same polynomial as hn::Exp, 1 ulp. float only (double keeps SafeExp); valid for
+// v <= 88.
+template <class D>
+HWY_INLINE V<D> ExpNonPositive(D d, V<D> v) {
+  using T = hn::TFromD<D>;
+  if constexpr (sizeof(T) != 4) {
+    return SafeExp(d, v);
+  } else {
+    const hn::RebindToSigned<D> di;
+    const V<D> lowest = hn::Set(d, -87.3365402f);  // log(FLT_MIN)
+    const auto tiny = hn::Lt(v, lowest);
+    const V<D> x = hn::Max(v, lowest);
+    const V<D> k = hn::Round(hn::Mul(x, hn::Set(d, 1.44269504088896341f)));
+    // r = x - k ln2 in extended precision (Cody-Waite, Highway's constants)
+    V<D> r = hn::MulAdd(k, hn::Set(d, -0.693145751953125f), x);
+    r = hn::MulAdd(k, hn::Set(d, -1.428606765330187045e-6f), r);
+    // Highway's ExpPoly: exp(r) - 1 - r ~ r^2 (k0 + k1 r + ... + k5 r^5), |r| <= ln2 / 2
+    const V<D> r2 = hn::Mul(r, r);
+    const V<D> p01 = hn::MulAdd(hn::Set(d, 0.166666671633720397949219f), r, hn::Set(d, 0.5f));
+    const V<D> p23 = hn::MulAdd(hn::Set(d, 0.00833336077630519866943359f), r, hn::Set(d, 0.0416664853692054748535156f));
+    const V<D> p45 = hn::MulAdd(hn::Set(d, 0.000198527617612853646278381f), r, hn::Set(d, 0.00139304355252534151077271f));
+    const V<D> p = hn::MulAdd(hn::MulAdd(p45, r2, p23), r2, p01);
+    const V<D> em1 = hn::MulAdd(p, r2, r);  // exp(r) - 1
+    // 2^k for k in [-126, 0]: a normal float built from its exponent field
+    const V<D> two_k = hn::BitCast(d, hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, k), hn::Set(di, 127))));
+    return hn::IfThenZeroElse(tiny, hn::MulAdd(em1, two_k, two_k));
+  }
+}
+
 // log that is -inf at 0 (masked out by callers) and NaN below 0.
 template <class D>
 HWY_INLINE V<D> SafeLog(D d, V<D> v) {
@@ -58,8 +92,22 @@ HWY_INLINE V<D> SafeLog(D d, V<D> v) {
 // Partial vectors at the end of a slice go through a stack buffer: Highway 1.0.3's
 // MaskedLoad / BlendedStore touch the whole vector on targets without masked memory
 // operations (SSE4), which would read or write past the end of the caller's array.
+// x86 AVX2 and AVX-512 have true masked loads and stores (vmaskmov, masked vmovups): lanes
+// past r are never touched, so they are used directly there (a row of 10 classes is all
+// partial vector; the stack buffer costs a scalar loop per load).
+#undef SOFTCE_NATIVE_MASKED_MEMORY  // this file is compiled once per target
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+#define SOFTCE_NATIVE_MASKED_MEMORY 1
+#else
+#define SOFTCE_NATIVE_MASKED_MEMORY 0
+#endif
+
 template <class D, class T = hn::TFromD<D>>
 HWY_INLINE V<D> LoadPart(D d, const T* p, size_t r, T fill) {
+#if SOFTCE_NATIVE_MASKED_MEMORY
+  const auto m = hn::FirstN(d, r);
+  return hn::IfThenElse(m, hn::MaskedLoad(m, d, p), hn::Set(d, fill));
+#endif
   HWY_ALIGN_MAX T buffer[HWY_MAX_BYTES / sizeof(T)];
   const size_t N = hn::Lanes(d);
   for (size_t i = 0; i < N; ++i) buffer[i] = i < r ? p[i] : fill;
@@ -68,6 +116,10 @@ HWY_INLINE V<D> LoadPart(D d, const T* p, size_t r, T fill) {
 
 template <class D, class T = hn::TFromD<D>>
 HWY_INLINE void StorePart(V<D> v, D d, T* p, size_t r) {
+#if SOFTCE_NATIVE_MASKED_MEMORY
+  hn::BlendedStore(v, hn::FirstN(d, r), d, p);
+  return;
+#endif
   HWY_ALIGN_MAX T buffer[HWY_MAX_BYTES / sizeof(T)];
   hn::Store(v, d, buffer);
   for (size_t i = 0; i < r; ++i) p[i] = buffer[i];
@@ -99,11 +151,21 @@ HWY_INLINE T FiniteShift(T m) {
   return m == kNegInf<T> ? T(0) : m;
 }
 
+// Requests the line kChunk elements ahead (the same place in the next chunk) while this
+// chunk is computed. Without it a chunk's max pass waits on DRAM with nothing to overlap
+// (the previous chunk's math is done): a statistics pass cost memory time PLUS compute
+// time; with it, the larger of the two. Past the end of the row it fetches the next row
+// (contiguous layouts) or nothing useful; a prefetch never faults.
+template <class T>
+HWY_INLINE void PrefetchNextChunk(const T* p) {
+  hwy::Prefetch(p + kChunk);
+}
+
 // ---------------------------------------------------------------------------------------
 // plain softmax statistics (index / top-k targets, teacher side)
 
 template <class T>
-softmax_stats SoftmaxRowStats(const T* x, std::int64_t n, T inv_t) {
+softmax_stats SoftmaxRowStats(const T* x, std::int64_t n, T inv_t, exp_cache<T> cache) {
   const hn::ScalableTag<T> d;
   const size_t N = hn::Lanes(d);
   softmax_stats acc{-kInf, 0.0};
@@ -113,20 +175,58 @@ softmax_stats SoftmaxRowStats(const T* x, std::int64_t n, T inv_t) {
     const T m = ChunkMax(d, xc, len);
     const auto vshift = hn::Set(d, FiniteShift(m));
     const auto vt = hn::Set(d, inv_t);
+    T* ec = cache.e ? cache.e + c0 : nullptr;
+    if (cache.shifts) cache.shifts[c0 / kChunk] = FiniteShift(m);
     V<decltype(d)> s0 = hn::Zero(d), s1 = hn::Zero(d);
     size_t i = 0;
     for (; i + 2 * N <= len; i += 2 * N) {
-      s0 = hn::Add(s0, SafeExp(d, hn::Mul(hn::Sub(hn::LoadU(d, xc + i), vshift), vt)));
-      s1 = hn::Add(s1, SafeExp(d, hn::Mul(hn::Sub(hn::LoadU(d, xc + i + N), vshift), vt)));
+      PrefetchNextChunk(xc + i);
+      PrefetchNextChunk(xc + i + N);
+      const auto e0 = ExpNonPositive(d, hn::Mul(hn::Sub(hn::LoadU(d, xc + i), vshift), vt));
+      const auto e1 = ExpNonPositive(d, hn::Mul(hn::Sub(hn::LoadU(d, xc + i + N), vshift), vt));
+      s0 = hn::Add(s0, e0);
+      s1 = hn::Add(s1, e1);
+      if (ec) {
+        hn::StoreU(e0, d, ec + i);
+        hn::StoreU(e1, d, ec + i + N);
+      }
     }
     for (; i < len; i += N) {
-      const auto xv = i + N <= len ? hn::LoadU(d, xc + i) : LoadPart(d, xc + i, len - i, kNegInf<T>);
-      s0 = hn::Add(s0, SafeExp(d, hn::Mul(hn::Sub(xv, vshift), vt)));
+      const bool full = i + N <= len;
+      const auto xv = full ? hn::LoadU(d, xc + i) : LoadPart(d, xc + i, len - i, kNegInf<T>);
+      const auto e = ExpNonPositive(d, hn::Mul(hn::Sub(xv, vshift), vt));
+      s0 = hn::Add(s0, e);
+      if (ec) {
+        if (full)
+          hn::StoreU(e, d, ec + i);
+        else
+          StorePart(e, d, ec + i, len - i);
+      }
     }
     merge_into(acc, softmax_stats{static_cast<double>(m), Total(d, hn::Add(s0, s1))},
                static_cast<double>(inv_t));
   }
   return acc;
+}
+
+// Σ e over a cache, each chunk brought to `shift`: Σ_c exp((shift_c - shift) / T) Σ_i e_i.
+// (The top-k tail's Σ exp over the classes outside the top k, once their entries are zeroed.)
+template <class T>
+double CachedExpSum(exp_cache<T> cache, std::int64_t n, T inv_t, T shift) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  double total = 0.0;
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const T* ec = cache.e + c0;
+    V<decltype(d)> s = hn::Zero(d);
+    size_t i = 0;
+    for (; i + N <= len; i += N) s = hn::Add(s, hn::LoadU(d, ec + i));
+    if (i < len) s = hn::Add(s, LoadPart(d, ec + i, len - i, T(0)));
+    const double chunk_shift = static_cast<double>(cache.shifts[c0 / kChunk]);
+    total += Total(d, s) * std::exp((chunk_shift - static_cast<double>(shift)) * static_cast<double>(inv_t));
+  }
+  return total;
 }
 
 // Σ exp((x - shift) / T) over [begin, end), in chunks (float accumulation within a chunk).
@@ -142,7 +242,7 @@ double ExpSumRange(const T* x, std::int64_t begin, std::int64_t end, T inv_t, T 
     V<decltype(d)> s = hn::Zero(d);
     for (size_t i = 0; i < len; i += N) {
       const auto xv = i + N <= len ? hn::LoadU(d, xc + i) : LoadPart(d, xc + i, len - i, kNegInf<T>);
-      s = hn::Add(s, SafeExp(d, hn::Mul(hn::Sub(xv, vshift), vt)));
+      s = hn::Add(s, ExpNonPositive(d, hn::Mul(hn::Sub(xv, vshift), vt)));
     }
     total += Total(d, s);
   }
@@ -170,12 +270,12 @@ void SoftmaxRowGrad(const T* x, std::int64_t n, T inv_t, row_normaliser<T> norm,
   const size_t len = static_cast<size_t>(n);
   size_t i = 0;
   for (; i + N <= len; i += N) {
-    const auto q = SafeExp(d, hn::Sub(hn::Mul(hn::Sub(hn::LoadU(d, x + i), vshift), vt), vls));
+    const auto q = ExpNonPositive(d, hn::Sub(hn::Mul(hn::Sub(hn::LoadU(d, x + i), vshift), vt), vls));
     hn::StoreU(hn::Mul(q, vscale), d, g + i);
   }
   if (i < len) {
     const auto xv = LoadPart(d, x + i, len - i, kNegInf<T>);
-    const auto q = SafeExp(d, hn::Sub(hn::Mul(hn::Sub(xv, vshift), vt), vls));
+    const auto q = ExpNonPositive(d, hn::Sub(hn::Mul(hn::Sub(xv, vshift), vt), vls));
     StorePart(hn::Mul(q, vscale), d, g + i, len - i);
   }
 }
@@ -228,9 +328,10 @@ target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t,
     V<decltype(d)> vs = zero, va = zero, vb = zero;
     size_t i = 0;
     for (; i + N <= len; i += N) {
+      PrefetchNextChunk(xc + i);
       const auto diff = hn::Sub(hn::LoadU(d, xc + i), vshift);
       const auto wt = WeightedTarget<false>(d, tc, i, N);
-      const auto e = SafeExp(d, diff);
+      const auto e = ExpNonPositive(d, diff);
       vs = hn::Add(vs, e);
       va = hn::Add(va, wt);
       vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
@@ -239,7 +340,7 @@ target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t,
     if (i < len) {
       const auto diff = hn::Sub(LoadPart(d, xc + i, len - i, kNegInf<T>), vshift);
       const auto wt = WeightedTarget<true>(d, tc, i, len - i);
-      const auto e = SafeExp(d, diff);
+      const auto e = ExpNonPositive(d, diff);
       vs = hn::Add(vs, e);
       va = hn::Add(va, wt);
       vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
@@ -261,12 +362,12 @@ void TargetRowGrad(const T* x, std::int64_t n, const target_desc<T>& t, row_norm
   const size_t len = static_cast<size_t>(n);
   size_t i = 0;
   for (; i + N <= len; i += N) {
-    const auto q = SafeExp(d, hn::Sub(hn::Sub(hn::LoadU(d, x + i), vshift), vls));
+    const auto q = ExpNonPositive(d, hn::Sub(hn::Sub(hn::LoadU(d, x + i), vshift), vls));
     const auto wt = WeightedTarget<false>(d, t, i, N);
     hn::StoreU(hn::Mul(vcoef, hn::MulSub(q, va, wt)), d, g + i);
   }
   if (i < len) {
-    const auto q = SafeExp(d, hn::Sub(hn::Sub(LoadPart(d, x + i, len - i, kNegInf<T>), vshift), vls));
+    const auto q = ExpNonPositive(d, hn::Sub(hn::Sub(LoadPart(d, x + i, len - i, kNegInf<T>), vshift), vls));
     const auto wt = WeightedTarget<true>(d, t, i, len - i);
     StorePart(hn::Mul(vcoef, hn::MulSub(q, va, wt)), d, g + i, len - i);
   }
@@ -309,6 +410,137 @@ void TargetRowGradCached(exp_cache<T> cache, std::int64_t n, const target_desc<T
   }
 }
 
+// g = scale * q from the cache of a SoftmaxRowStats pass (q = e * ChunkFactor); g may be
+// cache.e itself.
+template <class T>
+void SoftmaxRowGradCached(exp_cache<T> cache, std::int64_t n, T inv_t, row_normaliser<T> norm, T scale, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const auto vf = hn::Set(d, static_cast<T>(static_cast<double>(ChunkFactor(cache.shifts[c0 / kChunk], norm, inv_t)) *
+                                              static_cast<double>(scale)));
+    const T* ec = cache.e + c0;
+    T* gc = g + c0;
+    size_t i = 0;
+    for (; i + N <= len; i += N) hn::StoreU(hn::Mul(hn::LoadU(d, ec + i), vf), d, gc + i);
+    if (i < len) StorePart(hn::Mul(LoadPart(d, ec + i, len - i, T(0)), vf), d, gc + i, len - i);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// bfloat16 rows read in place (no staging copy): the 16-bit values are widened in
+// registers, so a row is read from memory once, at half the bytes, under the prefetch.
+
+template <class D>
+HWY_INLINE V<D> LoadBf16(D d, const std::uint16_t* p) {
+  const hn::Rebind<std::uint16_t, D> du16;
+  const hn::RebindToUnsigned<D> du32;
+  return hn::BitCast(d, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(du16, p))));
+}
+
+// The first r < Lanes(d) values at p, the rest `fill_bits` (bfloat16 bit patterns).
+template <class D>
+HWY_INLINE V<D> LoadBf16Part(D d, const std::uint16_t* p, size_t r, std::uint16_t fill_bits) {
+  HWY_ALIGN_MAX std::uint16_t buffer[HWY_MAX_BYTES / sizeof(float)];
+  for (size_t i = 0; i < hn::Lanes(d); ++i) buffer[i] = i < r ? p[i] : fill_bits;
+  return LoadBf16(d, buffer);
+}
+
+// Rounds to bfloat16 (nearest even, NaN kept quiet) and stores the first r values.
+template <class D>
+HWY_INLINE void StoreBf16(D d, V<D> v, std::uint16_t* p, size_t r) {
+  const hn::RebindToUnsigned<D> du32;
+  const hn::RebindToSigned<D> di32;
+  const hn::Rebind<std::uint16_t, D> du16;
+  const auto u = hn::BitCast(du32, v);
+  const auto rounded =
+      hn::ShiftRight<16>(hn::Add(u, hn::Add(hn::Set(du32, 0x7FFFu), hn::And(hn::ShiftRight<16>(u), hn::Set(du32, 1u)))));
+  const auto quiet_nan = hn::Or(hn::ShiftRight<16>(u), hn::Set(du32, 0x40u));
+  const auto bits =
+      hn::DemoteTo(du16, hn::BitCast(di32, hn::IfThenElse(hn::RebindMask(du32, hn::Ne(v, v)), quiet_nan, rounded)));
+  if (r >= hn::Lanes(d)) {
+    hn::StoreU(bits, du16, p);
+  } else {
+    HWY_ALIGN_MAX std::uint16_t buffer[HWY_MAX_BYTES / sizeof(float)];
+    hn::Store(bits, du16, buffer);
+    for (size_t i = 0; i < r; ++i) p[i] = buffer[i];
+  }
+}
+
+constexpr std::uint16_t kBf16NegInf = 0xFF80;
+
+// TargetRowStats for bfloat16 logits and dense bfloat16 targets without class weights:
+// wt = keep * t + add. The cache is float.
+target_stats TargetRowStatsBf16(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep, float add,
+                                exp_cache<float> cache) {
+  const hn::ScalableTag<float> d;
+  const size_t N = hn::Lanes(d);
+  const auto vkeep = hn::Set(d, keep), vadd = hn::Set(d, add), zero = hn::Zero(d);
+  target_stats acc{-kInf, 0.0, 0.0, 0.0};
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const std::uint16_t* xc = x + c0;
+    const std::uint16_t* tc = t + c0;
+    V<decltype(d)> m0 = hn::Set(d, kNegInf<float>);
+    size_t i = 0;
+    for (; i + N <= len; i += N) m0 = hn::Max(m0, LoadBf16(d, xc + i));
+    if (i < len) m0 = hn::Max(m0, LoadBf16Part(d, xc + i, len - i, kBf16NegInf));
+    const float m = hn::GetLane(hn::MaxOfLanes(d, m0));
+    const auto vshift = hn::Set(d, FiniteShift(m));
+    float* ec = cache.e ? cache.e + c0 : nullptr;
+    if (cache.shifts) cache.shifts[c0 / kChunk] = FiniteShift(m);
+    V<decltype(d)> vs = zero, va = zero, vb = zero;
+    for (i = 0; i < len; i += N) {
+      const bool full = i + N <= len;
+      PrefetchNextChunk(xc + i);
+      PrefetchNextChunk(tc + i);
+      const auto xv = full ? LoadBf16(d, xc + i) : LoadBf16Part(d, xc + i, len - i, kBf16NegInf);
+      auto wt = hn::MulAdd(full ? LoadBf16(d, tc + i) : LoadBf16Part(d, tc + i, len - i, 0), vkeep, vadd);
+      if (!full) wt = hn::IfThenElseZero(hn::FirstN(d, len - i), wt);
+      const auto diff = hn::Sub(xv, vshift);
+      const auto e = ExpNonPositive(d, diff);
+      vs = hn::Add(vs, e);
+      va = hn::Add(va, wt);
+      vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
+      if (ec) {
+        if (full)
+          hn::StoreU(e, d, ec + i);
+        else
+          StorePart(e, d, ec + i, len - i);
+      }
+    }
+    merge_into(acc, target_stats{static_cast<double>(m), Total(d, vs), Total(d, va), Total(d, vb)});
+  }
+  return acc;
+}
+
+// g = coef (q a - wt) from the float cache and the bfloat16 targets (read again, from
+// cache), rounded and written as bfloat16 straight into the output row.
+void TargetRowGradCachedBf16(exp_cache<float> cache, const std::uint16_t* t, std::int64_t n, float keep, float add,
+                             row_normaliser<float> norm, float a, float coef, std::uint16_t* g) {
+  const hn::ScalableTag<float> d;
+  const size_t N = hn::Lanes(d);
+  const auto va = hn::Set(d, a), vcoef = hn::Set(d, coef), vkeep = hn::Set(d, keep), vadd = hn::Set(d, add);
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const auto vf = hn::Set(d, ChunkFactor(cache.shifts[c0 / kChunk], norm, 1.0f));
+    const float* ec = cache.e + c0;
+    const std::uint16_t* tc = t + c0;
+    std::uint16_t* gc = g + c0;
+    size_t i = 0;
+    for (; i + N <= len; i += N) {
+      const auto q = hn::Mul(hn::LoadU(d, ec + i), vf);
+      const auto wt = hn::MulAdd(LoadBf16(d, tc + i), vkeep, vadd);
+      StoreBf16(d, hn::Mul(vcoef, hn::MulSub(q, va, wt)), gc + i, N);
+    }
+    if (i < len) {
+      const auto q = hn::Mul(LoadPart(d, ec + i, len - i, 0.0f), vf);
+      const auto wt = hn::MulAdd(LoadBf16Part(d, tc + i, len - i, 0), vkeep, vadd);
+      StoreBf16(d, hn::Mul(vcoef, hn::MulSub(q, va, wt)), gc + i, len - i);
+    }
+  }
+}
 // ---------------------------------------------------------------------------------------
 // distillation (dense teacher logits)
 
@@ -331,10 +563,12 @@ distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, d
     V<decltype(d)> sx = zero, sz = zero, vk = zero;
     for (size_t i = 0; i < len; i += N) {
       const bool full = i + N <= len;
+      PrefetchNextChunk(xc + i);
+      PrefetchNextChunk(zc + i);
       const auto xv = full ? hn::LoadU(d, xc + i) : LoadPart(d, xc + i, len - i, kNegInf<T>);
       const auto zv = full ? hn::LoadU(d, zc + i) : LoadPart(d, zc + i, len - i, kNegInf<T>);
       const auto dx = hn::Mul(hn::Sub(xv, vsx), vt), dz = hn::Mul(hn::Sub(zv, vsz), vt);
-      const auto ex = SafeExp(d, dx), ez = SafeExp(d, dz);
+      const auto ex = ExpNonPositive(d, dx), ez = ExpNonPositive(d, dz);
       sx = hn::Add(sx, ex);
       sz = hn::Add(sz, ez);
       if (cx.e) {
@@ -367,7 +601,7 @@ HWY_INLINE V<D> LogMixture(D d, V<D> lp, V<D> lq, V<D> log_beta, V<D> log_beta1)
   const auto hi = hn::Max(a, b);
   const auto lo = hn::Min(a, b);
   // hi = -inf (both zero): -inf; otherwise hi + log1p(exp(lo - hi))
-  const auto tail = hn::Log1p(d, SafeExp(d, hn::Sub(lo, hi)));
+  const auto tail = hn::Log1p(d, ExpNonPositive(d, hn::Sub(lo, hi)));
   return hn::IfThenElse(hn::Eq(hi, hn::Set(d, kNegInf<hn::TFromD<D>>)), hi, hn::Add(hi, tail));
 }
 
@@ -393,7 +627,7 @@ jsd_stats JsdRowStats(const T* x, const T* z, std::int64_t n, T inv_t, row_norma
       const auto zv = full ? hn::LoadU(d, zp) : LoadPart(d, zp, len - i, kNegInf<T>);
       const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
       const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
-      const auto q = SafeExp(d, lq), p = SafeExp(d, lp);
+      const auto q = ExpNonPositive(d, lq), p = ExpNonPositive(d, lp);
       const auto lm = LogMixture(d, lp, lq, vlbeta, vlbeta1);
       kp = hn::Add(kp, hn::IfThenZeroElse(hn::Eq(p, zero), hn::Mul(p, hn::Sub(lp, lm))));
       kq = hn::Add(kq, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(lq, lm))));
@@ -424,10 +658,10 @@ void DistillRowGrad(const T* x, const T* z, std::int64_t n, T inv_t, row_normali
     const auto zv = full ? hn::LoadU(d, z + i) : LoadPart(d, z + i, len - i, kNegInf<T>);
     const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
     const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
-    const auto q = SafeExp(d, lq);
+    const auto q = ExpNonPositive(d, lq);
     V<decltype(d)> gv;
     if (kind == kGradKl) {
-      gv = hn::Sub(q, SafeExp(d, lp));
+      gv = hn::Sub(q, ExpNonPositive(d, lp));
     } else {
       const auto lref = kind == kGradReverseKl ? lp : LogMixture(d, lp, lq, vlbeta, vlbeta1);
       gv = hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(hn::Sub(lq, lref), vr)));
@@ -522,7 +756,7 @@ double BceElements(const T* x, const T* t, const T* w, const T* pos_w, std::int6
         return full ? hn::LoadU(d, p + at) : LoadPart(d, p + at, len - i, fill);
       };
       const auto xv = load(x, T(0)), tv = load(t, T(0));
-      const auto e = SafeExp(d, hn::Neg(hn::Abs(xv)));  // exp(-|x|) in (0, 1]
+      const auto e = ExpNonPositive(d, hn::Neg(hn::Abs(xv)));  // exp(-|x|) in (0, 1]
       const auto softplus_neg = hn::Add(hn::Log1p(d, e), hn::Max(hn::Neg(xv), zero));
       const auto one_minus_t = hn::Sub(one, tv);
       // sigma(x) - 1 is -e / (1 + e) for x >= 0 and -1 / (1 + e) for x < 0 (no cancellation)
@@ -623,8 +857,15 @@ void FloatToHalf(const float* in, bool bfloat, std::int64_t n, std::uint16_t* ou
 
 // Monomorphic entry points for HWY_EXPORT (one per element type).
 #define SOFTCE_ENTRY_POINTS(T, S)                                                              \
-  softmax_stats SoftmaxRowStats##S(const T* x, std::int64_t n, T it) {                         \
-    return SoftmaxRowStats(x, n, it);                                                          \
+  softmax_stats SoftmaxRowStats##S(const T* x, std::int64_t n, T it, exp_cache<T> c) {        \
+    return SoftmaxRowStats(x, n, it, c);                                                       \
+  }                                                                                            \
+  void SoftmaxRowGradCached##S(exp_cache<T> c, std::int64_t n, T it, row_normaliser<T> nm, T sc, \
+                               T* g) {                                                         \
+    SoftmaxRowGradCached(c, n, it, nm, sc, g);                                                 \
+  }                                                                                            \
+  double CachedExpSum##S(exp_cache<T> c, std::int64_t n, T it, T sh) {                         \
+    return CachedExpSum(c, n, it, sh);                                                         \
   }                                                                                            \
   double ExpSumExcluding##S(const T* x, std::int64_t n, T it, T sh, const std::int64_t* ex,     \
                             std::int64_t cnt) {                                                \
@@ -684,6 +925,17 @@ HWY_AFTER_NAMESPACE();
 namespace softce::detail {
 
 HWY_EXPORT(TargetName);
+HWY_EXPORT(TargetRowStatsBf16);
+HWY_EXPORT(TargetRowGradCachedBf16);
+
+target_stats target_row_stats_bf16(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep,
+                                   float add, exp_cache<float> cache) {
+  return HWY_DYNAMIC_DISPATCH(TargetRowStatsBf16)(x, t, n, keep, add, cache);
+}
+void target_row_grad_cached_bf16(exp_cache<float> cache, const std::uint16_t* t, std::int64_t n, float keep,
+                                 float add, row_normaliser<float> norm, float a, float coef, std::uint16_t* g) {
+  HWY_DYNAMIC_DISPATCH(TargetRowGradCachedBf16)(cache, t, n, keep, add, norm, a, coef, g);
+}
 HWY_EXPORT(HalfToFloat);
 HWY_EXPORT(FloatToHalf);
 
@@ -696,6 +948,8 @@ void float_to_half(const float* in, bool bfloat, std::int64_t n, std::uint16_t* 
 #define SOFTCE_EXPORT(S)          \
   HWY_EXPORT(SoftmaxRowStats##S); \
   HWY_EXPORT(SoftmaxRowGrad##S);  \
+  HWY_EXPORT(SoftmaxRowGradCached##S); \
+  HWY_EXPORT(CachedExpSum##S);    \
   HWY_EXPORT(ExpSumExcluding##S); \
   HWY_EXPORT(TargetRowStats##S);  \
   HWY_EXPORT(TargetRowGrad##S);   \
@@ -711,8 +965,15 @@ SOFTCE_EXPORT(F64)
 #undef SOFTCE_EXPORT
 
 #define SOFTCE_DISPATCH(T, S)                                                                   \
-  softmax_stats softmax_row_stats(const T* x, std::int64_t n, T it) {                           \
-    return HWY_DYNAMIC_DISPATCH(SoftmaxRowStats##S)(x, n, it);                                  \
+  softmax_stats softmax_row_stats(const T* x, std::int64_t n, T it, exp_cache<T> c) {           \
+    return HWY_DYNAMIC_DISPATCH(SoftmaxRowStats##S)(x, n, it, c);                               \
+  }                                                                                             \
+  void softmax_row_grad_cached(exp_cache<T> c, std::int64_t n, T it, row_normaliser<T> nm, T sc, \
+                               T* g) {                                                          \
+    HWY_DYNAMIC_DISPATCH(SoftmaxRowGradCached##S)(c, n, it, nm, sc, g);                         \
+  }                                                                                             \
+  double cached_exp_sum(exp_cache<T> c, std::int64_t n, T it, T sh) {                           \
+    return HWY_DYNAMIC_DISPATCH(CachedExpSum##S)(c, n, it, sh);                                 \
   }                                                                                             \
   void softmax_row_grad(const T* x, std::int64_t n, T it, row_normaliser<T> nm, T sc, T* g) {   \
     HWY_DYNAMIC_DISPATCH(SoftmaxRowGrad##S)(x, n, it, nm, sc, g);                               \

@@ -77,7 +77,14 @@ struct exp_cache {
 };
 
 #define SOFTCE_DECLARE_KERNELS(T)                                                          \
-  softmax_stats softmax_row_stats(const T* x, std::int64_t n, T inv_temperature);          \
+  /* with a cache: e = exp((x - shift_c) * inv_t) and the chunk shifts, for the gradient */ \
+  softmax_stats softmax_row_stats(const T* x, std::int64_t n, T inv_temperature,          \
+                                  exp_cache<T> cache);                                     \
+  /* g = scale * q from a softmax_row_stats cache (g may be cache.e) */                    \
+  void softmax_row_grad_cached(exp_cache<T> cache, std::int64_t n, T inv_temperature,      \
+                               row_normaliser<T> norm, T scale, T* g);                     \
+  /* Σ_c exp((shift_c - shift) * inv_t) Σ e over a cache */                                \
+  double cached_exp_sum(exp_cache<T> cache, std::int64_t n, T inv_temperature, T shift);   \
   /* Σ exp((x - shift) * inv_t) over the slice except the (sorted) excluded indices */      \
   double exp_sum_excluding(const T* x, std::int64_t n, T inv_temperature, T shift,           \
                            const std::int64_t* excluded, std::int64_t excluded_count);       \
@@ -111,6 +118,13 @@ struct exp_cache {
                          T* g, T* losses);                                                 \
   double bce_elements(const T* x, const T* t, const T* w, const T* pos_w, std::int64_t n,  \
                       T coef, T* g, T* losses);
+
+// Dense cross-entropy statistics and cached gradient reading bfloat16 logits and targets
+// in place (no class weights): wt = keep * t + add; the gradient is written as bfloat16.
+target_stats target_row_stats_bf16(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep,
+                                   float add, exp_cache<float> cache);
+void target_row_grad_cached_bf16(exp_cache<float> cache, const std::uint16_t* t, std::int64_t n, float keep,
+                                 float add, row_normaliser<float> norm, float a, float coef, std::uint16_t* g);
 
 SOFTCE_DECLARE_KERNELS(float)
 SOFTCE_DECLARE_KERNELS(double)

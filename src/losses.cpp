@@ -15,6 +15,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.hpp"
@@ -284,11 +285,20 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     T* gr = nullptr;          // the gradient row, holding the exp cache between the passes
     std::vector<T> shifts;    // the cache's chunk shifts
     std::vector<T> dense;     // a top-k row scattered into zeros
+    const std::uint16_t* x16 = nullptr;  // direct_bf16: the rows, read in place
+    const std::uint16_t* t16 = nullptr;
+    std::vector<T> ecache;                // direct_bf16: the exp cache
   };
+  // bfloat16 logits, probability targets and gradient, contiguous rows, no class weights,
+  // one process: the kernels widen and round the 16-bit values in registers (no staging).
+  const bool direct_bf16 = std::is_same_v<T, float> && !index_target && !sparse && weight.empty() && !call.shard &&
+                           x_op.type == dtype::bfloat16 && x_op.contiguous_rows() && t_op.type == dtype::bfloat16 &&
+                           t_op.contiguous_rows() && (!g_op || (g_op->type == dtype::bfloat16 && g_op->contiguous_rows()));
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), row_reader<T>(&t_op), std::nullopt, nullptr, {}, false, nullptr, {}, {}};
+    context c{row_reader<T>(&x_op), row_reader<T>(&t_op), std::nullopt, nullptr, {}, false, nullptr, {}, {}, nullptr, nullptr, {}};
     c.shifts.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
     if (sparse) c.dense.resize(static_cast<std::size_t>(C));
+    if (direct_bf16 && g_op) c.ecache.resize(static_cast<std::size_t>(C));
     if (g_op) c.g.emplace(&*g_op);
     return c;
   };
@@ -324,6 +334,11 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
       }
     } else {
       c.skip = !row_kept(mask, r);
+      if (!c.skip && direct_bf16) {
+        c.x16 = x_op.template ptr<std::uint16_t>(x_op.row_offset(r));
+        c.t16 = t_op.template ptr<std::uint16_t>(t_op.row_offset(r));
+        return target_weight;
+      }
       if (!c.skip) c.desc.dense = c.t.row(r);
     }
     if (!c.skip) c.xr = c.x.row(r);
@@ -335,6 +350,12 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     // Single process with a gradient: the statistics pass leaves exp(x - shift) in the
     // gradient row, so the gradient pass needs no second exp.
     exp_cache<T> cache;
+    if constexpr (std::is_same_v<T, float>) {
+      if (direct_bf16) {
+        if (c.g) cache = exp_cache<T>{c.ecache.data(), c.shifts.data()};
+        return ce_record{target_row_stats_bf16(c.x16, c.t16, C, c.desc.keep, c.desc.add, cache), target_weight};
+      }
+    }
     if (c.g && !call.shard) {
       c.gr = c.g->begin(r);
       cache = exp_cache<T>{c.gr, c.shifts.data()};
@@ -347,6 +368,15 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     if (c.skip) {
       if (c.g) c.g->zero_row(r);
       return 0.0;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (c.g && direct_bf16) {  // written straight into the bfloat16 output row
+        auto* g16 = const_cast<std::uint16_t*>(g_op->template ptr<std::uint16_t>(g_op->row_offset(r)));
+        target_row_grad_cached_bf16(exp_cache<T>{c.ecache.data(), c.shifts.data()}, c.t16, C, c.desc.keep,
+                                    c.desc.add, normaliser<T>(rec.st.shift, rec.st.sum), static_cast<T>(rec.st.a),
+                                    static_cast<T>(coef), g16);
+        return ce_row_loss(rec.st);
+      }
     }
     if (c.g) {
       const row_normaliser<T> norm = normaliser<T>(rec.st.shift, rec.st.sum);
@@ -465,10 +495,16 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     const T* xr = nullptr;
     std::vector<double> top_logits;
     std::vector<std::int64_t> local_top;  // this shard's top-k classes of the row
+    T* gr = nullptr;                       // the gradient row, holding the exp cache between the passes
+    std::vector<T> shifts;                 // the cache's chunk shifts
   };
+  // Single process with a gradient: the statistics pass leaves exp(x - shift) in the gradient
+  // row and the gradient pass scales it (one exp per element instead of two).
+  const bool cached = g_op && !shard;
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), std::nullopt, nullptr, {}, {}};
+    context c{row_reader<T>(&x_op), std::nullopt, nullptr, {}, {}, nullptr, {}};
     if (g_op) c.g.emplace(&*g_op);
+    if (cached) c.shifts.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
     return c;
   };
   auto entry = [&](std::int64_t r, std::int64_t j, std::int64_t& local, double& v) {
@@ -477,10 +513,27 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     local = load_index(ops.indices.base, ops.indices.type, io) - offset;
     v = load_float<double>(ops.values.base, ops.values.type, vo);
   };
+  // The row's top-k logits, read before a pass may overwrite them (the exp cache and the
+  // gradient may be the input itself: in place).
+  auto load_top = [&](context& c, std::int64_t r) {
+    c.top_logits.resize(static_cast<std::size_t>(k));
+    for (std::int64_t j = 0; j < k; ++j) {
+      std::int64_t local;
+      double v;
+      entry(r, j, local, v);
+      c.top_logits[static_cast<std::size_t>(j)] = local >= 0 && local < C ? static_cast<double>(c.xr[local]) : 0.0;
+    }
+  };
   auto stats_fn = [&](context& c, std::int64_t r) -> topk_record {
     if (!row_kept(mask, r)) return topk_record{-kInf, 0.0, 0.0, 0.0, 0.0, 0.0};
     c.xr = c.x.row(r);
-    const softmax_stats sm = softmax_row_stats(c.xr, C, static_cast<T>(inv_t));
+    load_top(c, r);
+    exp_cache<T> cache;
+    if (cached) {
+      c.gr = c.g->begin(r);
+      cache = exp_cache<T>{c.gr, c.shifts.data()};
+    }
+    const softmax_stats sm = softmax_row_stats(c.xr, C, static_cast<T>(inv_t), cache);
     topk_record rec{sm.shift, sm.sum, 0.0, 0.0, 0.0, 0.0};
     const double shift = sm.shift == -kInf ? 0.0 : sm.shift;
     c.local_top.clear();
@@ -489,16 +542,23 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       double v;
       entry(r, j, local, v);
       if (local < 0 || local >= C) continue;
-      const double dk = (static_cast<double>(c.xr[local]) - shift) * inv_t;
+      const double dk = (c.top_logits[static_cast<std::size_t>(j)] - shift) * inv_t;
       rec.a += v;
       if (v != 0.0) rec.b += v * dk;
       rec.e += std::exp(dk);
       c.local_top.push_back(local);
     }
     if (target.tail && k < total_classes) {
-      std::sort(c.local_top.begin(), c.local_top.end());
-      rec.e_tail = exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(shift), c.local_top.data(),
-                                     static_cast<std::int64_t>(c.local_top.size()));
+      if (cached) {
+        // Σ exp over the classes outside the top k from the cache: zero the top-k entries
+        // (the gradient pass writes them directly anyway), then sum what is left
+        for (std::int64_t local : c.local_top) c.gr[local] = T(0);
+        rec.e_tail = cached_exp_sum(cache, C, static_cast<T>(inv_t), static_cast<T>(shift));
+      } else {
+        std::sort(c.local_top.begin(), c.local_top.end());
+        rec.e_tail = exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(shift), c.local_top.data(),
+                                       static_cast<std::int64_t>(c.local_top.size()));
+      }
     }
     return rec;
   };
@@ -532,20 +592,20 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     if (entropy_term && has_tail && tau > 0.0) loss += tau * std::log(tau);  // 0 for tau <= 0
     loss = (loss + entropy) * (entropy_term ? t2 : 1.0);
     if (c.g) {
-      if (shard) c.xr = c.x.row(r);
-      // the top-k logits, read before the gradient may overwrite them (in place)
-      c.top_logits.resize(static_cast<std::size_t>(k));
-      for (std::int64_t j = 0; j < k; ++j) {
-        std::int64_t local;
-        double v;
-        entry(r, j, local, v);
-        c.top_logits[static_cast<std::size_t>(j)] = local >= 0 && local < C ? static_cast<double>(c.xr[local]) : 0.0;
-      }
-      T* g = c.g->begin(r);
       const row_normaliser<T> norm = normaliser<T>(rec.shift, rec.sum);
+      const T scale = static_cast<T>(coef * (rec.a + outside_factor));
       // q (a + outside_factor) everywhere, then the top-k entries written directly:
       // q_k (a + tau) - v_k with the tail, q_k a - v_k without
-      softmax_row_grad(c.xr, C, static_cast<T>(inv_t), norm, static_cast<T>(coef * (rec.a + outside_factor)), g);
+      T* g;
+      if (cached) {
+        g = c.gr;
+        softmax_row_grad_cached(exp_cache<T>{c.gr, c.shifts.data()}, C, static_cast<T>(inv_t), norm, scale, g);
+      } else {  // class-parallel: the passes ran apart, read the row again
+        c.xr = c.x.row(r);
+        load_top(c, r);
+        g = c.g->begin(r);
+        softmax_row_grad(c.xr, C, static_cast<T>(inv_t), norm, scale, g);
+      }
       const double ls = static_cast<double>(norm.log_sum), sh = static_cast<double>(norm.shift);
       const double inside = rec.a + (tail_active ? tau : 0.0);
       for (std::int64_t j = 0; j < k; ++j) {
@@ -732,6 +792,7 @@ double cross_entropy_entry(const array_view& input, const array_view& target, co
   }
   if (opt.weight) check_class_vector(fn, "weight", *opt.weight, space.classes);
   check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
+  advise_huge_pages(out, input);
   const ce_call call{fn, input, opt, out, shard};
   return computes_in_double(input) ? cross_entropy_dense_impl<double>(call, space, target, index_target)
                                    : cross_entropy_dense_impl<float>(call, space, target, index_target);
@@ -746,6 +807,7 @@ double cross_entropy_topk_entry(const array_view& input, const topk& target, con
   validate_smoothing(fn, opt.label_smoothing);
   if (opt.weight) check_class_vector(fn, "weight", *opt.weight, space.classes);
   check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
+  advise_huge_pages(out, input);
   if (target.tail && (opt.weight || opt.label_smoothing != 0.0))
     fail(fn, "target.tail", "expected no class weight and no label smoothing with a tail bucket");
   if (opt.weight || opt.label_smoothing != 0.0) {
@@ -775,6 +837,7 @@ double distillation_entry(const array_view& student, const array_view& teacher, 
   check_float(fn, "teacher", teacher);
   check_same_shape(fn, "teacher", teacher, student, "student");
   check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
+  advise_huge_pages(out, student);
   return computes_in_double(student) ? distill_dense_impl<double>(fn, student, teacher, opt, out, shard)
                                      : distill_dense_impl<float>(fn, student, teacher, opt, out, shard);
 }
@@ -789,6 +852,7 @@ double distillation_topk_entry(const array_view& student, const topk& teacher, c
     fail(fn, "teacher", "expected teacher logits for divergence '" + std::string(divergence_name(opt.kind)) +
                             "' (a top-k teacher supports 'kl' only)");
   check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
+  advise_huge_pages(out, student);
   return computes_in_double(student)
              ? topk_impl<double>(fn, student, teacher, opt.mask, opt.reduce, out, shard, opt.temperature, true)
              : topk_impl<float>(fn, student, teacher, opt.mask, opt.reduce, out, shard, opt.temperature, true);

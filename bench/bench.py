@@ -1,0 +1,751 @@
+#!/usr/bin/env python3
+"""softce against PyTorch, the hand-written formula, Snorkel and JAX/optax, and against the
+memory-bandwidth limit of the machine.
+
+One invocation is one run. Every measurement happens in a fresh process forked from a
+server that has imported torch, numpy and softce once (multiprocessing "forkserver"):
+
+- timing: one process per (case, thread count). Each round times every implementation once
+  (forward + backward, or the equivalent gradient computation) in a rotating order, plus a
+  triad a = b + s*c over arrays far bigger than the last-level cache (torch.add(b, c,
+  alpha=s, out=a): one pass, 2 reads + 1 write). Reported: the median time over rounds, the
+  median over rounds of each implementation's time divided by softce's time in the same
+  round ("x softce"), and softce's fraction of the bound: the unavoidable bytes of the call
+  (read the logits and the targets once, write the gradient once) / time / triad bandwidth.
+- memory: one process per (case, implementation): build the inputs, warm the code path up
+  on a tiny problem, reset the RSS high-water mark, run one call, report the high-water mark
+  above the baseline (VmHWM after /proc/self/clear_refs; ru_maxrss where that is missing).
+
+  python bench/bench.py                 # full run, 1 and 2 threads, text tables
+  python bench/bench.py --markdown      # the README table (and the memory and target tables)
+  python bench/bench.py --quick         # smoke run on small shapes (well under a minute)
+  python bench/bench.py --cases dense_ce_1024x32000,index_ce --threads 2 --json out.json
+
+JAX/optax peers run when `jax` and `optax` are importable (pip install softce[bench]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+
+# ---------------------------------------------------------------------------------------
+# cases
+
+# kind, shape (N, C), dtype, bytes per element at the bound, and a small shape for --quick
+CASES = [
+    dict(name="dense_ce_4096x1000", kind="dense", N=4096, C=1000, bpe=12, quick=(512, 1000)),
+    dict(name="dense_ce_1024x32000", kind="dense", N=1024, C=32000, bpe=12, quick=(64, 8000)),
+    dict(name="dense_ce_128x128256", kind="dense", N=128, C=128256, bpe=12, quick=(8, 128256)),
+    dict(name="index_ce_1024x32000", kind="index", N=1024, C=32000, bpe=8, quick=(64, 8000)),
+    dict(name="topk64_256x128256", kind="topk", N=256, C=128256, bpe=8, tail=False, quick=(16, 32000)),
+    dict(name="topk64_tail_256x128256", kind="topk", N=256, C=128256, bpe=8, tail=True, quick=(16, 32000)),
+    dict(name="distill_kl_T2_1024x32000", kind="distill", N=1024, C=32000, bpe=12, quick=(64, 8000)),
+    dict(name="jsd_beta0.5_1024x32000", kind="jsd", N=1024, C=32000, bpe=12, quick=(64, 8000)),
+    dict(name="bce_4096x1000", kind="bce", N=4096, C=1000, bpe=12, quick=(512, 1000)),
+    dict(name="dense_ce_bf16_1024x32000", kind="dense", N=1024, C=32000, bpe=6, dtype="bfloat16",
+         quick=(64, 8000)),
+    dict(name="small_64x10", kind="dense", N=64, C=10, bpe=12, small=True, quick=(64, 10)),
+    dict(name="small_256x1000", kind="dense", N=256, C=1000, bpe=12, small=True, quick=(256, 1000)),
+]
+TOPK = 64
+TEMPERATURE = 2.0  # distillation KL
+BETA = 0.5  # generalised JSD (temperature 1)
+SNORKEL_MAX_CLASSES = 100  # Snorkel loops over the classes: one index-target CE per class
+TRIAD_ELEMENTS = 32 << 20  # 128 MiB per float32 array, 3 arrays: far beyond a 32 MiB L3
+
+SOFTCE = "softce"
+SOFTCE_INPLACE = "softce in place"
+TORCH = "PyTorch"
+
+
+def jax_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("jax") is not None and importlib.util.find_spec("optax") is not None
+
+
+# ---------------------------------------------------------------------------------------
+# inputs (built without N x C temporaries beyond the final arrays where it matters)
+
+
+def make_inputs(case, N, C, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    kind = case["kind"]
+    inp = {}
+
+    def logits():
+        x = torch.randn(N, C, generator=g).mul_(2.0)
+        return x.to(dtype) if dtype != torch.float32 else x
+
+    def probabilities(rows, cols):
+        p = torch.randn(rows, cols, generator=g).mul_(2.0).exp_()
+        p.div_(p.sum(1, keepdim=True))
+        return p.to(dtype) if dtype != torch.float32 else p
+
+    inp["x"] = logits()
+    if kind == "dense":
+        inp["t"] = probabilities(N, C)
+    elif kind == "index":
+        inp["y"] = torch.randint(C, (N,), generator=g)
+    elif kind == "topk":
+        k = min(TOPK, C)
+        idx = torch.empty(N, k, dtype=torch.int64)
+        for n in range(N):
+            idx[n] = torch.randperm(C, generator=g)[:k]
+        inp["idx"] = idx
+        inp["val"] = probabilities(N, k).mul_(0.95)  # 95 % of the mass in the top k
+        inp["y"] = idx[:, 0].clone()  # the index-CE reference at the same shape
+    elif kind in ("distill", "jsd"):
+        inp["teacher"] = logits()
+    elif kind == "bce":
+        inp["t"] = torch.rand(N, C, generator=g)
+    return inp
+
+
+# ---------------------------------------------------------------------------------------
+# implementations: each factory returns a callable running forward + backward once
+
+
+def leaf(x):
+    return x.detach().requires_grad_()
+
+
+def softce_impls(case, inp, inplace):
+    """softce through autograd: default (fresh gradient buffer) or in place (the gradient is
+    written over the logits; the logits are a non-leaf view, as a model's output would be)."""
+    import softce
+
+    kind = case["kind"]
+    if inplace:
+        base = inp["x"].detach().clone().requires_grad_()
+    else:
+        x = leaf(inp["x"])
+
+    def loss_of(xx):
+        if kind == "dense":
+            return softce.cross_entropy(xx, inp["t"], inplace_backward=inplace)
+        if kind == "index":
+            return softce.cross_entropy(xx, inp["y"], inplace_backward=inplace)
+        if kind == "topk":
+            return softce.cross_entropy(xx, softce.TopK(inp["idx"], inp["val"], tail=case["tail"]),
+                                        inplace_backward=inplace)
+        if kind == "distill":
+            return softce.distillation_loss(xx, inp["teacher"], temperature=TEMPERATURE, divergence="kl",
+                                            inplace_backward=inplace)
+        if kind == "jsd":
+            return softce.distillation_loss(xx, inp["teacher"], divergence="jsd", beta=BETA,
+                                            inplace_backward=inplace)
+        if kind == "bce":
+            return softce.binary_cross_entropy_with_logits(xx, inp["t"], inplace_backward=inplace)
+        raise ValueError(kind)
+
+    if inplace:
+        def run():
+            base.grad = None
+            loss_of(base.view_as(base)).backward()
+    else:
+        def run():
+            x.grad = None
+            loss_of(x).backward()
+    return run
+
+
+def softce_index_same_shape(case, inp):
+    """Index-target CE at the top-k case's shape (the top-k target: within 1.5x of it)."""
+    import softce
+
+    base = inp["x"].detach().clone().requires_grad_()
+
+    def run():
+        base.grad = None
+        softce.cross_entropy(base.view_as(base), inp["y"], inplace_backward=True).backward()
+    return run
+
+
+def torch_impl(case, inp):
+    import torch
+    import torch.nn.functional as F
+
+    kind = case["kind"]
+    x = leaf(inp["x"])
+    if kind == "dense":
+        def loss():
+            return F.cross_entropy(x, inp["t"])
+    elif kind == "index":
+        def loss():
+            return F.cross_entropy(x, inp["y"])
+    elif kind == "topk":
+        idx, val, tail = inp["idx"], inp["val"], case["tail"]
+
+        def loss():
+            # the dense equivalent: scatter the top-k into zeros, then probability-target CE
+            dense = torch.zeros_like(x, requires_grad=False).scatter_(1, idx, val)
+            value = F.cross_entropy(x, dense)
+            if tail:  # the bucket term -(1 - sum v) log(1 - sum_k q_k)
+                q_top = torch.softmax(x, 1).gather(1, idx).sum(1)
+                value = value - ((1 - val.sum(1)) * torch.log1p(-q_top)).mean()
+            return value
+    elif kind == "distill":
+        T = TEMPERATURE
+
+        def loss():
+            return F.kl_div(F.log_softmax(x / T, -1), F.softmax(inp["teacher"] / T, -1),
+                            reduction="batchmean") * (T * T)
+    elif kind == "jsd":
+        beta = torch.tensor(BETA)
+
+        def loss():  # TRL's GKDTrainer.generalized_jsd_loss (temperature 1, batchmean)
+            s = F.log_softmax(x, -1)
+            t = F.log_softmax(inp["teacher"], -1)
+            m = torch.logsumexp(torch.stack([s + torch.log(1 - beta), t + torch.log(beta)]), dim=0)
+            jsd = beta * F.kl_div(m, t, reduction="none", log_target=True) + \
+                (1 - beta) * F.kl_div(m, s, reduction="none", log_target=True)
+            return jsd.sum() / jsd.size(0)
+    elif kind == "bce":
+        def loss():
+            return F.binary_cross_entropy_with_logits(x, inp["t"])
+    else:
+        raise ValueError(kind)
+
+    def run():
+        x.grad = None
+        loss().backward()
+    return run
+
+
+def seed_impl(case, inp):
+    """The seed's hand-written soft-target CE: -(t * log_softmax(x)).sum() / N."""
+    import torch.nn.functional as F
+
+    x = leaf(inp["x"])
+    t = inp["t"]
+
+    def run():
+        x.grad = None
+        (-(t * F.log_softmax(x, dim=1)).sum() / x.shape[0]).backward()
+    return run
+
+
+def snorkel_impl(case, inp):
+    """Snorkel's cross_entropy_with_probs: one index-target CE per class (small C only)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = leaf(inp["x"])
+    t = inp["t"]
+
+    def loss():
+        num_points, num_classes = x.shape
+        cum_losses = x.new_zeros(num_points)
+        for y in range(num_classes):
+            target_temp = x.new_full((num_points,), y, dtype=torch.long)
+            y_loss = F.cross_entropy(x, target_temp, reduction="none")
+            cum_losses += t[:, y].float() * y_loss
+        return cum_losses.mean()
+
+    def run():
+        x.grad = None
+        loss().backward()
+    return run
+
+
+def jax_impls(case, inp):
+    """optax under jax.jit(value_and_grad); returns {name: run}."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    kind = case["kind"]
+    x = jnp.asarray(inp["x"].float().numpy() if case.get("dtype") == "bfloat16" else inp["x"].numpy())
+    if case.get("dtype") == "bfloat16":
+        x = x.astype(jnp.bfloat16)
+    out = {}
+
+    def add(name, loss, *args):
+        f = jax.jit(jax.value_and_grad(loss))
+        out[name] = lambda: jax.block_until_ready(f(x, *args))
+
+    if kind == "dense":
+        t = jnp.asarray(inp["t"].float().numpy()).astype(x.dtype)
+        add("optax softmax_cross_entropy", lambda x, t: optax.softmax_cross_entropy(x, t).mean(), t)
+        add("optax safe_softmax_cross_entropy", lambda x, t: optax.safe_softmax_cross_entropy(x, t).mean(), t)
+    elif kind == "index":
+        y = jnp.asarray(inp["y"].numpy())
+        add("optax softmax_cross_entropy_with_integer_labels",
+            lambda x, y: optax.softmax_cross_entropy_with_integer_labels(x, y).mean(), y)
+    elif kind == "distill":
+        z = jnp.asarray(inp["teacher"].numpy())
+        T = TEMPERATURE
+        add("optax kl_divergence",
+            lambda x, z: optax.kl_divergence(jax.nn.log_softmax(x / T), jax.nn.softmax(z / T)).mean() * T * T, z)
+    elif kind == "bce":
+        t = jnp.asarray(inp["t"].numpy())
+        add("optax sigmoid_binary_cross_entropy",
+            lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean(), t)
+    return out
+
+
+def implementations(case, inp, with_jax, only=None):
+    """{name: run} for the case; `only` builds just that one (memory measurements)."""
+    kind = case["kind"]
+    factories = {
+        SOFTCE_INPLACE: lambda: softce_impls(case, inp, True),
+        SOFTCE: lambda: softce_impls(case, inp, False),
+        TORCH: lambda: torch_impl(case, inp),
+    }
+    if kind == "dense":
+        factories["seed -(t*log_softmax(x)).sum()/N"] = lambda: seed_impl(case, inp)
+        if case["C"] <= SNORKEL_MAX_CLASSES:
+            factories["Snorkel cross_entropy_with_probs"] = lambda: snorkel_impl(case, inp)
+    if kind == "topk":
+        factories["softce index CE, same shape"] = lambda: softce_index_same_shape(case, inp)
+    if only is not None:
+        if only.startswith("optax"):
+            return {only: jax_impls(case, inp)[only]}
+        return {only: factories[only]()}
+    impls = {name: factories[name]() for name in factories}
+    if with_jax and kind in ("dense", "index", "distill", "bce"):
+        impls.update(jax_impls(case, inp))
+    return impls
+
+
+def implementation_names(case, with_jax):
+    """The names implementations() will produce (without building anything)."""
+    names = [SOFTCE_INPLACE, SOFTCE, TORCH]
+    kind = case["kind"]
+    if kind == "dense":
+        names.append("seed -(t*log_softmax(x)).sum()/N")
+        if case["C"] <= SNORKEL_MAX_CLASSES:
+            names.append("Snorkel cross_entropy_with_probs")
+    if kind == "topk":
+        names.append("softce index CE, same shape")
+    if with_jax:
+        names += {
+            "dense": ["optax softmax_cross_entropy", "optax safe_softmax_cross_entropy"],
+            "index": ["optax softmax_cross_entropy_with_integer_labels"],
+            "distill": ["optax kl_divergence"],
+            "bce": ["optax sigmoid_binary_cross_entropy"],
+        }.get(kind, [])
+    return names
+
+
+# ---------------------------------------------------------------------------------------
+# workers (run in forked children)
+
+
+def set_threads(threads):
+    import torch
+    import softce
+
+    torch.set_num_threads(threads)
+    softce.set_num_threads(threads)
+    if threads == 1:  # read by XLA when its CPU client starts (on the first JAX call)
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def timed(fn, inner):
+    """Seconds per call: one call, or the median of `inner` calls (short calls: a stray
+    stall, e.g. an OpenMP barrier waiting for a core another process holds, must not
+    stand for the typical per-call cost)."""
+    if inner == 1:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    times = []
+    for _ in range(inner):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def timing_worker(case, threads, quick, with_jax, rounds, min_sample):
+    import torch
+
+    set_threads(threads)
+    N, C = case["N"], case["C"]
+    inp = make_inputs(case, N, C)
+    impls = implementations(case, inp, with_jax)
+
+    n_triad = TRIAD_ELEMENTS // (4 if quick else 1)
+    # random contents: pages of equal content could be merged or compressed behind our back
+    a, b, c = torch.rand(n_triad), torch.rand(n_triad), torch.rand(n_triad)
+
+    def triad():
+        torch.add(b, c, alpha=3.0, out=a)
+
+    # warm-up (JIT compilation, thread pools, first-touch of buffers), then the batch size
+    # of each implementation: enough calls per sample to last min_sample seconds
+    inner = {}
+    for name, fn in impls.items():
+        fn()
+        first = timed(fn, 1)
+        inner[name] = max(1, min(100000, math.ceil(min_sample / max(first, 1e-9))))
+    triad()
+    names = list(impls)
+    times = {name: [] for name in names}
+    triad_times = []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(timed(impls[name], inner[name]))
+        triad_times.append(timed(triad, 1))
+    triad_bw = 12.0 * n_triad / statistics.median(triad_times)
+    bytes_at_bound = case["bpe"] * N * C
+    ref = times[SOFTCE]
+    ref_inplace = times[SOFTCE_INPLACE]
+    result = {"triad_GBps": triad_bw / 1e9, "rounds": rounds, "impls": {}}
+    for name in names:
+        med = statistics.median(times[name])
+        result["impls"][name] = {
+            "median_s": med,
+            "x_softce": statistics.median(t / s for t, s in zip(times[name], ref)),
+            "x_softce_inplace": statistics.median(t / s for t, s in zip(times[name], ref_inplace)),
+            "fraction_of_bound": bytes_at_bound / med / triad_bw,
+            "calls_per_sample": inner[name],
+        }
+    return result
+
+
+def vm_kb(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak():
+    """Resets the RSS high-water mark (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return vm_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def memory_worker(case, name, threads):
+    set_threads(threads)
+    # warm the code path up on a tiny problem of the same kind (lazy initialisation)
+    tiny = dict(case, N=4, C=min(case["C"], 64))
+    tiny_inp = make_inputs(tiny, tiny["N"], tiny["C"])
+    implementations(tiny, tiny_inp, True, only=name)[name]()
+    del tiny_inp
+    inp = make_inputs(case, case["N"], case["C"])
+    fn = implementations(case, inp, True, only=name)[name]
+    gc.collect()
+    try:  # hand freed heap memory back, so that the call cannot reuse it unseen
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    if reset_peak():
+        base = vm_kb("VmRSS")
+        fn()
+        peak = vm_kb("VmHWM")
+        method = "VmHWM"
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        method = "ru_maxrss"
+    return {"extra_bytes": max(0, peak - base) * 1024, "method": method}
+
+
+def child_main(conn, task):
+    try:
+        if task["what"] == "time":
+            out = timing_worker(task["case"], task["threads"], task["quick"], task["jax"], task["rounds"],
+                                task["min_sample"])
+        else:
+            out = memory_worker(task["case"], task["impl"], task["threads"])
+        conn.send({"ok": out})
+    except BaseException:  # report, never hang the parent
+        conn.send({"error": traceback.format_exc()})
+    finally:
+        conn.close()
+    os._exit(0)  # skip the interpreter's teardown (torch's takes a good part of a second)
+
+
+def run_in_child(ctx, task, timeout):
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=child_main, args=(child, task))
+    p.start()
+    child.close()
+    result = {"error": f"no result within {timeout} s"}
+    if parent.poll(timeout):
+        try:
+            result = parent.recv()
+        except EOFError:
+            result = {"error": "the worker died (exit code %s)" % p.exitcode}
+    p.join(5)
+    if p.is_alive():
+        p.kill()
+        p.join()
+    elif "error" in result and p.exitcode:
+        result["error"] += f" (exit code {p.exitcode})"
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# targets (issue: at 2 threads, or the largest thread count run)
+
+
+def evaluate_targets(results, threads):
+    """[(target, measured, met, note)] for the cases that were run."""
+    out = []
+
+    def get(case, impl, key):
+        r = results.get(case, {}).get("time", {}).get(str(threads), {})
+        return r.get("impls", {}).get(impl, {}).get(key) if "impls" in r else None
+
+    def bound(case, label, goal=0.75, impl=SOFTCE_INPLACE):
+        f = get(case, impl, "fraction_of_bound")
+        if f is not None:
+            out.append((f"{label}: {impl} >= {goal:.0%} of the bound", f"{f:.0%}", f >= goal,
+                        "" if f >= goal else f"missed by {goal - f:.0%} of the bound ({goal / f:.2f}x too slow)"))
+
+    def speedup(case, label, goal, peer=TORCH, impl=SOFTCE):
+        x = get(case, peer, "x_softce" if impl == SOFTCE else "x_softce_inplace")
+        if x is not None:
+            out.append((f"{label}: {impl} >= {goal}x {peer}", f"{x:.1f}x", x >= goal,
+                        "" if x >= goal else f"missed: {goal / x:.2f}x short"))
+
+    bound("dense_ce_1024x32000", "dense soft CE 1024x32000")
+    speedup("dense_ce_1024x32000", "dense soft CE 1024x32000", 5)
+    bound("index_ce_1024x32000", "index CE 1024x32000 (8 B/element)")
+    speedup("index_ce_1024x32000", "index CE 1024x32000", 2)
+    bound("distill_kl_T2_1024x32000", "distillation KL 1024x32000")
+    speedup("distill_kl_T2_1024x32000", "distillation KL 1024x32000", 5)
+    for case in ("topk64_256x128256", "topk64_tail_256x128256"):
+        speedup(case, case, 20, impl=SOFTCE_INPLACE)
+        speedup(case, case, 20)
+        x = get(case, "softce index CE, same shape", "x_softce_inplace")
+        if x is not None:  # top-k time / index-CE time, both in place
+            ratio = 1.0 / x
+            out.append((f"{case}: softce in place within 1.5x of index CE in place", f"{ratio:.2f}x",
+                        ratio <= 1.5, "" if ratio <= 1.5 else f"missed: {ratio / 1.5:.2f}x over"))
+    bound("dense_ce_bf16_1024x32000", "bfloat16 dense soft CE 1024x32000 (6 B/element)")
+    for case in ("small_64x10", "small_256x1000"):
+        x = get(case, TORCH, "x_softce")
+        if x is not None:
+            out.append((f"{case}: softce per call <= PyTorch", f"{x:.2f}x faster", x >= 1.0,
+                        "" if x >= 1.0 else f"missed: {1 / x:.2f}x slower"))
+    # memory: default = gradient buffer + O(N); in place = O(N)
+    for case_name, r in results.items():
+        mem = r.get("memory", {})
+        case = next(c for c in CASES if c["name"] == case_name)
+        grad = r.get("grad_bytes", 0)
+        slack = 1 << 20  # O(N) and allocator rounding
+        for impl, allowed in ((SOFTCE, grad + slack), (SOFTCE_INPLACE, slack)):
+            m = mem.get(impl, {}).get("extra_bytes")
+            if m is not None and not case.get("small"):
+                out.append((f"{case_name}: {impl} extra memory <= {'gradient + ' if impl == SOFTCE else ''}O(N)",
+                            mib(m), m <= allowed, "" if m <= allowed else f"missed by {mib(m - allowed)}"))
+    # ahead of every peer on every case (softce's best mode against each peer)
+    for case_name, r in results.items():
+        t = r.get("time", {}).get(str(threads), {})
+        if "impls" not in t:
+            continue
+        for peer, v in t["impls"].items():
+            if peer.startswith("softce"):
+                continue
+            best = max(v["x_softce"], v["x_softce_inplace"])
+            if best < 1.0:
+                out.append((f"{case_name}: ahead of {peer}", f"{best:.2f}x", False,
+                            f"missed: {1 / best:.2f}x slower than {peer}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# reporting
+
+
+def mib(b):
+    return f"{b / 2**20:.1f} MiB" if b >= 2**20 / 10 else f"{b / 1024:.0f} KiB"
+
+
+def fmt_time(s):
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} us"
+
+
+def report(results, threads_list, markdown, meta):
+    lines = []
+    sep = " | "
+
+    def row(cells):
+        lines.append(("| " + sep.join(cells) + " |") if markdown else "  ".join(cells))
+
+    def header(cells):
+        row(cells)
+        if markdown:
+            lines.append("|" + "|".join(" --- " for _ in cells) + "|")
+
+    lines.append(f"softce {meta['softce']} ({meta['simd']}), PyTorch {meta['torch']}, "
+                 f"{meta['cpu']}, {meta['cores']} cores; medians of {meta['rounds']} rounds; "
+                 f"bound = unavoidable bytes / triad bandwidth"
+                 + ("" if meta["jax"] else "; JAX/optax not installed")
+                 + (f"; load average {meta['load'][0]:.1f} -> {meta['load'][1]:.1f}" if "load" in meta else ""))
+    lines.append("")
+    header(["case", "threads", "triad GB/s", "softce in place (% of bound)", "softce (% of bound)",
+            "PyTorch (x softce)", "other peers (x softce)"])
+    for case in CASES:
+        r = results.get(case["name"])
+        if not r:
+            continue
+        for threads in threads_list:
+            t = r.get("time", {}).get(str(threads))
+            if t is None:
+                continue
+            if "error" in t:
+                row([case["name"], str(threads), "error", "", "", "", ""])
+                continue
+            im = t["impls"]
+
+            def cell(name, bound=False):
+                v = im.get(name)
+                if v is None:
+                    return "-"
+                if bound:
+                    return f"{fmt_time(v['median_s'])} ({v['fraction_of_bound']:.0%})"
+                return f"{fmt_time(v['median_s'])} ({v['x_softce']:.1f}x)"
+            others = [f"{n}: {fmt_time(v['median_s'])} ({v['x_softce']:.1f}x)" for n, v in im.items()
+                      if n not in (SOFTCE, SOFTCE_INPLACE, TORCH)]
+            row([case["name"], str(threads), f"{t['triad_GBps']:.1f}", cell(SOFTCE_INPLACE, True),
+                 cell(SOFTCE, True), cell(TORCH), ("; " if markdown else "; ").join(others) or "-"])
+    lines.append("")
+    lines.append("Peak extra memory of one call (RSS high-water above baseline, fresh process):")
+    lines.append("")
+    header(["case", "gradient buffer", "softce in place", "softce", "PyTorch", "other peers"])
+    for case in CASES:
+        r = results.get(case["name"])
+        if not r or "memory" not in r:
+            continue
+        m = r["memory"]
+
+        def mcell(name):
+            v = m.get(name)
+            return "-" if v is None else ("error" if "error" in v else mib(v["extra_bytes"]))
+        others = [f"{n}: {mcell(n)}" for n in m if n not in (SOFTCE, SOFTCE_INPLACE, TORCH)]
+        row([case["name"], mib(r["grad_bytes"]), mcell(SOFTCE_INPLACE), mcell(SOFTCE), mcell(TORCH),
+             "; ".join(others) or "-"])
+    targets = evaluate_targets(results, max(threads_list))
+    if targets:
+        lines.append("")
+        lines.append(f"Targets ({max(threads_list)} threads):")
+        lines.append("")
+        header(["target", "measured", "met", "note"])
+        for name, measured, met, note in targets:
+            row([name, measured, "yes" if met else "**no**" if markdown else "NO", note])
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, few rounds (smoke test)")
+    ap.add_argument("--markdown", action="store_true", help="print the README tables")
+    ap.add_argument("--threads", default=None, help="thread counts (default 1,2; --quick: 2)")
+    ap.add_argument("--cases", default="", help="comma-separated case names or prefixes")
+    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 7, quick 3)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    ap.add_argument("--no-jax", action="store_true", help="skip the JAX/optax peers")
+    ap.add_argument("--json", default="", help="write the raw results here")
+    args = ap.parse_args(argv)
+
+    threads_list = [int(t) for t in (args.threads or ("2" if args.quick else "1,2")).split(",") if t]
+    rounds = args.rounds or (3 if args.quick else 7)
+    min_sample = 0.002 if args.quick else 0.02
+    with_jax = jax_available() and not args.no_jax
+    wanted = [w for w in args.cases.split(",") if w]
+    cases = []
+    for case in CASES:
+        if wanted and not any(case["name"].startswith(w) for w in wanted):
+            continue
+        case = dict(case)
+        if args.quick:
+            case["N"], case["C"] = case["quick"]
+        cases.append(case)
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "numpy", "softce", "softce._torch"]
+                               + (["jax", "optax"] if with_jax else []))
+    import softce
+    import torch
+
+    meta = {
+        "softce": softce.__version__, "simd": softce.simd_target(), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "rounds": rounds,
+        "jax": with_jax, "quick": args.quick,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            meta["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+
+    results = {}
+    timeout = 120 if args.quick else 1800
+    started = time.perf_counter()
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    for case in cases:
+        itemsize = 2 if case.get("dtype") == "bfloat16" else 4
+        r = results[case["name"]] = {"N": case["N"], "C": case["C"], "grad_bytes": case["N"] * case["C"] * itemsize,
+                                     "time": {}}
+        for threads in threads_list:
+            task = dict(what="time", case=case, threads=threads, quick=args.quick, jax=with_jax, rounds=rounds,
+                        min_sample=min_sample)
+            out = run_in_child(ctx, task, timeout)
+            r["time"][str(threads)] = out.get("ok", {"error": out.get("error")})
+            if "error" in out:
+                print(f"{case['name']} ({threads} threads): {out['error']}", file=sys.stderr)
+        if not args.no_memory:
+            r["memory"] = {}
+            for name in implementation_names(case, with_jax):
+                if name == "softce index CE, same shape" or (args.quick and name not in (SOFTCE, SOFTCE_INPLACE, TORCH)):
+                    continue
+                out = run_in_child(ctx, dict(what="memory", case=case, impl=name, threads=max(threads_list)),
+                                   timeout)
+                r["memory"][name] = out.get("ok", {"error": out.get("error")})
+                if "error" in out:
+                    print(f"{case['name']} memory of {name}: {out['error']}", file=sys.stderr)
+        print(f"done: {case['name']} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+
+    if hasattr(os, "getloadavg"):  # a busy machine explains noisy rows
+        meta["load"] = (load_at_start, os.getloadavg()[0])
+    print(report(results, threads_list, args.markdown, meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+    failed = any("error" in t for r in results.values() for t in r["time"].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

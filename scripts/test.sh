@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
 
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSOFTCE_MPI=ON
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSOFTCE_MPI=ON -DSOFTCE_BENCH=ON
 cmake --build build -j"$jobs"
 ctest --test-dir build --output-on-failure -j"$jobs"
 
@@ -18,4 +18,6 @@ ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan --output-on-failure -j"$
 if [ -d python/tests ]; then
   python3 -m pip install -q --no-build-isolation .
   python3 -m pytest -q python/tests
+  # the benchmark still runs (a smoke run on small shapes; speed is not judged here)
+  python3 bench/bench.py --quick --no-memory > /dev/null
 fi

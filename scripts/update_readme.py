@@ -29,5 +29,17 @@ if demo.exists():
     text = splice(text, "demo-output", "```\n" + demo.read_text().rstrip() + "\n```")
 bench = root / "docs" / "benchmark-table.md"
 if bench.exists():
-    text = splice(text, "bench", bench.read_text())
+    # the README keeps the timing and target tables; the memory table stays in the file
+    blocks = bench.read_text().strip().split("\n\n")
+    keep, skip = [], False
+    for block in blocks:
+        if block.startswith("Peak extra memory"):
+            skip = True
+            continue
+        if skip and block.startswith("|"):
+            skip = False
+            continue
+        skip = False
+        keep.append(block)
+    text = splice(text, "bench", "\n\n".join(keep) + "\n\nPeak extra memory per call: [docs/benchmark-table.md](docs/benchmark-table.md).")
 readme.write_text(text)

@@ -700,6 +700,19 @@ void DistillRowGradKlCached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T 
 // ---------------------------------------------------------------------------------------
 // element-wise losses
 
+// Writes an element-wise kernel's gradient and losses (either pointer may be null) for the
+// `count` lanes at offset `at`.
+template <class D, class T = hn::TFromD<D>>
+HWY_INLINE void StoreElementOutputs(D d, V<D> grad, V<D> loss, T* g, T* losses, size_t at, size_t count) {
+  if (count == hn::Lanes(d)) {
+    if (g) hn::StoreU(grad, d, g + at);
+    if (losses) hn::StoreU(loss, d, losses + at);
+  } else {
+    if (g) StorePart(grad, d, g + at, count);
+    if (losses) StorePart(loss, d, losses + at, count);
+  }
+}
+
 template <class T>
 double KlDivElements(const T* x, const T* t, std::int64_t n, bool log_target, T coef, T* g,
                      T* losses) {
@@ -726,13 +739,7 @@ double KlDivElements(const T* x, const T* t, std::int64_t n, bool log_target, T 
         grad = hn::Neg(tv);
       }
       acc = hn::Add(acc, loss);
-      if (full) {
-        if (g) hn::StoreU(hn::Mul(grad, vcoef), d, g + at);
-        if (losses) hn::StoreU(loss, d, losses + at);
-      } else {
-        if (g) StorePart(hn::Mul(grad, vcoef), d, g + at, len - i);
-        if (losses) StorePart(loss, d, losses + at, len - i);
-      }
+      StoreElementOutputs(d, hn::Mul(grad, vcoef), loss, g, losses, at, full ? N : len - i);
     }
     total += Total(d, acc);
   }
@@ -774,13 +781,7 @@ double BceElements(const T* x, const T* t, const T* w, const T* pos_w, std::int6
       }
       if (!full) loss = hn::IfThenElseZero(hn::FirstN(d, len - i), loss);
       acc = hn::Add(acc, loss);
-      if (full) {
-        if (g) hn::StoreU(hn::Mul(grad, vcoef), d, g + at);
-        if (losses) hn::StoreU(loss, d, losses + at);
-      } else {
-        if (g) StorePart(hn::Mul(grad, vcoef), d, g + at, len - i);
-        if (losses) StorePart(loss, d, losses + at, len - i);
-      }
+      StoreElementOutputs(d, hn::Mul(grad, vcoef), loss, g, losses, at, full ? N : len - i);
     }
     total += Total(d, acc);
   }

@@ -142,12 +142,10 @@ softce::topk make_topk(const input_array& indices, const input_array& values, bo
 // ---------------------------------------------------------------------------------------
 // the losses; each returns the (reduced) loss as a Python float
 
-double cross_entropy(const input_array& input, const input_array& target,
-                     const std::optional<input_array>& weight, std::int64_t ignore_index,
-                     std::string_view reduction, double label_smoothing,
-                     const std::optional<input_array>& mask,
-                     const std::optional<output_array>& grad,
-                     const std::optional<output_array>& losses) {
+softce::cross_entropy_options cross_entropy_options(const std::optional<input_array>& weight,
+                                                    std::int64_t ignore_index, std::string_view reduction,
+                                                    double label_smoothing,
+                                                    const std::optional<input_array>& mask) {
   constexpr std::string_view fn = "cross_entropy";
   softce::cross_entropy_options options;
   options.weight = in_view(weight, fn, "weight");
@@ -155,6 +153,17 @@ double cross_entropy(const input_array& input, const input_array& target,
   options.reduce = softce::parse_reduction(reduction);
   options.label_smoothing = label_smoothing;
   options.mask = in_view(mask, fn, "mask");
+  return options;
+}
+
+double cross_entropy(const input_array& input, const input_array& target,
+                     const std::optional<input_array>& weight, std::int64_t ignore_index,
+                     std::string_view reduction, double label_smoothing,
+                     const std::optional<input_array>& mask,
+                     const std::optional<output_array>& grad,
+                     const std::optional<output_array>& losses) {
+  constexpr std::string_view fn = "cross_entropy";
+  const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
   const auto x = in_view(input, fn, "input");
   const auto t = in_view(target, fn, "target");
   const auto out = out_views(grad, losses, fn);
@@ -170,12 +179,7 @@ double cross_entropy_topk(const input_array& input, const input_array& indices,
                           const std::optional<output_array>& grad,
                           const std::optional<output_array>& losses) {
   constexpr std::string_view fn = "cross_entropy";
-  softce::cross_entropy_options options;
-  options.weight = in_view(weight, fn, "weight");
-  options.ignore_index = ignore_index;
-  options.reduce = softce::parse_reduction(reduction);
-  options.label_smoothing = label_smoothing;
-  options.mask = in_view(mask, fn, "mask");
+  const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
   const auto x = in_view(input, fn, "input");
   const auto t = make_topk(indices, values, tail, fn);
   const auto out = out_views(grad, losses, fn);
@@ -397,12 +401,7 @@ double class_parallel_cross_entropy(std::int64_t class_offset, std::int64_t num_
                                     const std::optional<output_array>& losses) {
   constexpr std::string_view fn = "cross_entropy";
   const auto shard = python_shard(class_offset, num_classes, all_reduce);
-  softce::cross_entropy_options options;
-  options.weight = in_view(weight, fn, "weight");
-  options.ignore_index = ignore_index;
-  options.reduce = softce::parse_reduction(reduction);
-  options.label_smoothing = label_smoothing;
-  options.mask = in_view(mask, fn, "mask");
+  const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
   const auto x = in_view(input, fn, "input");
   const auto t = in_view(target, fn, "target");
   const auto out = out_views(grad, losses, fn);
@@ -421,12 +420,7 @@ double class_parallel_cross_entropy_topk(std::int64_t class_offset, std::int64_t
                                          const std::optional<output_array>& losses) {
   constexpr std::string_view fn = "cross_entropy";
   const auto shard = python_shard(class_offset, num_classes, all_reduce);
-  softce::cross_entropy_options options;
-  options.weight = in_view(weight, fn, "weight");
-  options.ignore_index = ignore_index;
-  options.reduce = softce::parse_reduction(reduction);
-  options.label_smoothing = label_smoothing;
-  options.mask = in_view(mask, fn, "mask");
+  const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
   const auto x = in_view(input, fn, "input");
   const auto t = make_topk(indices, values, tail, fn);
   const auto out = out_views(grad, losses, fn);

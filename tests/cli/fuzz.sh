@@ -6,8 +6,8 @@
 #                                                   committed seeds in tests/cli/fuzz/PARSER
 #
 # The main build may use gcc, so the fuzzers are compiled here with clang (libFuzzer comes
-# with clang; Debian: clang libclang-rt-14-dev). Without clang both steps exit 77 (ctest:
-# skipped). New inputs found go to WORK_DIR/corpus-PARSER, not into the source tree; to keep
+# with clang; Debian: clang libclang-rt-14-dev, installed by scripts/setup.sh). Without
+# clang both steps fail: a fuzz test that cannot run is not a pass. New inputs found go to WORK_DIR/corpus-PARSER, not into the source tree; to keep
 # interesting ones, merge them into the seed corpus:
 #   WORK_DIR/fuzz_csv -merge=1 tests/cli/fuzz/csv WORK_DIR/corpus-csv
 # A crash leaves its input in WORK_DIR/crash-PARSER-*; reproduce with WORK_DIR/fuzz_PARSER FILE.
@@ -25,7 +25,7 @@ case $mode in
 build)
   if ! clang=$(find_clang); then
     echo "clang++ not found: fuzzers not built (install clang and libclang-rt-14-dev)"
-    exit 77
+    exit 1
   fi
   mkdir -p "$work"
   flags=(-std=c++20 -O1 -g -fno-omit-frame-pointer -I"$src/tools")
@@ -36,7 +36,7 @@ build)
   if ! "$clang" -fsanitize=fuzzer "$work/probe.cpp" -o "$work/probe" 2>"$work/probe.log"; then
     cat "$work/probe.log"
     echo "$clang cannot link libFuzzer: fuzzers not built (install libclang-rt-14-dev)"
-    exit 77
+    exit 1
   fi
   "$clang" "${flags[@]}" $sanitize -fsanitize=fuzzer-no-link -c "$src/tools/table.cpp" \
     -o "$work/table.o"
@@ -52,7 +52,7 @@ run)
   parser=$4 seconds=$5
   if [ ! -x "$work/fuzz_$parser" ]; then
     echo "fuzz_$parser not built (no clang?): skipped"
-    exit 77
+    exit 1
   fi
   corpus="$work/corpus-$parser"
   rm -rf "$corpus" && mkdir -p "$corpus"

@@ -207,7 +207,6 @@ void check_elementwise(std::string_view fn, const array_view& input, const array
   check_float(fn, "target", target);
   check_same_shape(fn, "target", target, input, "input");
   check_outputs(fn, out, input, input.shape, input.ndim, r);
-  advise_huge_pages(out, input);
 }
 
 }  // namespace

@@ -792,7 +792,6 @@ double cross_entropy_entry(const array_view& input, const array_view& target, co
   }
   if (opt.weight) check_class_vector(fn, "weight", *opt.weight, space.classes);
   check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
-  advise_huge_pages(out, input);
   const ce_call call{fn, input, opt, out, shard};
   return computes_in_double(input) ? cross_entropy_dense_impl<double>(call, space, target, index_target)
                                    : cross_entropy_dense_impl<float>(call, space, target, index_target);
@@ -807,7 +806,6 @@ double cross_entropy_topk_entry(const array_view& input, const topk& target, con
   validate_smoothing(fn, opt.label_smoothing);
   if (opt.weight) check_class_vector(fn, "weight", *opt.weight, space.classes);
   check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
-  advise_huge_pages(out, input);
   if (target.tail && (opt.weight || opt.label_smoothing != 0.0))
     fail(fn, "target.tail", "expected no class weight and no label smoothing with a tail bucket");
   if (opt.weight || opt.label_smoothing != 0.0) {
@@ -837,7 +835,6 @@ double distillation_entry(const array_view& student, const array_view& teacher, 
   check_float(fn, "teacher", teacher);
   check_same_shape(fn, "teacher", teacher, student, "student");
   check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
-  advise_huge_pages(out, student);
   return computes_in_double(student) ? distill_dense_impl<double>(fn, student, teacher, opt, out, shard)
                                      : distill_dense_impl<float>(fn, student, teacher, opt, out, shard);
 }
@@ -852,7 +849,6 @@ double distillation_topk_entry(const array_view& student, const topk& teacher, c
     fail(fn, "teacher", "expected teacher logits for divergence '" + std::string(divergence_name(opt.kind)) +
                             "' (a top-k teacher supports 'kl' only)");
   check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
-  advise_huge_pages(out, student);
   return computes_in_double(student)
              ? topk_impl<double>(fn, student, teacher, opt.mask, opt.reduce, out, shard, opt.temperature, true)
              : topk_impl<float>(fn, student, teacher, opt.mask, opt.reduce, out, shard, opt.temperature, true);

@@ -13,7 +13,6 @@
 #include <vector>
 
 #if defined(__linux__)
-#include <sys/mman.h>
 #endif
 
 #include "kernels.hpp"
@@ -205,34 +204,5 @@ class row_writer {
   bool direct_ = false;
 };
 
-
-// A fresh gradient buffer (torch.empty_like / np.empty_like: untouched anonymous memory)
-// takes one page fault per 4 KiB page on its first write. Measured on a 2-vCPU VM: ~3 us a
-// fault, 0.1 s for a 125 MiB gradient, more than the fused pass itself. Transparent huge
-// pages cut that to one fault per 2 MiB (~30 ms, the kernel zeroing the pages). Only a hint:
-// no effect where THP is off, on memory already backed, or below 8 MiB; never for an
-// in-place gradient (its pages are the input's, already resident).
-inline void advise_huge_pages(const outputs& out, const array_view& input) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (!out.grad || out.grad->data == input.data) return;
-  const mutable_array_view& g = *out.grad;
-  std::int64_t lo = 0, hi = 0;  // element offsets spanned by the view
-  for (int i = 0; i < g.ndim; ++i) {
-    if (g.shape[i] == 0) return;
-    const std::int64_t span = (g.shape[i] - 1) * g.strides[i];
-    (span < 0 ? lo : hi) += span;
-  }
-  const std::size_t size = dtype_size(g.type);
-  const auto begin = reinterpret_cast<std::uintptr_t>(g.data) + static_cast<std::uintptr_t>(lo) * size;
-  const auto end = reinterpret_cast<std::uintptr_t>(g.data) + static_cast<std::uintptr_t>(hi + 1) * size;
-  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20, kMinimum = std::uintptr_t{8} << 20;
-  if (end - begin < kMinimum) return;
-  const std::uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)out;
-  (void)input;
-#endif
-}
 
 }  // namespace softce::detail

@@ -145,10 +145,6 @@ std::string_view divergence_name(divergence d) noexcept;
 //          and binary_cross_entropy_with_logits). Any float dtype, any strides.
 // With reduction::none the gradient written is that of the SUM of the unreduced losses,
 // and the function returns that sum.
-// On Linux, a gradient buffer of 8 MiB or more that is not the input itself gets
-// madvise(MADV_HUGEPAGE) before it is written: a freshly allocated buffer then takes one
-// page fault per 2 MiB instead of per 4 KiB on first touch (no effect where transparent
-// huge pages are off).
 struct outputs {
   std::optional<mutable_array_view> grad;
   std::optional<mutable_array_view> losses;

@@ -12,9 +12,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#endif
-
 #include "kernels.hpp"
 #include "validate.hpp"
 

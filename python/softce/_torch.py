@@ -10,6 +10,13 @@ Two paths share the kernels:
 - torch.compile: custom operators softce::* (torch.library.custom_op) with fake
   implementations and registered autograd, so graphs using the losses compile with
   fullgraph=True. inplace_backward is ignored there (custom ops may not alias their inputs).
+
+Both paths have a second, slower backward for what the fused kernel does not give: with
+create_graph=True (double backward) and for arguments other than the input that require
+grad (probability targets, kl_div targets, BCE targets, teacher logits, TopK values, class
+weights), backward recomputes the loss as a plain torch expression of the saved arguments
+(softce._reference, the same semantics) and differentiates it with torch.autograd.grad.
+Without either, backward is the fast one: it scales the stored gradient.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _core
+from . import _reference
 from .functional import TopK, row_shape
 
 # ---------------------------------------------------------------------------------------
@@ -64,17 +71,73 @@ def _wants_grad(input: Tensor) -> bool:
     return input.requires_grad and torch.is_grad_enabled()
 
 
-def _check_inplace(function: str, input: Tensor) -> None:
-    if input.is_leaf and input.requires_grad:
-        raise ValueError(
-            f"{function}: inplace_backward=True would overwrite a leaf tensor that requires "
-            "grad; it is meant for logits produced by the model (e.g. a Linear layer's output)"
-        )
-    if torch.empty_like(input).stride() != input.stride():
+def _has_internal_overlap(t: Tensor) -> bool:
+    """True if two indices of `t` may reach the same element (conservative: strides are
+    sorted and each must step past everything the smaller ones reach)."""
+    if t.numel() == 0:
+        return False
+    reach = 0
+    for stride, size in sorted((abs(st), n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _byte_range(t: Tensor):
+    low = high = 0
+    for stride, size in zip(t.stride(), t.shape):
+        if stride >= 0:
+            high += stride * (size - 1)
+        else:
+            low += stride * (size - 1)
+    start = t.data_ptr() + low * t.element_size()
+    return start, t.data_ptr() + (high + 1) * t.element_size()
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """True if the memory spans of a and b intersect (conservative for interleaved views)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, a1 = _byte_range(a)
+    b0, b1 = _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_inplace(function: str, input: Tensor, others=()) -> None:
+    """inplace_backward=True overwrites `input` with the gradient: refuse it where that
+    would destroy something autograd or the caller still needs. `others`: (name, tensor)
+    of the other arguments of the call."""
+    t = input
+    while t is not None:
+        if t.is_leaf and t.requires_grad:
+            what = "a leaf tensor" if t is input else "a view of a leaf tensor"
+            raise ValueError(
+                f"{function}: inplace_backward=True would overwrite {what} that requires "
+                "grad; it is meant for logits produced by the model (e.g. a Linear layer's "
+                "output)"
+            )
+        t = t._base  # a view's base is the tensor that owns the memory (one level)
+    if _has_internal_overlap(input):
         raise ValueError(
             f"{function}: inplace_backward=True needs an input whose elements do not overlap "
             "(e.g. not an expanded tensor)"
         )
+    for name, other in others:
+        if not isinstance(other, Tensor):
+            continue
+        if _overlap(input, other):
+            raise ValueError(
+                f"{function}: inplace_backward=True: {name} overlaps the memory of the input, "
+                "which the gradient overwrites; pass a copy (e.g. {name}.clone())"
+                .replace("{name}", name)
+            )
+        if other.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{function}: inplace_backward=True cannot be combined with a {name} that "
+                f"requires grad: its gradient is computed from the input, which the "
+                "in-place gradient overwrites"
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,28 +172,94 @@ def _scale(grad: Tensor, grad_loss: Tensor, per_row: bool, eager: bool) -> Tenso
 
 
 class _FusedLoss(torch.autograd.Function):
-    """Eager autograd: forward runs the fused kernel (loss and gradient), backward scales."""
+    """Eager autograd: forward runs the fused kernel (loss and gradient), backward scales.
+
+    apply(input, run, meta, *args): `run()` -> (loss, grad) runs the kernel; `meta` =
+    (function name, per_row, reference, inplace), reference(input, *args) being the loss as
+    a differentiable torch expression (None where there is none); `args` are the call's
+    other tensors (targets, teacher, TopK values, weights), which get gradients from the
+    reference when they require grad."""
 
     @staticmethod
-    def forward(ctx, input, run, per_row):
+    def forward(ctx, input, run, meta, *args):
         loss, grad = run()
-        ctx.save_for_backward(grad)
-        ctx.per_row = per_row
+        ctx.meta = meta
+        # With inplace_backward the input now holds the gradient: not saved (backward
+        # refuses what would need it).
+        ctx.save_for_backward(grad, None if meta[3] else input, *args)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return _scale(grad, grad_loss, ctx.per_row, eager=True), None, None
+        if not torch.is_grad_enabled() and not any(ctx.needs_input_grad[3:]):
+            # the fast path: only the input, first order
+            grad = ctx.saved_tensors[0]
+            return _scale(grad, grad_loss, ctx.meta[1], eager=True), None, None, *(
+                (None,) * (len(ctx.needs_input_grad) - 3))
+        saved = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[3:])
+        grads = _reference_backward(ctx.meta, saved[0], saved[1], saved[2:], grad_loss, needs)
+        return grads[0], None, None, *grads[1:]
+
+
+def _reference_backward(meta, grad, input, args, grad_loss, needs):
+    """Gradients for `needs` (input, *args) through the reference expression: the slow
+    backward, for create_graph=True and for arguments other than the input."""
+    function, per_row, reference, inplace = meta[:4]
+    eager = len(meta) < 5  # the custom operators' backward adds a fifth entry: traced
+    create_graph = torch.is_grad_enabled()
+    if reference is None:
+        raise RuntimeError(
+            f"{function}: {'double backward (create_graph=True)' if create_graph else 'a gradient with respect to an argument other than the input'} "
+            "is not supported here (the class-parallel losses differentiate the input "
+            "only, first order)"
+        )
+    if inplace:
+        raise RuntimeError(
+            f"{function}: backward with create_graph=True needs the logits, which "
+            "inplace_backward=True overwrote with the gradient; call it without "
+            "inplace_backward"
+        )
+    leaves, targets = [], []
+
+    def prepare(t, need, position):
+        if t is None or not need:
+            return None if t is None else t.detach()
+        # create_graph: a view, so that the gradient stays connected to t (and the same
+        # tensor passed twice, e.g. student and teacher, gets each part separately)
+        a = t.view_as(t) if create_graph else t.detach().requires_grad_()
+        leaves.append(a)
+        targets.append(position)
+        return a
+
+    # Without create_graph the input's gradient is the fused kernel's (scaled below).
+    x = prepare(input, needs[0] and create_graph, 0)
+    rest = [prepare(a, n, i + 1) for i, (a, n) in enumerate(zip(args, needs[1:]))]
+    result = [None] * len(needs)
+    if leaves:
+        with torch.enable_grad():
+            loss = reference(x, *rest)
+            computed = torch.autograd.grad(loss, leaves, grad_loss.to(loss.dtype),
+                                           create_graph=create_graph, allow_unused=True)
+        for position, g in zip(targets, computed):
+            result[position] = g
+    if needs[0] and not create_graph:
+        result[0] = _scale(grad, grad_loss, per_row, eager=eager)
+    return result
 
 
 def _eager(function: str, input: Tensor, reduction: str, per_row: bool, call,
-           inplace_backward: bool, return_grad: bool):
-    compute_grad = return_grad or _wants_grad(input)
+           inplace_backward: bool, return_grad: bool, reference=None, args=(),
+           names=(), others=()):
+    """The eager call. `args` (with their `names`, for messages) are the other tensors of
+    the call, which the reference differentiates when they require grad; `others` (name,
+    tensor) pairs are only checked for overlap with an in-place gradient."""
+    grad_mode = torch.is_grad_enabled()
+    wants_input = input.requires_grad and grad_mode
+    compute_grad = return_grad or wants_input
     inplace = inplace_backward and compute_grad
     if inplace:
-        _check_inplace(function, input)
+        _check_inplace(function, input, list(zip(names, args)) + list(others))
 
     def run():
         loss, grad = _forward(call, input, reduction, per_row, compute_grad, inplace)
@@ -143,9 +272,10 @@ def _eager(function: str, input: Tensor, reduction: str, per_row: bool, call,
     if return_grad:
         loss, grad = run()
         return loss, grad
-    if not compute_grad:
+    if not wants_input and (not grad_mode or not any(
+            a is not None and a.requires_grad for a in args)):
         return run()[0]
-    return _FusedLoss.apply(input, run, per_row)
+    return _FusedLoss.apply(input, run, (function, per_row, reference, inplace), *args)
 
 
 def _compiled(op, input: Tensor, args: tuple, return_grad: bool):
@@ -170,19 +300,57 @@ def _fake(input: Tensor, reduction: str, per_row: bool, compute_grad: bool):
     return loss, grad
 
 
-def _register_autograd(op, per_row: bool, num_args: int):
+def _register_autograd(op, per_row: bool, num_args: int, reference):
+    """Autograd of a softce::* operator. `reference(*inputs without compute_grad)` is the
+    loss as a torch expression, for create_graph=True and for gradients of arguments other
+    than the input (see _FusedLoss)."""
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
+        tensors = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
+        ctx.tensor_positions = tensors
+        ctx.inputs = [None if isinstance(a, Tensor) else a for a in inputs]
+        ctx.save_for_backward(output[1], *(inputs[i] for i in tensors))
         ctx.compute_grad = inputs[-1]
 
     def backward(ctx, grad_loss, _grad_of_grad):
-        if not ctx.compute_grad:
+        needs = ctx.needs_input_grad
+        if not torch.is_grad_enabled() and not any(needs[1:]):
+            if not ctx.compute_grad:
+                raise RuntimeError(
+                    f"{op._qualname}: called with compute_grad=False, so no gradient was "
+                    "computed in the forward pass; call it with compute_grad=True to "
+                    "backpropagate"
+                )
+            grad = ctx.saved_tensors[0]
+            return (_scale(grad, grad_loss, per_row, eager=False),) + (None,) * (num_args - 1)
+        saved = ctx.saved_tensors
+        positions = ctx.tensor_positions
+        # the reference sees every tensor argument; those that need no gradient detached
+        inputs = list(ctx.inputs)
+        for position, t in zip(positions, saved[1:]):
+            inputs[position] = t
+        tensor_args = [inputs[i] for i in positions[1:]]
+
+        def call(x, *rest):
+            full = list(inputs)
+            full[0] = x
+            for position, t in zip(positions[1:], rest):
+                full[position] = t
+            return reference(*full[:-1])
+
+        meta = (op._qualname, per_row, call, False, "traced")
+        if not ctx.compute_grad and needs[0] and not torch.is_grad_enabled():
             raise RuntimeError(
                 f"{op._qualname}: called with compute_grad=False, so no gradient was "
-                "computed in the forward pass; call it with compute_grad=True to backpropagate"
+                "computed in the forward pass; call it with compute_grad=True to "
+                "backpropagate"
             )
-        (grad,) = ctx.saved_tensors
-        return (_scale(grad, grad_loss, per_row, eager=False),) + (None,) * (num_args - 1)
+        grads = _reference_backward(meta, saved[0], inputs[0], tensor_args, grad_loss,
+                                    (needs[0],) + tuple(needs[i] for i in positions[1:]))
+        result = [None] * num_args
+        result[0] = grads[0]
+        for position, g in zip(positions[1:], grads[1:]):
+            result[position] = g
+        return tuple(result)
 
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -217,7 +385,8 @@ def _(input, target, topk_values, tail, weight, ignore_index, reduction, label_s
     return _fake(input, reduction, True, compute_grad)
 
 
-_register_autograd(_cross_entropy_op, per_row=True, num_args=10)
+_register_autograd(_cross_entropy_op, per_row=True, num_args=10,
+                   reference=_reference.cross_entropy)
 
 
 def _cewp_call(target, weight, reduction):
@@ -237,7 +406,8 @@ def _(input, target, weight, reduction, compute_grad):
     return _fake(input, reduction, True, compute_grad)
 
 
-_register_autograd(_cross_entropy_with_probs_op, per_row=True, num_args=5)
+_register_autograd(_cross_entropy_with_probs_op, per_row=True, num_args=5,
+                   reference=_reference.cross_entropy_with_probs)
 
 
 def _kl_call(target, reduction, log_target):
@@ -256,7 +426,7 @@ def _(input, target, reduction, log_target, compute_grad):
     return _fake(input, reduction, False, compute_grad)
 
 
-_register_autograd(_kl_div_op, per_row=False, num_args=5)
+_register_autograd(_kl_div_op, per_row=False, num_args=5, reference=_reference.kl_div)
 
 
 def _bce_call(target, weight, pos_weight, reduction):
@@ -277,7 +447,8 @@ def _(input, target, weight, pos_weight, reduction, compute_grad):
     return _fake(input, reduction, False, compute_grad)
 
 
-_register_autograd(_bce_op, per_row=False, num_args=6)
+_register_autograd(_bce_op, per_row=False, num_args=6,
+                   reference=_reference.binary_cross_entropy_with_logits)
 
 
 def _distill_call(teacher, topk_values, tail, temperature, divergence, beta, reduction,
@@ -307,7 +478,8 @@ def _(student_logits, teacher, topk_values, tail, temperature, divergence, beta,
     return _fake(student_logits, reduction, True, compute_grad)
 
 
-_register_autograd(_distillation_op, per_row=True, num_args=10)
+_register_autograd(_distillation_op, per_row=True, num_args=10,
+                   reference=_reference.distillation_loss)
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,19 +509,26 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
                   inplace_backward, return_grad):
     fn = "cross_entropy"
     _check_cpu(fn, "input", input)
-    target, values, tail = _prepare_target(fn, target, input, "target", _check_no_grad)
+    target, values, tail = _prepare_target(fn, target, input, "target", _ignore)
     weight = _as_tensor(weight, input)
     mask = _as_tensor(mask, input)
     _check_cpu(fn, "weight", weight)
     _check_cpu(fn, "mask", mask)
-    _check_no_grad(fn, "weight", weight)
     if _is_compiling():
         return _compiled(_cross_entropy_op, input,
                          (target, values, tail, weight, ignore_index, reduction,
                           label_smoothing, mask), return_grad)
     call = _ce_call(_dl(target), _dl(values), tail, _dl(weight), ignore_index, reduction,
                     label_smoothing, _dl(mask))
-    return _eager(fn, input, reduction, True, call, inplace_backward, return_grad)
+
+    def reference(x, target, values, weight):
+        return _reference.cross_entropy(x, target, values, tail, weight, ignore_index,
+                                        reduction, label_smoothing, mask)
+
+    names = ("target.indices" if values is not None else "target", "target.values",
+             "weight")
+    return _eager(fn, input, reduction, True, call, inplace_backward, return_grad,
+                  reference, (target, values, weight), names, (("mask", mask),))
 
 
 def cross_entropy_with_probs(input, target, weight, reduction, inplace_backward, return_grad):
@@ -359,12 +538,16 @@ def cross_entropy_with_probs(input, target, weight, reduction, inplace_backward,
     weight = _as_tensor(weight, input)
     for name, t in (("target", target), ("weight", weight)):
         _check_cpu(fn, name, t)
-        _check_no_grad(fn, name, t)
     if _is_compiling():
         return _compiled(_cross_entropy_with_probs_op, input, (target, weight, reduction),
                          return_grad)
     call = _cewp_call(_dl(target), _dl(weight), reduction)
-    return _eager(fn, input, reduction, True, call, inplace_backward, return_grad)
+
+    def reference(x, target, weight):
+        return _reference.cross_entropy_with_probs(x, target, weight, reduction)
+
+    return _eager(fn, input, reduction, True, call, inplace_backward, return_grad,
+                  reference, (target, weight), ("target", "weight"))
 
 
 def kl_div(input, target, reduction, log_target, inplace_backward, return_grad):
@@ -372,11 +555,15 @@ def kl_div(input, target, reduction, log_target, inplace_backward, return_grad):
     _check_cpu(fn, "input", input)
     target = _as_tensor(target, input)
     _check_cpu(fn, "target", target)
-    _check_no_grad(fn, "target", target)
     if _is_compiling():
         return _compiled(_kl_div_op, input, (target, reduction, log_target), return_grad)
     call = _kl_call(_dl(target), reduction, log_target)
-    return _eager(fn, input, reduction, False, call, inplace_backward, return_grad)
+
+    def reference(x, target):
+        return _reference.kl_div(x, target, reduction, log_target)
+
+    return _eager(fn, input, reduction, False, call, inplace_backward, return_grad,
+                  reference, (target,), ("target",))
 
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
@@ -388,25 +575,36 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
     pos_weight = _as_tensor(pos_weight, input)
     for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
         _check_cpu(fn, name, t)
-        _check_no_grad(fn, name, t)
     if _is_compiling():
         return _compiled(_bce_op, input, (target, weight, pos_weight, reduction), return_grad)
     call = _bce_call(_dl(target), _dl(weight), _dl(pos_weight), reduction)
-    return _eager(fn, input, reduction, False, call, inplace_backward, return_grad)
+
+    def reference(x, target, weight, pos_weight):
+        return _reference.binary_cross_entropy_with_logits(x, target, weight, pos_weight,
+                                                            reduction)
+
+    return _eager(fn, input, reduction, False, call, inplace_backward, return_grad,
+                  reference, (target, weight, pos_weight), ("target", "weight", "pos_weight"))
 
 
 def distillation_loss(student_logits, teacher, temperature, divergence, beta, reduction, mask,
                       inplace_backward, return_grad):
     fn = "distillation_loss"
     _check_cpu(fn, "student_logits", student_logits)
-    # The teacher never gets a gradient (it is detached, as the contract says).
     teacher, values, tail = _prepare_target(fn, teacher, student_logits, "teacher", _ignore)
     mask = _as_tensor(mask, student_logits)
     _check_cpu(fn, "mask", mask)
     if _is_compiling():
         return _compiled(_distillation_op, student_logits,
-                         (teacher.detach(), None if values is None else values.detach(), tail,
-                          temperature, divergence, beta, reduction, mask), return_grad)
+                         (teacher, values, tail, temperature, divergence, beta, reduction,
+                          mask), return_grad)
     call = _distill_call(_dl(teacher), _dl(values), tail, temperature, divergence, beta,
                          reduction, _dl(mask))
-    return _eager(fn, student_logits, reduction, True, call, inplace_backward, return_grad)
+
+    def reference(x, teacher, values):
+        return _reference.distillation_loss(x, teacher, values, tail, temperature,
+                                            divergence, beta, reduction, mask)
+
+    names = ("teacher.indices" if values is not None else "teacher", "teacher.values")
+    return _eager(fn, student_logits, reduction, True, call, inplace_backward, return_grad,
+                  reference, (teacher, values), names, (("mask", mask),))

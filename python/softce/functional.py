@@ -125,13 +125,39 @@ def _as_array(x, name: str, function: str):
     return np.asarray(x)
 
 
+def _np_internal_overlap(x) -> bool:
+    """True if two indices of x may reach the same bytes (conservative, as in _torch)."""
+    if x.size == 0:
+        return False
+    reach = 0
+    for stride, size in sorted((abs(st), n) for st, n in zip(x.strides, x.shape) if n > 1):
+        if stride < reach + x.itemsize:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 def _np_forward(call, x, reduction: str, per_row: bool, return_grad: bool,
-                inplace_backward: bool):
-    """Runs `call(grad, losses) -> float` with NumPy output buffers; returns NumPy results."""
+                inplace_backward: bool, function: str = "", others=()):
+    """Runs `call(grad, losses) -> float` with NumPy output buffers; returns NumPy results.
+    `others`: (name, array) of the call's other arrays, checked against an in-place
+    gradient."""
     if inplace_backward and not return_grad:
         raise ValueError("inplace_backward=True needs return_grad=True for NumPy arrays")
     if inplace_backward and not x.flags.writeable:
         raise ValueError("inplace_backward=True: input is read-only")
+    if inplace_backward:
+        if _np_internal_overlap(x):
+            raise ValueError(
+                f"{function}: inplace_backward=True needs an input whose elements do not "
+                "overlap (e.g. not a broadcast or as_strided view with repeated elements)"
+            )
+        for name, other in others:
+            if isinstance(other, np.ndarray) and np.may_share_memory(x, other):
+                raise ValueError(
+                    f"{function}: inplace_backward=True: {name} overlaps the memory of the "
+                    f"input, which the gradient overwrites; pass a copy ({name}.copy())"
+                )
     grad = (x if inplace_backward else np.empty_like(x)) if return_grad else None
     losses = None
     if reduction == "none":
@@ -203,7 +229,10 @@ def cross_entropy(
             return _core.cross_entropy(
                 x, t, weight, int(ignore_index), reduction, float(label_smoothing), mask,
                 grad, losses)
-    return _np_forward(call, x, reduction, True, return_grad, inplace_backward)
+    others = ((("target.indices", indices), ("target.values", values))
+              if isinstance(target, TopK) else (("target", t),))
+    return _np_forward(call, x, reduction, True, return_grad, inplace_backward, fn,
+                       others + (("weight", weight), ("mask", mask)))
 
 
 def cross_entropy_with_probs(input, target, weight=None, reduction: str = "mean", *,
@@ -220,7 +249,8 @@ def cross_entropy_with_probs(input, target, weight=None, reduction: str = "mean"
     def call(grad, losses):
         return _core.cross_entropy_with_probs(x, t, weight, reduction, grad, losses)
 
-    return _np_forward(call, x, reduction, True, return_grad, inplace_backward)
+    return _np_forward(call, x, reduction, True, return_grad, inplace_backward, fn,
+                       (("target", t), ("weight", weight)))
 
 
 def kl_div(input, target, size_average=None, reduce=None, reduction: str = "mean",
@@ -239,7 +269,8 @@ def kl_div(input, target, size_average=None, reduce=None, reduction: str = "mean
     def call(grad, losses):
         return _core.kl_div(x, t, reduction, bool(log_target), grad, losses)
 
-    return _np_forward(call, x, reduction, False, return_grad, inplace_backward)
+    return _np_forward(call, x, reduction, False, return_grad, inplace_backward, fn,
+                       (("target", t),))
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None,
@@ -262,25 +293,83 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
         return _core.binary_cross_entropy_with_logits(
             x, t, weight, pos_weight, reduction, grad, losses)
 
-    return _np_forward(call, x, reduction, False, return_grad, inplace_backward)
+    return _np_forward(call, x, reduction, False, return_grad, inplace_backward, fn,
+                       (("target", t), ("weight", weight), ("pos_weight", pos_weight)))
+
+
+def _class_dim(function: str, ndim: int, dim) -> int:
+    """The class dimension of an ndim-d input, normalised; 3-d and more must say it."""
+    if dim is None:
+        if ndim >= 3:
+            raise ValueError(
+                f"{function}: student_logits has {ndim} dimensions: pass dim= to say which "
+                "one holds the classes (dim=1 for PyTorch's (N, C, d1, ...) layout, dim=-1 "
+                "for (batch, sequence, vocabulary) logits as in TRL and Hugging Face)"
+            )
+        return max(ndim - 1, 0)
+    d = int(dim)
+    if not -max(ndim, 1) <= d < max(ndim, 1):
+        raise IndexError(
+            f"{function}: dim: expected a dimension in [{-max(ndim, 1)}, {max(ndim, 1) - 1}], "
+            f"got {d}"
+        )
+    return d % max(ndim, 1)
+
+
+def _move_class_dim(x, source: int, destination: int):
+    """A zero-copy view of x with dimension `source` moved to `destination`."""
+    if source == destination or x is None:
+        return x
+    if _is_tensor(x):
+        return x.movedim(source, destination)
+    return np.moveaxis(x, source, destination)
 
 
 def distillation_loss(student_logits, teacher, *, temperature: float = 1.0,
                       divergence: str = "kl", beta: float = 0.5,
                       reduction: str = "batchmean", mask=None,
                       inplace_backward: bool = False, return_grad: bool = False,
-                      process_group=None):
+                      process_group=None, dim=None):
     """Knowledge-distillation loss between student logits and a teacher (logits of the same
     shape, or a :class:`TopK` of probabilities).
 
     With p = softmax(teacher / T), q = softmax(student / T): ``"kl"`` is T²·KL(p‖q),
     ``"reverse_kl"`` T²·KL(q‖p), ``"jsd"`` T²·(β KL(p‖m) + (1−β) KL(q‖m)) with
     m = βp + (1−β)q (TRL's GKD convention, β = 0 / 1 being kl / reverse_kl).
-    ``batchmean`` divides by the number of unmasked rows. Only the student gets a gradient.
+    ``batchmean`` divides by the number of unmasked rows. The teacher logits (and TopK
+    values) get a gradient too when they require grad (computed by a torch expression,
+    not the fused kernel; see docs/python.md).
+    ``dim``: the class dimension; 1-d and 2-d inputs default to the last one, 3-d and more
+    must give it (1 for (N, C, d1, ...), -1 for (batch, sequence, vocabulary)). Rows are
+    the positions of the other dimensions, in their order (``mask``, TopK and ``none``
+    results are shaped like them).
     ``process_group`` (a torch.distributed ProcessGroup): class-parallel; the student and
     teacher logits hold this rank's contiguous range of classes (ranks in order), a top-k
     teacher global class ids (see docs/distributed.md).
     """
+    fn = "distillation_loss"
+    ndim = len(getattr(student_logits, "shape", np.shape(student_logits)))
+    class_dim = _class_dim(fn, ndim, dim)
+    if ndim >= 2 and class_dim != 1:
+        # the core takes the classes at dimension 1: move them there (a view) and the
+        # gradient back; autograd does the latter for tensors
+        if not (_is_tensor(student_logits) or isinstance(student_logits, np.ndarray)):
+            student_logits = _as_array(student_logits, "student_logits", fn)
+        student_logits = _move_class_dim(student_logits, class_dim, 1)
+        if not isinstance(teacher, TopK):
+            if not (_is_tensor(teacher) or isinstance(teacher, np.ndarray)):
+                teacher = (_as_array(teacher, "teacher", fn) if not _is_tensor(student_logits)
+                           else student_logits.new_tensor(teacher))
+            if len(teacher.shape) == ndim:
+                teacher = _move_class_dim(teacher, class_dim, 1)
+        result = distillation_loss(
+            student_logits, teacher, temperature=temperature, divergence=divergence,
+            beta=beta, reduction=reduction, mask=mask, inplace_backward=inplace_backward,
+            return_grad=return_grad, process_group=process_group, dim=1)
+        if return_grad:
+            loss, grad = result
+            return loss, _move_class_dim(grad, 1, class_dim)
+        return result
     if process_group is not None:
         from . import distributed
 
@@ -291,7 +380,6 @@ def distillation_loss(student_logits, teacher, *, temperature: float = 1.0,
         return _torch_backend().distillation_loss(
             student_logits, teacher, float(temperature), divergence, float(beta), reduction,
             mask, inplace_backward, return_grad)
-    fn = "distillation_loss"
     x = _as_array(student_logits, "student_logits", fn)
     mask = _as_array(mask, "mask", fn)
     if isinstance(teacher, TopK):
@@ -310,4 +398,7 @@ def distillation_loss(student_logits, teacher, *, temperature: float = 1.0,
             return _core.distillation_loss(
                 x, t, float(temperature), divergence, float(beta), reduction, mask, grad,
                 losses)
-    return _np_forward(call, x, reduction, True, return_grad, inplace_backward)
+    others = ((("teacher.indices", indices), ("teacher.values", values))
+              if isinstance(teacher, TopK) else (("teacher", t),))
+    return _np_forward(call, x, reduction, True, return_grad, inplace_backward, fn,
+                       others + (("mask", mask),))

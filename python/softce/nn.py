@@ -62,23 +62,27 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
 
 class DistillationLoss(torch.nn.Module):
     """Knowledge-distillation loss; see softce.distillation_loss. forward(student_logits,
-    teacher, mask=None), where teacher is logits or a softce.TopK of probabilities."""
+    teacher, mask=None), where teacher is logits or a softce.TopK of probabilities. ``dim``:
+    the class dimension (required for 3-d and more: 1 for (N, C, ...), -1 for (B, S, V))."""
 
     def __init__(self, temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5,
-                 reduction: str = "batchmean", *, inplace_backward: bool = False) -> None:
+                 reduction: str = "batchmean", *, inplace_backward: bool = False,
+                 dim=None) -> None:
         super().__init__()
         self.temperature = temperature
         self.divergence = divergence
         self.beta = beta
         self.reduction = reduction
         self.inplace_backward = inplace_backward
+        self.dim = dim
 
     def forward(self, student_logits, teacher, mask=None):
         return F.distillation_loss(student_logits, teacher, temperature=self.temperature,
                                    divergence=self.divergence, beta=self.beta,
                                    reduction=self.reduction, mask=mask,
-                                   inplace_backward=self.inplace_backward)
+                                   inplace_backward=self.inplace_backward, dim=self.dim)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, "
-                f"beta={self.beta}, reduction={self.reduction!r}")
+                f"beta={self.beta}, reduction={self.reduction!r}"
+                + ("" if self.dim is None else f", dim={self.dim}"))

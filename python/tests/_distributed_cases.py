@@ -509,7 +509,7 @@ def error_row_shape_differs(ctx):
     expect_error(ValueError,
                  "distillation_loss: student_logits: row shape differs across ranks "
                  "(rank 0: (4, 6), rank 1: (8, 3))",
-                 lambda: softce.distillation_loss(student, student.detach(),
+                 lambda: softce.distillation_loss(student, student.detach(), dim=1,
                                                   process_group=ctx.group))
 
 

@@ -105,9 +105,18 @@ CASES = [
      "overlap (e.g. not an expanded tensor)",
      lambda: softce.cross_entropy((X[:1] * torch.ones(1, requires_grad=True)).expand(4, 10),
                                   INDEX, inplace_backward=True)),
-    (NotImplementedError, "kl_div: the gradient with respect to target is not implemented "
-     "(softce differentiates the input only); pass target.detach() if target needs no "
-     "gradient", lambda: softce.kl_div(X, PROBS.clone().requires_grad_())),
+    (ValueError, "cross_entropy: inplace_backward=True would overwrite a view of a leaf "
+     "tensor that requires grad; it is meant for logits produced by the model (e.g. a Linear "
+     "layer's output)", lambda: softce.cross_entropy(X.clone().requires_grad_()[:2],
+                                                     INDEX[:2], inplace_backward=True)),
+    (ValueError, "cross_entropy: inplace_backward=True: target overlaps the memory of the "
+     "input, which the gradient overwrites; pass a copy (e.g. target.clone())",
+     lambda: (lambda x: softce.cross_entropy(x, x, inplace_backward=True))(
+         X.clone().requires_grad_() * 1)),
+    (ValueError, "distillation_loss: student_logits has 3 dimensions: pass dim= to say which "
+     "one holds the classes (dim=1 for PyTorch's (N, C, d1, ...) layout, dim=-1 for (batch, "
+     "sequence, vocabulary) logits as in TRL and Hugging Face)",
+     lambda: softce.distillation_loss(X.view(2, 2, 10), X.view(2, 2, 10))),
 ]
 
 

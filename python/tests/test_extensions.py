@@ -273,14 +273,18 @@ def test_jsd_against_trl_generalized_jsd_loss(beta, temperature, reduction):
     assert_close(grad, expected_grad)
 
 
-def test_distillation_teacher_gets_no_gradient_and_mask():
+def test_distillation_teacher_gradient_and_mask():
     g = torch.Generator().manual_seed(6)
     student = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([True, False, True, True, False, True])
     loss = softce.distillation_loss(student, teacher, mask=mask, divergence="jsd")
     loss.backward()
-    assert teacher.grad is None
+    # the teacher gets the gradient of TRL's generalised JSD (masked rows: 0)
+    expected_teacher = torch.autograd.grad(
+        generalized_jsd_loss(student.detach()[mask], teacher[mask], 0.5, 1.0, "sum")
+        / mask.sum(), teacher)[0]
+    assert_close(teacher.grad, expected_teacher)
     expected, expected_grad = grad_of(
         lambda x: softce.distillation_loss(x, teacher.detach()[mask], divergence="jsd"),
         student[mask])

@@ -32,7 +32,8 @@ CALLS = {
     "kl": lambda x, **kw: softce.kl_div(x, P, reduction="batchmean", **kw),
     "bce": lambda x, **kw: softce.binary_cross_entropy_with_logits(
         x, P, pos_weight=np.full(3, 2.0), **kw),
-    "distill": lambda x, **kw: softce.distillation_loss(x, TEACHER, divergence="jsd", **kw),
+    "distill": lambda x, **kw: softce.distillation_loss(x, TEACHER, divergence="jsd", dim=1,
+                                                        **kw),
     "cewp": lambda x, **kw: softce.cross_entropy_with_probs(x, P, **kw),
 }
 

@@ -18,6 +18,7 @@
 
 #include "charts.hpp"
 #include "cli_error.hpp"
+#include "limits.hpp"
 #include "model.hpp"
 #include "outputs.hpp"
 #include "progress.hpp"
@@ -86,6 +87,23 @@ std::vector<float> softmax_rows(const std::vector<float>& logits, std::int64_t r
   return p;
 }
 
+// input_error unless logits (rows, C) for the rows of `t` stay within max_table_values.
+void require_logits_fit(const table& t, std::int64_t C) {
+  if (t.rows > max_table_values / C)
+    throw input_error(t.path + ": " + std::to_string(t.rows) + " rows x " + std::to_string(C) +
+                      " classes of outputs exceed the limit of " +
+                      std::to_string(max_table_values) + " values");
+}
+
+// The first row whose logits are not all finite, or -1.
+std::int64_t first_nonfinite_row(const std::vector<float>& logits, std::int64_t C) {
+  const std::int64_t rows = static_cast<std::int64_t>(logits.size()) / C;
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < C; ++c)
+      if (!std::isfinite(logits[r * C + c])) return r;
+  return -1;
+}
+
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -126,6 +144,8 @@ int run_train(const train_args& a) {
   topt.tolerance = a.tolerance;
   targets train_targets = interpret_targets(target_table, topt);
   const std::int64_t C = train_targets.classes;
+  require_logits_fit(features, C);
+  check_model_size(features.cols, hidden, C, std::min<std::int64_t>(a.batch_size, features.rows));
   if (a.topk_tail && train_targets.kind != target_kind::topk)
     throw input_error("--topk-tail needs top-k targets (--targets-format topk)");
   if (a.topk_tail && a.label_smoothing > 0)
@@ -149,6 +169,7 @@ int run_train(const train_args& a) {
                         " (classes), but the training targets have " + std::to_string(C) +
                         " classes");
     val_targets = interpret_targets(val_target_table, vopt);
+    require_logits_fit(val_features, C);
   }
 
   table teacher;
@@ -163,6 +184,8 @@ int run_train(const train_args& a) {
 
   // output location (created and probed before training)
   staged_outputs out(a.out, true);
+  out.claim("model.json");
+  out.claim("metrics.json");
 
   // train
   model m = make_model(features.cols, hidden, C, a.seed);
@@ -190,6 +213,11 @@ int run_train(const train_args& a) {
     std::string extra;
     if (have_val) {
       auto logits = predict_logits(m, val_features.values.data(), val_features.rows);
+      if (const std::int64_t row = first_nonfinite_row(logits, C); row >= 0)
+        throw input_error(val_features.where(row) + ": the model's logits overflow float32 "
+                          "(inf or NaN) for this validation row after epoch " +
+                          std::to_string(r.epoch) + ": its features are far outside the "
+                          "range of the training features (nothing was written)");
       r.validation = evaluate(logits.data(), val_features.rows, C, val_targets);
       char buffer[96];
       std::snprintf(buffer, sizeof buffer, "val_accuracy %.4f  val_nll %.4f",
@@ -239,6 +267,10 @@ int run_train(const train_args& a) {
   }
   {
     auto logits = predict_logits(m, features.values.data(), features.rows);
+    if (const std::int64_t r = first_nonfinite_row(logits, C); r >= 0)
+      throw input_error("training diverged: the trained model's logits overflow float32 at " +
+                        features.where(r) + "; lower --lr or rescale the inputs (nothing was "
+                        "written)");
     metrics["train"] = to_json(evaluate(logits.data(), features.rows, C, train_targets));
   }
   if (have_val) metrics["validation"] = to_json(*history.back().validation);
@@ -266,14 +298,20 @@ int run_predict(const predict_args& a) {
   if (features.cols != m.inputs)
     throw input_error(features.path + ": " + columns(features.cols) + ", but the model " +
                       model_path + " takes " + std::to_string(m.inputs) + " features");
+  require_logits_fit(features, m.classes);
   if (std::filesystem::is_directory(a.out))
     throw input_error(a.out + ": is a directory (--out names the output file)");
+  require_replaceable(a.out);
   const std::filesystem::path out_path(a.out);
   staged_outputs out(out_path.parent_path().string(), false);
   const std::string name = out_path.filename().string();
   if (name.empty()) throw input_error(a.out + ": --out must name a file");
 
   std::vector<float> result = predict_logits(m, features.values.data(), features.rows);
+  if (const std::int64_t r = first_nonfinite_row(result, m.classes); r >= 0)
+    throw input_error(features.where(r) + ": the model's logits overflow float32 (inf or NaN) "
+                      "for this row: its features are far outside the range the model was "
+                      "trained on (nothing was written)");
   if (a.output == "probs") result = softmax_rows(result, features.rows, m.classes);
   std::string lower = name;
   for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));

@@ -238,6 +238,7 @@ int run_demo(const demo_args& a) {
   const std::int64_t N = train_images.rows, N_test = test_images.rows, D = train_images.cols;
 
   staged_outputs out(a.out, true);
+  for (const char* name : {"results.json", "reliability.png", "accuracy_nll.png"}) out.claim(name);
 
   std::printf("softce demo: Fashion-MNIST, %lld training and %lld test images, %d threads%s\n",
               static_cast<long long>(N), static_cast<long long>(N_test), threads,

@@ -8,9 +8,11 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "cli_error.hpp"
+#include "limits.hpp"
 #include "table.hpp"
 
 namespace softce::cli {
@@ -34,6 +36,39 @@ std::int64_t model::parameter_count() const {
   std::int64_t n = 0;
   for (const auto& l : layers) n += l.out * l.in + l.out;
   return n;
+}
+
+std::int64_t parameter_count(std::int64_t inputs, const std::vector<std::int64_t>& hidden,
+                             std::int64_t classes) {
+  // Saturating: inputs, classes and widths are each below 2^31 here, so one product fits.
+  std::int64_t n = 0, in = inputs;
+  for (std::size_t l = 0; l <= hidden.size(); ++l) {
+    const std::int64_t out = l < hidden.size() ? hidden[l] : classes;
+    std::int64_t layer = 0;
+    if (__builtin_mul_overflow(in, out, &layer) || __builtin_add_overflow(layer, out, &layer) ||
+        __builtin_add_overflow(n, layer, &n))
+      return std::numeric_limits<std::int64_t>::max();
+    in = out;
+  }
+  return n;
+}
+
+void check_model_size(std::int64_t inputs, const std::vector<std::int64_t>& hidden,
+                      std::int64_t classes, std::int64_t batch) {
+  model shape;
+  shape.hidden = hidden;
+  const std::string spec = shape.architecture();
+  const std::int64_t n = parameter_count(inputs, hidden, classes);
+  if (n > max_parameters)
+    throw input_error("--model " + spec + ": " + std::to_string(n) + " parameters for " +
+                      std::to_string(inputs) + " inputs and " + std::to_string(classes) +
+                      " classes, more than the limit of " + std::to_string(max_parameters));
+  for (std::int64_t width : hidden)
+    if (width > max_table_values / std::max<std::int64_t>(batch, 1))
+      throw input_error("--model " + spec + ": a hidden layer of " + std::to_string(width) +
+                        " units over batches of " + std::to_string(batch) +
+                        " rows exceeds the limit of " + std::to_string(max_table_values) +
+                        " activations (lower --batch-size)");
 }
 
 std::vector<std::int64_t> parse_architecture(const std::string& spec) {
@@ -321,10 +356,14 @@ model model_from_json(const std::string& text, const std::string& path) {
     m.classes = integer(j.at("classes"), "classes");
     if (!j.at("hidden").is_array()) throw bad("hidden is not an array");
     for (const auto& h : j.at("hidden")) m.hidden.push_back(integer(h, "hidden"));
-    if (m.inputs < 1 || m.inputs > (1 << 26) || m.classes < 2 || m.classes > (1 << 26))
+    if (m.inputs < 1 || m.inputs > max_table_values || m.classes < 2 || m.classes > max_classes)
       throw bad("inputs or classes out of range");
+    if (m.hidden.size() > 8) throw bad("more than 8 hidden layers");
     for (auto h : m.hidden)
       if (h < 1 || h > 65536) throw bad("hidden size out of range");
+    if (const std::int64_t n = parameter_count(m.inputs, m.hidden, m.classes); n > max_parameters)
+      throw bad(std::to_string(n) + " parameters, more than the limit of " +
+                std::to_string(max_parameters));
     if (j.value("activation", "relu") != "relu") throw bad("unknown activation");
     const auto array = [&](const nlohmann::json& a, std::vector<std::int64_t> shape,
                            const std::string& name) {

@@ -56,6 +56,14 @@ struct model {
 // "linear" or "mlp:H[,H2...]"; input_error otherwise.
 std::vector<std::int64_t> parse_architecture(const std::string& spec);
 
+// Parameters (weights + biases) of that architecture.
+std::int64_t parameter_count(std::int64_t inputs, const std::vector<std::int64_t>& hidden,
+                             std::int64_t classes);
+// input_error naming --model when the model would have more than max_parameters, or one
+// batch of `batch` rows more than max_table_values activations in a layer (limits.hpp).
+void check_model_size(std::int64_t inputs, const std::vector<std::int64_t>& hidden,
+                      std::int64_t classes, std::int64_t batch);
+
 model make_model(std::int64_t inputs, const std::vector<std::int64_t>& hidden,
                  std::int64_t classes, std::uint64_t seed);
 

@@ -20,6 +20,7 @@
 #include <limits>
 
 #include "cli_error.hpp"
+#include "limits.hpp"
 
 namespace softce::cli {
 
@@ -184,20 +185,40 @@ double load_element(const unsigned char* p, element e, bool big_endian) {
   return 0;
 }
 
-// Shared tail of the binary readers: shape check against the bytes present, then decoding.
-void decode_array(table& t, std::string_view data, const std::vector<std::uint64_t>& shape,
-                  element type, bool big_endian, const char* what, const read_options& options) {
-  if (shape.empty())
-    fail(t.path + ": the " + std::string(what) +
+// A binary file's header: what the data after `data_offset` must be.
+struct binary_header {
+  std::vector<std::uint64_t> shape;
+  element type = element::u1;
+  bool big_endian = false;
+  std::size_t data_offset = 0;
+  const char* what = "NPY";
+};
+
+// Bytes of data the header declares (input_error for an impossible shape).
+std::uint64_t declared_data_bytes(const binary_header& h, const std::string& path) {
+  if (h.shape.empty())
+    fail(path + ": the " + std::string(h.what) +
          " array is 0-dimensional (a single number); expected rows");
   std::uint64_t count = 1;
-  for (std::uint64_t d : shape)
+  for (std::uint64_t d : h.shape)
     if (!checked_multiply(count, d, count))
-      fail(t.path + ": " + what + " header declares an impossible shape " + shape_text(shape));
+      fail(path + ": " + h.what + " header declares an impossible shape " + shape_text(h.shape));
   std::uint64_t bytes_needed = 0;
-  if (!checked_multiply(count, element_size(type), bytes_needed) ||
+  if (!checked_multiply(count, element_size(h.type), bytes_needed) ||
       bytes_needed > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
-    fail(t.path + ": " + what + " header declares an impossible shape " + shape_text(shape));
+    fail(path + ": " + h.what + " header declares an impossible shape " + shape_text(h.shape));
+  return bytes_needed;
+}
+
+// Shared tail of the binary readers: shape check against the bytes present, then decoding.
+void decode_array(table& t, std::string_view bytes, const binary_header& h,
+                  const read_options& options) {
+  const std::vector<std::uint64_t>& shape = h.shape;
+  const element type = h.type;
+  const char* what = h.what;
+  const std::string_view data = bytes.substr(h.data_offset);
+  const std::uint64_t bytes_needed = declared_data_bytes(h, t.path);
+  const std::uint64_t count = bytes_needed / element_size(type);
   if (bytes_needed > data.size())
     fail(t.path + ": truncated " + what + " data: the header declares shape " + shape_text(shape) +
          " of " + element_name(type) + " (" + std::to_string(bytes_needed) +
@@ -209,6 +230,9 @@ void decode_array(table& t, std::string_view data, const std::vector<std::uint64
          " bytes)");
   if (shape[0] == 0) fail(t.path + ": the array has no records (shape " + shape_text(shape) + ")");
   if (count == 0) fail(t.path + ": the records are empty (shape " + shape_text(shape) + ")");
+  if (count > static_cast<std::uint64_t>(max_table_values))
+    fail(t.path + ": " + std::to_string(count) + " values (shape " + shape_text(shape) +
+         "), more than the limit of " + std::to_string(max_table_values) + " on a table");
   t.rows = static_cast<std::int64_t>(shape[0]);
   t.cols = static_cast<std::int64_t>(count / shape[0]);
   t.integer_dtype = type != element::f4 && type != element::f8;
@@ -216,7 +240,7 @@ void decode_array(table& t, std::string_view data, const std::vector<std::uint64
   const auto* p = reinterpret_cast<const unsigned char*>(data.data());
   const std::size_t size = element_size(type);
   for (std::uint64_t i = 0; i < count; ++i) {
-    double v = load_element(p + i * size, type, big_endian);
+    double v = load_element(p + i * size, type, h.big_endian);
     t.values[i] = t.integer_dtype ? static_cast<float>(v)
                                   : to_float(v, options, t, static_cast<std::int64_t>(i) / t.cols,
                                              static_cast<std::int64_t>(i) % t.cols);
@@ -363,6 +387,9 @@ table parse_csv(std::string_view bytes, const std::string& path, const read_opti
     if (static_cast<std::int64_t>(fields.size()) != t.cols)
       fail(where() + ": expected " + std::to_string(t.cols) + " values, found " +
            std::to_string(fields.size()));
+    if (t.values.size() + fields.size() > static_cast<std::size_t>(max_table_values))
+      fail(where() + ": more than " + std::to_string(max_table_values) +
+           " values, the limit on a table");
     t.line.push_back(line_number);
     ++t.rows;
     for (std::size_t c = 0; c < fields.size(); ++c) {
@@ -382,10 +409,12 @@ table parse_csv(std::string_view bytes, const std::string& path, const read_opti
 // ---------------------------------------------------------------------------------------
 // NPY (https://numpy.org/doc/stable/reference/generated/numpy.lib.format.html)
 
-table parse_npy(std::string_view bytes, const std::string& path, const read_options& options) {
-  table t;
-  t.path = path;
-  t.format = table_format::npy;
+namespace {
+
+// Largest NPY header accepted (NumPy itself refuses more than 10000 bytes by default).
+constexpr std::size_t max_npy_header = 1 << 20;
+
+binary_header parse_npy_header(std::string_view bytes, const std::string& path) {
   if (bytes.empty()) fail(path + ": file is empty");
   if (bytes.size() < 6 || bytes.substr(0, 6) != "\x93NUMPY")
     fail(path + ": not an NPY file (bad magic)");
@@ -405,6 +434,9 @@ table parse_npy(std::string_view bytes, const std::string& path, const read_opti
     fail(path + ": unsupported NPY format version " + std::to_string(major) + "." +
          std::to_string(b[7]));
   }
+  if (header_length > max_npy_header)
+    fail(path + ": NPY header of " + std::to_string(header_length) + " bytes, more than the " +
+         "limit of " + std::to_string(max_npy_header));
   if (header_length > bytes.size() - prefix)
     fail(path + ": truncated NPY header (the header length is " + std::to_string(header_length) +
          " bytes but only " + std::to_string(bytes.size() - prefix) + " follow)");
@@ -438,21 +470,32 @@ table parse_npy(std::string_view bytes, const std::string& path, const read_opti
   if (!have_descr || !have_order || !have_shape)
     p.bad(std::string("missing key '") +
           (!have_descr ? "descr" : !have_order ? "fortran_order" : "shape") + "'");
-  bool big_endian = false;
-  element type = parse_descr(descr, big_endian, path);
+  binary_header h;
+  h.type = parse_descr(descr, h.big_endian, path);
   if (fortran_order && shape.size() > 1)
     fail(path + ": Fortran-order arrays are not supported (save the array in C order)");
-  decode_array(t, bytes.substr(prefix + header_length), shape, type, big_endian, "NPY", options);
+  h.shape = std::move(shape);
+  h.data_offset = prefix + header_length;
+  h.what = "NPY";
+  return h;
+}
+
+}  // namespace
+
+table parse_npy(std::string_view bytes, const std::string& path, const read_options& options) {
+  table t;
+  t.path = path;
+  t.format = table_format::npy;
+  decode_array(t, bytes, parse_npy_header(bytes, path), options);
   return t;
 }
 
 // ---------------------------------------------------------------------------------------
 // IDX (the MNIST format: magic 0 0 TYPE NDIM, NDIM big-endian uint32 sizes, big-endian data)
 
-table parse_idx(std::string_view bytes, const std::string& path, const read_options& options) {
-  table t;
-  t.path = path;
-  t.format = table_format::idx;
+namespace {
+
+binary_header parse_idx_header(std::string_view bytes, const std::string& path) {
   if (bytes.empty()) fail(path + ": file is empty");
   const auto* b = reinterpret_cast<const unsigned char*>(bytes.data());
   if (bytes.size() < 4) fail(path + ": truncated IDX header");
@@ -473,9 +516,23 @@ table parse_idx(std::string_view bytes, const std::string& path, const read_opti
   }
   const std::size_t ndim = b[3];
   if (bytes.size() < 4 + 4 * ndim) fail(path + ": truncated IDX header");
-  std::vector<std::uint64_t> shape(ndim);
-  for (std::size_t i = 0; i < ndim; ++i) shape[i] = load<std::uint32_t>(b + 4 + 4 * i, true);
-  decode_array(t, bytes.substr(4 + 4 * ndim), shape, type, true, "IDX", options);
+  binary_header h;
+  h.shape.resize(ndim);
+  for (std::size_t i = 0; i < ndim; ++i) h.shape[i] = load<std::uint32_t>(b + 4 + 4 * i, true);
+  h.type = type;
+  h.big_endian = true;
+  h.data_offset = 4 + 4 * ndim;
+  h.what = "IDX";
+  return h;
+}
+
+}  // namespace
+
+table parse_idx(std::string_view bytes, const std::string& path, const read_options& options) {
+  table t;
+  t.path = path;
+  t.format = table_format::idx;
+  decode_array(t, bytes, parse_idx_header(bytes, path), options);
   return t;
 }
 
@@ -487,22 +544,113 @@ bool is_gzip(std::string_view bytes) {
          static_cast<unsigned char>(bytes[1]) == 0x8b;
 }
 
+namespace {
+
+bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+
+// The format of (decompressed) bytes: by the file name, else by the content.
+table_format detect_format(std::string_view bytes, const std::string& path) {
+  std::string name = path.substr(path.find_last_of('/') + 1);
+  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (ends_with(name, ".gz")) name.resize(name.size() - 3);
+  if (ends_with(name, ".npy")) return table_format::npy;
+  if (ends_with(name, ".csv") || ends_with(name, ".tsv") || ends_with(name, ".txt"))
+    return table_format::csv;
+  if (name.find("idx") != std::string::npos || ends_with(name, "-ubyte")) return table_format::idx;
+  if (bytes.substr(0, 6) == "\x93NUMPY") return table_format::npy;
+  if (bytes.size() >= 4 && bytes[0] == 0 && bytes[1] == 0) return table_format::idx;
+  return table_format::csv;
+}
+
+// Bounds an input while it arrives (from a pipe, a FIFO, a device, or out of gzip): at most
+// max_input_bytes, and for NPY/IDX exactly what the header declares, known as soon as the
+// header is in (the first 2 MiB hold any accepted header). A prefix that cannot start a
+// valid file (a bad header, binary bytes in a CSV) is refused then, without reading on.
+class size_bound {
+ public:
+  size_bound(const std::string& path, const char* after) : path_(path), after_(after) {}
+  // `received`: every byte so far; `complete`: nothing more will come.
+  void check(std::string_view received, bool complete) {
+    if (!resolved_ && !received.empty() && (received.size() >= (2u << 20) || complete)) {
+      resolved_ = true;
+      if (!is_gzip(received)) resolve(received);
+    }
+    if (received.size() > limit_) {
+      if (header_)
+        fail(path_ + ": more data than its " + header_ + " header declares (" +
+             std::to_string(limit_) + " bytes in all)");
+      fail(path_ + ": more than " + std::to_string(max_input_bytes) + " bytes" + after_ +
+           ", the limit on an input file");
+    }
+  }
+  std::uint64_t limit() const { return limit_; }
+
+ private:
+  void resolve(std::string_view prefix) {
+    const table_format format = detect_format(prefix, path_);
+    if (format == table_format::csv) {
+      const std::size_t nul = prefix.find('\0');
+      if (nul != std::string_view::npos)
+        fail(path_ + ":" +
+             std::to_string(std::count(prefix.begin(), prefix.begin() + nul, '\n') + 1) +
+             ": binary data in a CSV file");
+      return;
+    }
+    const binary_header h = format == table_format::npy ? parse_npy_header(prefix, path_)
+                                                        : parse_idx_header(prefix, path_);
+    const std::uint64_t data = declared_data_bytes(h, path_);
+    if (data > max_input_bytes || h.data_offset + data > max_input_bytes)
+      fail(path_ + ": the " + h.what + " header declares " + std::to_string(data) +
+           " bytes of data (shape " + shape_text(h.shape) + "), more than the limit of " +
+           std::to_string(max_input_bytes) + " bytes on an input file");
+    limit_ = h.data_offset + data;
+    header_ = h.what;
+  }
+
+  const std::string& path_;
+  const char* after_;
+  std::uint64_t limit_ = max_input_bytes;
+  bool resolved_ = false;
+  const char* header_ = nullptr;
+};
+
+}  // namespace
+
 std::string gunzip(std::string_view bytes, const std::string& path) {
   // Deflate cannot expand data by more than 1032:1; anything larger is corrupt.
-  const std::uint64_t limit = static_cast<std::uint64_t>(bytes.size()) * 1032 + 4096;
+  const std::uint64_t ratio_limit = static_cast<std::uint64_t>(bytes.size()) * 1032 + 4096;
+  size_bound bound(path, " after decompression");
+  // The trailer's ISIZE (the last member's size mod 2^32) sizes the first buffer when it is
+  // within the bounds; it is only a hint (a corrupt or truncated stream ends in anything),
+  // so the bound is enforced as the data expands.
+  std::uint64_t declared = 0;
+  if (bytes.size() >= 18) {
+    const auto* end = reinterpret_cast<const unsigned char*>(bytes.data() + bytes.size());
+    declared = std::uint64_t{end[-4]} | std::uint64_t{end[-3]} << 8 |
+               std::uint64_t{end[-2]} << 16 | std::uint64_t{end[-1]} << 24;
+  }
   z_stream zs{};
   if (inflateInit2(&zs, 16 + MAX_WBITS) != Z_OK) fail(path + ": cannot initialise zlib");
   struct guard { z_stream* z; ~guard() { inflateEnd(z); } } release{&zs};
 
+  // Room for one byte more than allowed, so that "too much" is seen.
+  const auto capacity = [&] { return std::min(ratio_limit, bound.limit() + 1); };
   std::string out;
   out.resize(static_cast<std::size_t>(std::min<std::uint64_t>(
-      limit, std::max<std::uint64_t>(std::uint64_t{bytes.size()} * 4, 1 << 16))));
+      capacity(), std::max<std::uint64_t>(
+                      {std::uint64_t{bytes.size()} * 4, 1 << 16,
+                       std::min<std::uint64_t>(declared + 1, std::uint64_t{bytes.size()} * 64)}))));
   std::size_t produced = 0, consumed = 0;
   for (;;) {
     if (produced == out.size()) {
-      if (out.size() >= limit)
-        fail(path + ": corrupt gzip data (it expands beyond the deflate format's limit)");
-      out.resize(static_cast<std::size_t>(std::min<std::uint64_t>(limit, out.size() * 2ull)));
+      if (out.size() >= capacity()) {
+        if (out.size() >= ratio_limit)
+          fail(path + ": corrupt gzip data (it expands beyond the deflate format's limit)");
+        bound.check(std::string_view(out.data(), produced), false);  // fails: over the bound
+      }
+      out.resize(static_cast<std::size_t>(std::min<std::uint64_t>(capacity(), out.size() * 2ull)));
     }
     const std::size_t in_chunk = std::min<std::size_t>(bytes.size() - consumed, 1u << 30);
     const std::size_t out_chunk = std::min<std::size_t>(out.size() - produced, 1u << 30);
@@ -513,6 +661,7 @@ std::string gunzip(std::string_view bytes, const std::string& path) {
     int rc = inflate(&zs, Z_NO_FLUSH);
     consumed += in_chunk - zs.avail_in;
     produced += out_chunk - zs.avail_out;
+    bound.check(std::string_view(out.data(), produced), false);
     if (rc == Z_STREAM_END) {
       if (consumed == bytes.size()) break;
       // Another gzip member follows (as `cat a.gz b.gz` makes); otherwise trailing garbage.
@@ -535,31 +684,18 @@ std::string gunzip(std::string_view bytes, const std::string& path) {
   return out;
 }
 
-namespace {
-
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-
-}  // namespace
-
 table parse_table(std::string_view bytes, const std::string& path, const read_options& options) {
-  std::string name = path.substr(path.find_last_of('/') + 1);
-  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  if (ends_with(name, ".gz")) name.resize(name.size() - 3);
   std::string inflated;
   if (is_gzip(bytes)) {
     inflated = gunzip(bytes, path);
     if (inflated.empty()) fail(path + ": file is empty (after decompression)");
     bytes = inflated;
   }
-  if (ends_with(name, ".npy")) return parse_npy(bytes, path, options);
-  if (ends_with(name, ".csv") || ends_with(name, ".tsv") || ends_with(name, ".txt"))
-    return parse_csv(bytes, path, options);
-  if (name.find("idx") != std::string::npos || ends_with(name, "-ubyte"))
-    return parse_idx(bytes, path, options);
-  if (bytes.substr(0, 6) == "\x93NUMPY") return parse_npy(bytes, path, options);
-  if (bytes.size() >= 4 && bytes[0] == 0 && bytes[1] == 0) return parse_idx(bytes, path, options);
+  switch (detect_format(bytes, path)) {
+    case table_format::npy: return parse_npy(bytes, path, options);
+    case table_format::idx: return parse_idx(bytes, path, options);
+    case table_format::csv: break;
+  }
   return parse_csv(bytes, path, options);
 }
 
@@ -573,8 +709,15 @@ std::string read_file(const std::string& path) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) fail(path + ": cannot read: " + std::strerror(errno));
   if (S_ISDIR(st.st_mode)) fail(path + ": is a directory, not a file");
+  const bool regular = S_ISREG(st.st_mode);
+  if (regular && static_cast<std::uint64_t>(st.st_size) > max_input_bytes)
+    fail(path + ": " + std::to_string(st.st_size) + " bytes, more than the limit of " +
+         std::to_string(max_input_bytes) + " bytes on an input file");
+  // A pipe, FIFO or device has no size: read it under a bound (max_input_bytes, or what
+  // its header declares), so /dev/zero or an endless pipe is refused, not swallowed.
+  size_bound bound(path, "");
   std::string bytes;
-  if (S_ISREG(st.st_mode)) bytes.reserve(static_cast<std::size_t>(st.st_size));
+  if (regular) bytes.reserve(static_cast<std::size_t>(st.st_size));
   char buffer[1 << 16];
   for (;;) {
     ssize_t n = ::read(fd, buffer, sizeof buffer);
@@ -584,8 +727,13 @@ std::string read_file(const std::string& path) {
     }
     if (n == 0) break;
     bytes.append(buffer, static_cast<std::size_t>(n));
+    if (!regular) bound.check(bytes, false);
+    else if (bytes.size() > max_input_bytes)  // grew while being read
+      fail(path + ": more than " + std::to_string(max_input_bytes) +
+           " bytes, the limit on an input file");
   }
   if (bytes.empty()) fail(path + ": file is empty");
+  if (!regular) bound.check(bytes, true);
   return bytes;
 }
 

@@ -1,10 +1,13 @@
 // softce CLI — target validation and conversion (see targets.hpp).
 #include "targets.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <utility>
 
 #include "cli_error.hpp"
+#include "limits.hpp"
 
 namespace softce::cli {
 
@@ -25,6 +28,13 @@ std::string index_problem(float v, std::int64_t classes, const std::string& colu
   if (classes > 0 && v >= static_cast<float>(classes))
     return "class index " + number(v) + column + " is out of range for " +
            std::to_string(classes) + " classes";
+  // Checked before any conversion to an integer (a float beyond int64 would be undefined
+  // behaviour there), and before the class count is inferred from it (3e9 classes would be
+  // allocated).
+  if (v >= static_cast<float>(max_classes))
+    return "class index " + number(v) + column + " exceeds the limit of " +
+           std::to_string(max_classes - 1) + " (at most " + std::to_string(max_classes) +
+           " classes)";
   return {};
 }
 
@@ -77,6 +87,7 @@ std::vector<row_problem> find_target_problems(const table& t, const target_optio
     return t.cols > 1 ? " in column " + std::to_string(c + 1) : std::string();
   };
 
+  std::vector<std::pair<float, std::int64_t>> sorted;  // (index, column) of a top-k row
   for (std::int64_t r = 0; r < t.rows; ++r) {
     const float* row = &t.values[r * t.cols];
     if (kind == target_kind::index) {
@@ -88,13 +99,28 @@ std::vector<row_problem> find_target_problems(const table& t, const target_optio
     const std::int64_t first = kind == target_kind::topk ? t.cols / 2 : 0;
     std::string p;
     double sum = 0;
-    for (std::int64_t c = 0; c < first && p.empty(); ++c) {
-      p = index_problem(row[c], options.classes, column(c));
-      for (std::int64_t d = 0; d < c && p.empty(); ++d)
-        if (row[d] == row[c])
-          p = "duplicate class index " + number(row[c]) + " in columns " + std::to_string(d + 1) +
-              " and " + std::to_string(c + 1);
+    // top-k indices: the first problem in column order, a bad index or a repeat of an
+    // earlier one; repeats are found by sorting (K log K, not K^2)
+    std::int64_t bad = first;
+    for (std::int64_t c = 0; c < first && bad == first; ++c)
+      if (!index_problem(row[c], options.classes, "").empty()) bad = c;
+    if (bad > 0) {
+      sorted.clear();
+      for (std::int64_t c = 0; c < bad; ++c) sorted.emplace_back(row[c], c);
+      std::sort(sorted.begin(), sorted.end());
+      std::int64_t repeat = bad, earlier = 0;  // the smallest column repeating an earlier one
+      for (std::size_t i = 1; i < sorted.size(); ++i)
+        if (sorted[i].first == sorted[i - 1].first && sorted[i].second < repeat) {
+          std::size_t g = i - 1;
+          while (g > 0 && sorted[g - 1].first == sorted[i].first) --g;
+          repeat = sorted[i].second;
+          earlier = sorted[g].second;
+        }
+      if (repeat < bad)
+        p = "duplicate class index " + number(row[repeat]) + " in columns " +
+            std::to_string(earlier + 1) + " and " + std::to_string(repeat + 1);
     }
+    if (p.empty() && bad < first) p = index_problem(row[bad], options.classes, column(bad));
     for (std::int64_t c = first; c < t.cols && p.empty(); ++c) {
       if (!std::isfinite(row[c])) p = "non-finite probability " + number(row[c]) + column(c);
       else if (row[c] < 0) p = "negative probability " + number(row[c]) + column(c);
@@ -168,6 +194,9 @@ targets interpret_targets(const table& t, const target_options& options) {
     }
     out.classes = options.classes > 0 ? options.classes : max_index + 1;
   }
+  if (out.classes > max_classes)
+    throw input_error(t.path + ": " + std::to_string(out.classes) +
+                      " classes, more than the limit of " + std::to_string(max_classes));
   if (out.classes < 2)
     throw input_error(t.path + ": the targets name only " + std::to_string(out.classes) +
                       " class; at least 2 are needed (pass --classes if some are absent)");

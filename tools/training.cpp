@@ -5,13 +5,40 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <string>
 #include <numbers>
 
+#include "cli_error.hpp"
 #include "outputs.hpp"
 
 namespace softce::cli {
 
 namespace {
+
+bool all_finite(const float* v, std::int64_t n) {
+  // x - x is 0 for every finite x and NaN for NaN and ±inf; one sum checks them all.
+  float acc = 0;
+  for (std::int64_t i = 0; i < n; ++i) acc += v[i] - v[i];
+  return acc == 0;
+}
+
+// Training went numerically wrong: say where and what, and what to change.
+[[noreturn]] void diverged(int epoch, std::int64_t batch, const std::string& what,
+                           const train_config& config) {
+  char lr[32];
+  std::snprintf(lr, sizeof lr, "%g", config.lr);
+  std::string hint = "lower --lr (now " + std::string(lr) + ")";
+  if (config.loss.teacher_logits) {
+    char t[32];
+    std::snprintf(t, sizeof t, "%g", config.loss.temperature);
+    hint += ", bring --temperature (now " + std::string(t) + ") closer to 1";
+  }
+  hint += " or rescale the inputs";
+  throw input_error("training diverged in epoch " + std::to_string(epoch) + ", batch " +
+                    std::to_string(batch + 1) + ": " + what + "; " + hint +
+                    " (nothing was written)");
+}
 
 // The target part of the loss for one batch, its gradient written to `grad` (B, C).
 double target_loss(const float* logits, std::int64_t B, std::int64_t C, const targets& t,
@@ -122,6 +149,8 @@ std::vector<epoch_record> train(model& m, const float* x, std::int64_t rows, con
       }
 
       forward(m, xb.data(), B, ws);
+      if (!all_finite(ws.logits(), B * C))
+        diverged(epoch, b, "the logits overflowed float32 (inf or NaN)", config);
       double loss = 0;
       if (alpha > 0) {
         loss = target_loss(ws.logits(), B, C, t, bi, bp, lc, grad.data());
@@ -150,6 +179,11 @@ std::vector<epoch_record> train(model& m, const float* x, std::int64_t rows, con
           loss = kd;
         }
       }
+      if (!std::isfinite(loss))
+        diverged(epoch, b, std::string("the loss became ") + (std::isnan(loss) ? "NaN" : "infinite"),
+                 config);
+      if (!all_finite(grad.data(), B * C))
+        diverged(epoch, b, "the loss gradient is not finite", config);
       backward(m, ws, grad.data(), g);
       const double lr =
           config.cosine
@@ -158,6 +192,10 @@ std::vector<epoch_record> train(model& m, const float* x, std::int64_t rows, con
                                   static_cast<double>(total_steps)))
               : config.lr;
       optimizer.step(m, g, lr);
+      for (const auto& layer : m.layers)
+        if (!all_finite(layer.weight.data(), static_cast<std::int64_t>(layer.weight.size())) ||
+            !all_finite(layer.bias.data(), static_cast<std::int64_t>(layer.bias.size())))
+          diverged(epoch, b, "a weight became inf or NaN", config);
       ++step;
       loss_sum += loss * static_cast<double>(B);
       seen += B;

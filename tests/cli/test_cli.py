@@ -304,7 +304,8 @@ class BadInput(CliTest):
         self.assert_bad(self.train_with(model="mlp:x"),
                         "invalid --model 'mlp:x' (expected linear or mlp:H[,H2...] with hidden "
                         "sizes 1..65536)")
-        self.assert_bad(self.train_with(epochs="0"), "--epochs must be at least 1")
+        self.assert_bad(self.train_with(epochs="0"),
+                        "--epochs: must be an integer in [1, 100000], not 0")
         self.assert_bad(self.train_with(loss="mse"),
                         "--loss must be cross_entropy or kl, not 'mse'")
         result = self.run_softce("train", "--targets", "y.csv", "--out", "out")

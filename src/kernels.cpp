@@ -36,35 +36,51 @@ using V = hn::Vec<D>;
 template <class T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-// exp that is exactly 0 for -inf (Highway's Exp is specified for finite arguments only).
+// exp for any argument: exactly 0 below the smallest normal's log and for -inf, +inf past
+// the overflow bound, NaN for NaN (Highway's Exp is specified for finite arguments only and
+// returns 0 for NaN; a NaN must reach the row's statistics, never be hidden). NaN tests use
+// IsNaN: Highway's Ne is an ordered compare, false for NaN != NaN on x86.
 template <class D>
 HWY_INLINE V<D> SafeExp(D d, V<D> v) {
   using T = hn::TFromD<D>;
-  // Below the smallest normal's log the result underflows anyway.
   const V<D> lowest = hn::Set(d, sizeof(T) == 4 ? T(-104) : T(-745));
-  const auto tiny = hn::Lt(v, lowest);
-  return hn::IfThenZeroElse(tiny, hn::Exp(d, hn::Max(v, lowest)));
+  const V<D> highest = hn::Set(d, sizeof(T) == 4 ? T(88.7) : T(709.7));
+  V<D> out = hn::Exp(d, hn::Min(hn::Max(v, lowest), highest));
+  out = hn::IfThenZeroElse(hn::Lt(v, lowest), out);
+  out = hn::IfThenElse(hn::Gt(v, highest), hn::Set(d, std::numeric_limits<T>::infinity()), out);
+  return hn::IfThenElse(hn::IsNaN(v), v, out);
+}
+
+// SafeExp for v <= 0 or NaN (the double kernels' softmax arguments): no overflow branch.
+template <class D>
+HWY_INLINE V<D> SafeExpNonPositive(D d, V<D> v) {
+  using T = hn::TFromD<D>;
+  const V<D> lowest = hn::Set(d, sizeof(T) == 4 ? T(-104) : T(-745));
+  const V<D> out = hn::IfThenZeroElse(hn::Lt(v, lowest), hn::Exp(d, hn::Max(v, lowest)));
+  return hn::IfThenElse(hn::IsNaN(v), v, out);
 }
 
 // exp(v) for v <= 0 (softmax arguments x - max, log-probabilities, -|x|), exactly 0 for -inf
 // and for results below the smallest normal float. About 2/3 of the vector operations of
 // SafeExp: with no overflow range to handle, 2^k is one exponent-field add and one multiply
 // (hn::Exp splits it in two to reach the denormal range), and the clamp doubles as the -inf
-// guard. Same polynomial as hn::Exp, 1 ulp. float only (double keeps SafeExp); valid for
-// v <= 88.
+// guard. Same polynomial as hn::Exp, 1 ulp. float only (double keeps SafeExpNonPositive);
+// valid for v <= 88. NaN gives NaN on every target: the clamp's Max(NaN, lowest) differs
+// between targets, so the reduction r starts from v itself (NaN stays NaN, and a v below
+// the clamp is zeroed by `tiny` whatever r is) -- the row statistics rely on it.
 template <class D>
 HWY_INLINE V<D> ExpNonPositive(D d, V<D> v) {
   using T = hn::TFromD<D>;
   if constexpr (sizeof(T) != 4) {
-    return SafeExp(d, v);
+    return SafeExpNonPositive(d, v);
   } else {
     const hn::RebindToSigned<D> di;
     const V<D> lowest = hn::Set(d, -87.3365402f);  // log(FLT_MIN)
     const auto tiny = hn::Lt(v, lowest);
     const V<D> x = hn::Max(v, lowest);
     const V<D> k = hn::Round(hn::Mul(x, hn::Set(d, 1.44269504088896341f)));
-    // r = x - k ln2 in extended precision (Cody-Waite, Highway's constants)
-    V<D> r = hn::MulAdd(k, hn::Set(d, -0.693145751953125f), x);
+    // r = v - k ln2 in extended precision (Cody-Waite, Highway's constants)
+    V<D> r = hn::MulAdd(k, hn::Set(d, -0.693145751953125f), v);
     r = hn::MulAdd(k, hn::Set(d, -1.428606765330187045e-6f), r);
     // Highway's ExpPoly: exp(r) - 1 - r ~ r^2 (k0 + k1 r + ... + k5 r^5), |r| <= ln2 / 2
     const V<D> r2 = hn::Mul(r, r);
@@ -79,13 +95,15 @@ HWY_INLINE V<D> ExpNonPositive(D d, V<D> v) {
   }
 }
 
-// log that is -inf at 0 (masked out by callers) and NaN below 0.
+// log that is -inf at 0 (masked out by callers), +inf at +inf and NaN below 0. (NaN gives
+// a number here; callers multiply by v, which brings the NaN back.)
 template <class D>
 HWY_INLINE V<D> SafeLog(D d, V<D> v) {
   using T = hn::TFromD<D>;
-  const V<D> zero = hn::Zero(d);
-  V<D> out = hn::Log(d, hn::Max(v, hn::Set(d, std::numeric_limits<T>::min())));
+  const V<D> zero = hn::Zero(d), inf = hn::Set(d, std::numeric_limits<T>::infinity());
+  V<D> out = hn::Log(d, hn::Min(hn::Max(v, hn::Set(d, std::numeric_limits<T>::min())), hn::Set(d, std::numeric_limits<T>::max())));
   out = hn::IfThenElse(hn::Eq(v, zero), hn::Set(d, kNegInf<T>), out);
+  out = hn::IfThenElse(hn::Eq(v, inf), inf, out);
   return hn::IfThenElse(hn::Lt(v, zero), hn::Set(d, std::numeric_limits<T>::quiet_NaN()), out);
 }
 
@@ -458,7 +476,7 @@ HWY_INLINE void StoreBf16(D d, V<D> v, std::uint16_t* p, size_t r) {
       hn::ShiftRight<16>(hn::Add(u, hn::Add(hn::Set(du32, 0x7FFFu), hn::And(hn::ShiftRight<16>(u), hn::Set(du32, 1u)))));
   const auto quiet_nan = hn::Or(hn::ShiftRight<16>(u), hn::Set(du32, 0x40u));
   const auto bits =
-      hn::DemoteTo(du16, hn::BitCast(di32, hn::IfThenElse(hn::RebindMask(du32, hn::Ne(v, v)), quiet_nan, rounded)));
+      hn::DemoteTo(du16, hn::BitCast(di32, hn::IfThenElse(hn::RebindMask(du32, hn::IsNaN(v)), quiet_nan, rounded)));
   if (r >= hn::Lanes(d)) {
     hn::StoreU(bits, du16, p);
   } else {
@@ -738,6 +756,11 @@ double KlDivElements(const T* x, const T* t, std::int64_t n, bool log_target, T 
         loss = hn::IfThenZeroElse(hn::Eq(tv, zero), hn::Mul(tv, hn::Sub(SafeLog(d, tv), xv)));
         grad = hn::Neg(tv);
       }
+      // a NaN input makes the element NaN, gradient included (the formulas above give a
+      // zero target 0 and a gradient of -t that never looks at x)
+      const auto nan_x = hn::IsNaN(xv);
+      loss = hn::IfThenElse(nan_x, xv, loss);
+      grad = hn::IfThenElse(nan_x, xv, grad);
       acc = hn::Add(acc, loss);
       StoreElementOutputs(d, hn::Mul(grad, vcoef), loss, g, losses, at, full ? N : len - i);
     }
@@ -834,7 +857,7 @@ void FloatToHalf(const float* in, bool bfloat, std::int64_t n, std::uint16_t* ou
       // round to nearest even: add 0x7FFF plus the lowest kept bit; keep NaNs quiet
       const auto rounded = hn::ShiftRight<16>(hn::Add(u, hn::Add(hn::Set(du32, 0x7FFFu), hn::And(hn::ShiftRight<16>(u), hn::Set(du32, 1u)))));
       const auto quiet_nan = hn::Or(hn::ShiftRight<16>(u), hn::Set(du32, 0x40u));
-      const auto bits = hn::IfThenElse(hn::RebindMask(du32, hn::Ne(v, v)), quiet_nan, rounded);
+      const auto bits = hn::IfThenElse(hn::RebindMask(du32, hn::IsNaN(v)), quiet_nan, rounded);
       hn::StoreU(hn::DemoteTo(du16, hn::BitCast(di32, bits)), du16, out + i);
     }
   } else {

@@ -59,6 +59,10 @@ struct topk_record {
 };
 
 void merge_topk(topk_record& acc, const topk_record& part, double inv_t) {
+  if (std::isnan(acc.sum) || std::isnan(part.sum)) {  // a poisoned row stays poisoned
+    acc.sum = kNaN;
+    return;
+  }
   const double shift = std::fmax(acc.shift, part.shift);
   if (shift != -kInf) {
     const double fa = rescale(acc.shift, shift, inv_t), fb = rescale(part.shift, shift, inv_t);
@@ -219,6 +223,11 @@ std::vector<T> class_weights(const std::optional<array_view>& weight) {
   return w;
 }
 
+// A row is poisoned (loss and whole gradient row NaN, as in PyTorch) when a NaN or +inf
+// logit reached it (the statistics' sum is NaN then, see row_stats.hpp) or a weighted
+// target that is not finite (NaN or infinite target or class weight: Σ w t' is not finite).
+bool ce_row_poisoned(const target_stats& st) { return std::isnan(st.sum) || !std::isfinite(st.a); }
+
 // CE row loss from merged statistics: Σ w t' (lse - x) = a log(sum) - b.
 double ce_row_loss(const target_stats& st) {
   if (st.sum == 0.0 || st.shift == -kInf) return st.a > 0.0 ? kInf : 0.0;
@@ -314,9 +323,17 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
       const std::int64_t y = load_index(t_op.base, t_op.type, t_op.row_offset(r));
       c.skip = y == opt.ignore_index;
       const std::int64_t local = y - offset;
+      // Without smoothing a row uses the weight of its own class only, as torch's nll_loss:
+      // w_y goes in as the one-hot's value, so a NaN or inf weight of a class no row uses
+      // never meets a row (w_c * 0 would be NaN). With smoothing every weight is used.
+      if (eps == 0.0) {
+        c.desc.weight = nullptr;
+        c.desc.keep = T(0);
+      }
       if (!c.skip && local >= 0 && local < C) {
         c.desc.onehot = local;
         target_weight = weight.empty() ? 1.0 : static_cast<double>(weight[static_cast<std::size_t>(local)]);
+        if (eps == 0.0) c.desc.keep = static_cast<T>(target_weight);
       }
     } else if (sparse) {
       c.skip = !row_kept(mask, r);
@@ -368,6 +385,17 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     if (c.skip) {
       if (c.g) c.g->zero_row(r);
       return 0.0;
+    }
+    if (ce_row_poisoned(rec.st)) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (c.g && direct_bf16) {
+          auto* g16 = const_cast<std::uint16_t*>(g_op->template ptr<std::uint16_t>(g_op->row_offset(r)));
+          std::fill(g16, g16 + C, float_to_bf16(std::numeric_limits<float>::quiet_NaN()));
+          return kNaN;
+        }
+      }
+      if (c.g) c.g->fill_row(r, std::numeric_limits<T>::quiet_NaN());
+      return kNaN;
     }
     if constexpr (std::is_same_v<T, float>) {
       if (c.g && direct_bf16) {  // written straight into the bfloat16 output row
@@ -576,6 +604,11 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       value_sum += v;
       if (entropy_term && v != 0.0) entropy += v * std::log(v);
     }
+    // a NaN or +inf logit (NaN sum) or a value that is not finite poisons the row
+    if (std::isnan(rec.sum) || !std::isfinite(value_sum)) {
+      if (c.g) c.g->fill_row(r, std::numeric_limits<T>::quiet_NaN());
+      return kNaN;
+    }
     const bool all_neg_inf = rec.sum == 0.0 || rec.shift == -kInf;
     double loss = all_neg_inf ? (rec.a > 0.0 ? kInf : 0.0) : rec.a * std::log(rec.sum) - rec.b;
     const double tau = 1.0 - value_sum;
@@ -704,6 +737,12 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
       if (c.g) c.g->zero_row(r);
       return 0.0;
     }
+    // a NaN or +inf logit on either side, or a side that is all -inf (no softmax: torch's
+    // log_softmax is NaN there)
+    if (std::isnan(st.sum_x) || std::isnan(st.sum_z) || (C > 0 && (st.sum_x == 0.0 || st.sum_z == 0.0))) {
+      if (c.g) c.g->fill_row(r, std::numeric_limits<T>::quiet_NaN());
+      return kNaN;
+    }
     if (shard) stage(c, r);
     const double lsx = st.sum_x > 0.0 ? std::log(st.sum_x) : -kInf;
     const double lsz = st.sum_z > 0.0 ? std::log(st.sum_z) : -kInf;
@@ -763,11 +802,14 @@ bool computes_in_double(const array_view& input) { return input.type == dtype::f
 void check_shard(std::string_view fn, const class_shard* shard, const row_space& space) {
   if (!shard) return;
   if (!shard->all_reduce) fail(fn, "shard", "expected an all_reduce function, got none");
-  if (shard->class_offset < 0 || shard->num_classes < space.classes ||
-      shard->class_offset > shard->num_classes - space.classes)
-    fail(fn, "shard", "expected classes [" + std::to_string(shard->class_offset) + ", " +
-                          std::to_string(shard->class_offset + space.classes) + ") to lie within " +
-                          std::to_string(shard->num_classes) + " classes");
+  // the end of the shard's class range, overflow-checked (an offset near 2^63 would wrap)
+  std::int64_t end = 0;
+  if (__builtin_add_overflow(shard->class_offset, space.classes, &end))
+    fail(fn, "shard", "class_offset " + std::to_string(shard->class_offset) + " plus " +
+                          std::to_string(space.classes) + " classes overflows a 64-bit index");
+  if (shard->class_offset < 0 || end > shard->num_classes)
+    fail(fn, "shard", "expected classes [" + std::to_string(shard->class_offset) + ", " + std::to_string(end) +
+                          ") to lie within " + std::to_string(shard->num_classes) + " classes");
 }
 
 double cross_entropy_entry(const array_view& input, const array_view& target, const cross_entropy_options& opt,

@@ -298,8 +298,29 @@ struct tail_term {
   const std::vector<bool>* in_topk = nullptr;  // null: no tail
 };
 
+// NaN rule (semantics.md): a NaN or +inf logit poisons the row (torch: lse = +inf, so every
+// q is NaN), and so does a weighted target that is not finite (NaN, or an infinite target or
+// weight, where torch mixes inf and NaN): loss NaN and every gradient entry NaN.
+bool any_nan_or_positive_inf(const std::vector<double>& values) {
+  for (double v : values)
+    if (std::isnan(v) || v == infinity) return true;
+  return false;
+}
+
+bool all_finite(const std::vector<double>& values) {
+  for (double v : values)
+    if (!std::isfinite(v)) return false;
+  return true;
+}
+
+double poisoned_row(std::vector<double>* grad) {
+  if (grad) std::fill(grad->begin(), grad->end(), not_a_number);
+  return not_a_number;
+}
+
 double cross_entropy_row(const std::vector<double>& x, const std::vector<double>& weighted_target,
                          const tail_term& tail, double coef, std::vector<double>* grad) {
+  if (any_nan_or_positive_inf(x) || !all_finite(weighted_target)) return poisoned_row(grad);
   const std::size_t C = x.size();
   accurate_sum A_sum;
   for (double wt : weighted_target) A_sum.add(wt);
@@ -429,9 +450,12 @@ double cross_entropy_impl(const array_view& input, const ce_target& target,
           break;
         }
         case target_kind::indices:
+          // without smoothing only the row's own class weight is used (torch's nll_loss):
+          // a NaN weight of another class must not reach the row as w_c * 0
           for (std::int64_t c = 0; c < C; ++c)
             weighted_target[c] =
-                w[c] * ((1 - eps) * (c == labels[r] ? 1.0 : 0.0) + eps / static_cast<double>(C));
+                eps == 0 ? (c == labels[r] ? w[c] : 0.0)
+                         : w[c] * ((1 - eps) * (c == labels[r] ? 1.0 : 0.0) + eps / static_cast<double>(C));
           break;
         case target_kind::topk: {
           std::vector<double> t(static_cast<std::size_t>(C), 0.0);
@@ -533,6 +557,7 @@ student_row student_of(const std::vector<double>& x, double T) {
 // Row loss T^2 D and gradient coef * T * dD/du for teacher logits z.
 double distillation_row(const std::vector<double>& x, const std::vector<double>& z,
                         const distillation_options& o, double coef, std::vector<double>* grad) {
+  if (any_nan_or_positive_inf(x) || any_nan_or_positive_inf(z)) return poisoned_row(grad);
   const double T = o.temperature;
   const std::size_t C = x.size();
   const student_row s = student_of(x, T);
@@ -747,6 +772,7 @@ double kl_div(const array_view& input, const array_view& target, const kl_div_op
       loss = t == 0 ? 0.0 : t * (std::log(t) - x);
       grad = -t;
     }
+    if (std::isnan(x)) loss = grad = not_a_number;  // the formulas above never look at x there
     total.add(loss);
     if (out.grad) store(*out.grad, walk.index, coef * grad);
     if (write_losses) store(*out.losses, walk.index, loss);
@@ -779,7 +805,7 @@ double binary_cross_entropy_with_logits(const array_view& input, const array_vie
                                   ? load_at(options.pos_weight->data, options.pos_weight->type,
                                             walk.broadcast_offset(*options.pos_weight))
                                   : 1.0;
-    const double lw = 1 + (pos_weight - 1) * t;
+    const double lw = options.pos_weight ? 1 + (pos_weight - 1) * t : 1.0;  // no 0 * inf without one
     const double softplus_minus_x = std::log1p(std::exp(-std::fabs(x))) + std::max(-x, 0.0);
     const double loss = w * ((1 - t) * x + lw * softplus_minus_x);
     // sigmoid(x) - 1 = -sigmoid(-x), computed without cancellation

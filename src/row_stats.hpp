@@ -6,6 +6,11 @@
 // a * (old - new); a slice with a = 0 contributes nothing, and an all -inf slice already
 // holds 0 or -inf there, so no 0 * inf appears. Used by the kernels (chunk by chunk), the
 // driver (pieces of long rows) and the class-parallel all-reduce (shard by shard).
+//
+// NaN: a NaN or +inf logit makes its slice's `sum` NaN (the kernels let NaN through exp,
+// and +inf - +inf is NaN). The merges keep a NaN sum NaN whatever the shifts are (std::fmax
+// drops a NaN shift, and an all -inf side would otherwise skip the other side's sum), so
+// the driver sees a poisoned row as a NaN sum and makes its loss and gradient NaN.
 #pragma once
 
 #include <cmath>
@@ -16,6 +21,7 @@
 namespace softce::detail {
 
 inline constexpr double kInf = std::numeric_limits<double>::infinity();
+inline constexpr double kNaNValue = std::numeric_limits<double>::quiet_NaN();
 
 // exp((from - to) * inv_t) for a shift `from` moving to `to` >= from; 0 for from = -inf.
 inline double rescale(double from, double to, double inv_t) {
@@ -25,6 +31,10 @@ inline double rescale(double from, double to, double inv_t) {
 }
 
 inline void merge_into(softmax_stats& acc, const softmax_stats& part, double inv_t) {
+  if (std::isnan(acc.sum) || std::isnan(part.sum)) {
+    acc.sum = kNaNValue;
+    return;
+  }
   double shift = std::fmax(acc.shift, part.shift);
   if (shift == -kInf) return;  // both all -inf: sums stay 0
   acc.sum = acc.sum * rescale(acc.shift, shift, inv_t) + part.sum * rescale(part.shift, shift, inv_t);
@@ -36,6 +46,11 @@ inline void move_moment(double& b, double a, double from, double to) {
 }
 
 inline void merge_into(target_stats& acc, const target_stats& part) {
+  if (std::isnan(acc.sum) || std::isnan(part.sum)) {
+    acc.sum = acc.b = kNaNValue;
+    acc.a += part.a;
+    return;
+  }
   double shift = std::fmax(acc.shift, part.shift);
   double b_acc = acc.b, b_part = part.b;
   if (shift != -kInf) {
@@ -52,6 +67,10 @@ inline void merge_into(target_stats& acc, const target_stats& part) {
 // student for reverse_kl: it scales like the ref sum and shifts with both shifts.
 inline void merge_into(distill_stats& acc, const distill_stats& part, double inv_t,
                        distill_kind kind) {
+  if (std::isnan(acc.sum_x) || std::isnan(acc.sum_z) || std::isnan(part.sum_x) || std::isnan(part.sum_z)) {
+    acc.sum_x = acc.sum_z = acc.k = kNaNValue;
+    return;
+  }
   double sx = std::fmax(acc.shift_x, part.shift_x), sz = std::fmax(acc.shift_z, part.shift_z);
   auto moved_k = [&](const distill_stats& s) {
     double ref_sum = kind == distill_kind::kl ? s.sum_z : s.sum_x;

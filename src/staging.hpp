@@ -188,9 +188,10 @@ class row_writer {
       scatter<T>(buffer_.data(), op_->inner, const_cast<char*>(op_->base), op_->type, offset_,
                  op_->class_stride);
   }
-  void zero_row(std::int64_t r) {
+  void zero_row(std::int64_t r) { fill_row(r, T(0)); }
+  void fill_row(std::int64_t r, T value) {
     T* g = begin(r);
-    std::fill(g, g + op_->inner, T(0));
+    std::fill(g, g + op_->inner, value);
     commit();
   }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""softce against PyTorch, the hand-written formula, Snorkel and JAX/optax, and against the
-memory-bandwidth limit of the machine.
+"""softce against PyTorch (eager and torch.compile), the hand-written formula, Snorkel and
+JAX/optax under jax.jit, and against the memory-bandwidth limit of the machine.
 
 One invocation is one run. Every measurement happens in a fresh process forked from a
 server that has imported torch, numpy and softce once (multiprocessing "forkserver"):
@@ -10,8 +10,12 @@ server that has imported torch, numpy and softce once (multiprocessing "forkserv
   triad a = b + s*c over arrays far bigger than the last-level cache (torch.add(b, c,
   alpha=s, out=a): one pass, 2 reads + 1 write). Reported: the median time over rounds, the
   median over rounds of each implementation's time divided by softce's time in the same
-  round ("x softce"), and softce's fraction of the bound: the unavoidable bytes of the call
-  (read the logits and the targets once, write the gradient once) / time / triad bandwidth.
+  round ("x softce"; also against softce in place), and softce's fraction of the bound: the
+  unavoidable bytes of the call (read the logits and the targets once, write the gradient
+  once) / time / triad bandwidth. Then the default call's tail latency: 20 consecutive
+  calls timed one by one, alone and between steps of a workload that fragments memory
+  (tensors of random sizes allocated, kept and freed, and the JAX peer run), reporting the
+  90th percentile over the median (the stalls a median hides).
 - memory: one process per (case, implementation): build the inputs, warm the code path up
   on a tiny problem, reset the RSS high-water mark, run one call, report the high-water mark
   above the baseline (VmHWM after /proc/self/clear_refs; ru_maxrss where that is missing).
@@ -21,7 +25,9 @@ server that has imported torch, numpy and softce once (multiprocessing "forkserv
   python bench/bench.py --quick         # smoke run on small shapes (well under a minute)
   python bench/bench.py --cases dense_ce_1024x32000,index_ce --threads 2 --json out.json
 
-JAX/optax peers run when `jax` and `optax` are importable (pip install softce[bench]).
+JAX/optax peers run when `jax` and `optax` are importable (bench/requirements.txt, installed
+by scripts/setup.sh). torch.compile compiles on the warm-up call (10-20 s per case and thread
+count on 2 cores); --quick compiles one case only.
 """
 
 from __future__ import annotations
@@ -51,10 +57,14 @@ CASES = [
     dict(name="topk64_256x128256", kind="topk", N=256, C=128256, bpe=8, tail=False, quick=(16, 32000)),
     dict(name="topk64_tail_256x128256", kind="topk", N=256, C=128256, bpe=8, tail=True, quick=(16, 32000)),
     dict(name="distill_kl_T2_1024x32000", kind="distill", N=1024, C=32000, bpe=12, quick=(64, 8000)),
+    dict(name="reverse_kl_T2_1024x32000", kind="rkl", N=1024, C=32000, bpe=12, quick=(64, 8000)),
     dict(name="jsd_beta0.5_1024x32000", kind="jsd", N=1024, C=32000, bpe=12, quick=(64, 8000)),
     dict(name="bce_4096x1000", kind="bce", N=4096, C=1000, bpe=12, quick=(512, 1000)),
     dict(name="dense_ce_bf16_1024x32000", kind="dense", N=1024, C=32000, bpe=6, dtype="bfloat16",
          quick=(64, 8000)),
+    # one very long row, and a few: a retrieval head or a big vocabulary at batch 1
+    dict(name="dense_ce_1x4194304", kind="dense", N=1, C=4 << 20, bpe=12, quick=(1, 1 << 20)),
+    dict(name="dense_ce_8x1048576", kind="dense", N=8, C=1 << 20, bpe=12, quick=(2, 1 << 20)),
     dict(name="small_64x10", kind="dense", N=64, C=10, bpe=12, small=True, quick=(64, 10)),
     dict(name="small_256x1000", kind="dense", N=256, C=1000, bpe=12, small=True, quick=(256, 1000)),
 ]
@@ -67,6 +77,9 @@ TRIAD_ELEMENTS = 32 << 20  # 128 MiB per float32 array, 3 arrays: far beyond a 3
 SOFTCE = "softce"
 SOFTCE_INPLACE = "softce in place"
 TORCH = "PyTorch"
+TORCH_COMPILE = "torch.compile"
+OPTAX_JSD = "jax.jit TRL JSD"
+OPTAX_TOPK = "optax softmax_cross_entropy (scattered top-k)"
 
 
 def jax_available() -> bool:
@@ -109,7 +122,7 @@ def make_inputs(case, N, C, seed=0):
         inp["idx"] = idx
         inp["val"] = probabilities(N, k).mul_(0.95)  # 95 % of the mass in the top k
         inp["y"] = idx[:, 0].clone()  # the index-CE reference at the same shape
-    elif kind in ("distill", "jsd"):
+    elif kind in ("distill", "rkl", "jsd"):
         inp["teacher"] = logits()
     elif kind == "bce":
         inp["t"] = torch.rand(N, C, generator=g)
@@ -146,6 +159,9 @@ def softce_impls(case, inp, inplace):
         if kind == "distill":
             return softce.distillation_loss(xx, inp["teacher"], temperature=TEMPERATURE, divergence="kl",
                                             inplace_backward=inplace)
+        if kind == "rkl":
+            return softce.distillation_loss(xx, inp["teacher"], temperature=TEMPERATURE,
+                                            divergence="reverse_kl", inplace_backward=inplace)
         if kind == "jsd":
             return softce.distillation_loss(xx, inp["teacher"], divergence="jsd", beta=BETA,
                                             inplace_backward=inplace)
@@ -176,22 +192,22 @@ def softce_index_same_shape(case, inp):
     return run
 
 
-def torch_impl(case, inp):
+def torch_loss(case, inp):
+    """PyTorch's loss for the case as (function of the logits and the other tensors, those
+    tensors): eager PyTorch calls it as is, torch.compile compiles it (no closures over
+    tensors, so that Inductor sees them as graph inputs)."""
     import torch
     import torch.nn.functional as F
 
     kind = case["kind"]
-    x = leaf(inp["x"])
     if kind == "dense":
-        def loss():
-            return F.cross_entropy(x, inp["t"])
-    elif kind == "index":
-        def loss():
-            return F.cross_entropy(x, inp["y"])
-    elif kind == "topk":
-        idx, val, tail = inp["idx"], inp["val"], case["tail"]
+        return (lambda x, t: F.cross_entropy(x, t)), (inp["t"],)
+    if kind == "index":
+        return (lambda x, y: F.cross_entropy(x, y)), (inp["y"],)
+    if kind == "topk":
+        tail = case["tail"]
 
-        def loss():
+        def topk_loss(x, idx, val):
             # the dense equivalent: scatter the top-k into zeros, then probability-target CE
             dense = torch.zeros_like(x, requires_grad=False).scatter_(1, idx, val)
             value = F.cross_entropy(x, dense)
@@ -199,31 +215,43 @@ def torch_impl(case, inp):
                 q_top = torch.softmax(x, 1).gather(1, idx).sum(1)
                 value = value - ((1 - val.sum(1)) * torch.log1p(-q_top)).mean()
             return value
-    elif kind == "distill":
+        return topk_loss, (inp["idx"], inp["val"])
+    if kind == "distill":
         T = TEMPERATURE
-
-        def loss():
-            return F.kl_div(F.log_softmax(x / T, -1), F.softmax(inp["teacher"] / T, -1),
-                            reduction="batchmean") * (T * T)
-    elif kind == "jsd":
-        beta = torch.tensor(BETA)
-
-        def loss():  # TRL's GKDTrainer.generalized_jsd_loss (temperature 1, batchmean)
+        return (lambda x, z: F.kl_div(F.log_softmax(x / T, -1), F.softmax(z / T, -1),
+                                      reduction="batchmean") * (T * T)), (inp["teacher"],)
+    if kind == "rkl":
+        T = TEMPERATURE
+        return (lambda x, z: F.kl_div(F.log_softmax(z / T, -1), F.log_softmax(x / T, -1), reduction="batchmean",
+                                      log_target=True) * (T * T)), (inp["teacher"],)
+    if kind == "jsd":
+        def jsd_loss(x, z):  # TRL's GKDTrainer.generalized_jsd_loss (temperature 1, batchmean)
+            beta = torch.tensor(BETA)
             s = F.log_softmax(x, -1)
-            t = F.log_softmax(inp["teacher"], -1)
+            t = F.log_softmax(z, -1)
             m = torch.logsumexp(torch.stack([s + torch.log(1 - beta), t + torch.log(beta)]), dim=0)
             jsd = beta * F.kl_div(m, t, reduction="none", log_target=True) + \
                 (1 - beta) * F.kl_div(m, s, reduction="none", log_target=True)
             return jsd.sum() / jsd.size(0)
-    elif kind == "bce":
-        def loss():
-            return F.binary_cross_entropy_with_logits(x, inp["t"])
-    else:
-        raise ValueError(kind)
+        return jsd_loss, (inp["teacher"],)
+    if kind == "bce":
+        return (lambda x, t: F.binary_cross_entropy_with_logits(x, t)), (inp["t"],)
+    raise ValueError(kind)
+
+
+def torch_impl(case, inp, compiled=False):
+    """Eager PyTorch, or the same loss under torch.compile (Inductor's fused C++/OpenMP loop;
+    compiled on the warm-up call)."""
+    import torch
+
+    loss, args = torch_loss(case, inp)
+    if compiled:
+        loss = torch.compile(loss, fullgraph=True)
+    x = leaf(inp["x"])
 
     def run():
         x.grad = None
-        loss().backward()
+        loss(x, *args).backward()
     return run
 
 
@@ -292,11 +320,47 @@ def jax_impls(case, inp):
         T = TEMPERATURE
         add("optax kl_divergence",
             lambda x, z: optax.kl_divergence(jax.nn.log_softmax(x / T), jax.nn.softmax(z / T)).mean() * T * T, z)
+    elif kind == "rkl":
+        z = jnp.asarray(inp["teacher"].numpy())
+        T = TEMPERATURE
+        add("optax kl_divergence_with_log_targets",
+            lambda x, z: optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(z / T),
+                                                                     jax.nn.log_softmax(x / T)).mean() * T * T, z)
+    elif kind == "jsd":
+        z = jnp.asarray(inp["teacher"].numpy())
+
+        def jsd(x, z):  # TRL's generalised JSD (as torch_loss), in JAX
+            s, t = jax.nn.log_softmax(x), jax.nn.log_softmax(z)
+            m = jnp.logaddexp(s + jnp.log(1 - BETA), t + jnp.log(BETA))
+            kl_tm = jnp.sum(jnp.exp(t) * (t - m), axis=-1)
+            kl_sm = jnp.sum(jnp.exp(s) * (s - m), axis=-1)
+            return jnp.mean(BETA * kl_tm + (1 - BETA) * kl_sm)
+        add(OPTAX_JSD, jsd, z)
+    elif kind == "topk":
+        idx = jnp.asarray(inp["idx"].numpy())
+        val = jnp.asarray(inp["val"].numpy())
+        rows = jnp.arange(idx.shape[0])[:, None]
+        tail = case["tail"]
+
+        def topk(x, idx, val):  # the dense scatter, then optax's soft-target CE
+            dense = jnp.zeros_like(x).at[rows, idx].set(val)
+            value = optax.softmax_cross_entropy(x, dense).mean()
+            if tail:
+                q_top = jnp.take_along_axis(jax.nn.softmax(x), idx, axis=1).sum(1)
+                value = value - jnp.mean((1 - val.sum(1)) * jnp.log1p(-q_top))
+            return value
+        add(OPTAX_TOPK, topk, idx, val)
     elif kind == "bce":
         t = jnp.asarray(inp["t"].numpy())
         add("optax sigmoid_binary_cross_entropy",
             lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean(), t)
     return out
+
+
+def with_compile(case):
+    """torch.compile runs on every case (compiling takes ~10-20 s per case and thread count on
+    2 cores); a --quick smoke run compiles one case only, to keep the path exercised."""
+    return not case.get("no_compile")
 
 
 def implementations(case, inp, with_jax, only=None):
@@ -307,6 +371,8 @@ def implementations(case, inp, with_jax, only=None):
         SOFTCE: lambda: softce_impls(case, inp, False),
         TORCH: lambda: torch_impl(case, inp),
     }
+    if with_compile(case):
+        factories[TORCH_COMPILE] = lambda: torch_impl(case, inp, compiled=True)
     if kind == "dense":
         factories["seed -(t*log_softmax(x)).sum()/N"] = lambda: seed_impl(case, inp)
         if case["C"] <= SNORKEL_MAX_CLASSES:
@@ -314,11 +380,11 @@ def implementations(case, inp, with_jax, only=None):
     if kind == "topk":
         factories["softce index CE, same shape"] = lambda: softce_index_same_shape(case, inp)
     if only is not None:
-        if only.startswith("optax"):
+        if only.startswith("optax") or only.startswith("jax"):
             return {only: jax_impls(case, inp)[only]}
         return {only: factories[only]()}
     impls = {name: factories[name]() for name in factories}
-    if with_jax and kind in ("dense", "index", "distill", "bce"):
+    if with_jax:
         impls.update(jax_impls(case, inp))
     return impls
 
@@ -327,6 +393,8 @@ def implementation_names(case, with_jax):
     """The names implementations() will produce (without building anything)."""
     names = [SOFTCE_INPLACE, SOFTCE, TORCH]
     kind = case["kind"]
+    if with_compile(case):
+        names.append(TORCH_COMPILE)
     if kind == "dense":
         names.append("seed -(t*log_softmax(x)).sum()/N")
         if case["C"] <= SNORKEL_MAX_CLASSES:
@@ -338,6 +406,9 @@ def implementation_names(case, with_jax):
             "dense": ["optax softmax_cross_entropy", "optax safe_softmax_cross_entropy"],
             "index": ["optax softmax_cross_entropy_with_integer_labels"],
             "distill": ["optax kl_divergence"],
+            "rkl": ["optax kl_divergence_with_log_targets"],
+            "jsd": [OPTAX_JSD],
+            "topk": [OPTAX_TOPK],
             "bce": ["optax sigmoid_binary_cross_entropy"],
         }.get(kind, [])
     return names
@@ -405,10 +476,12 @@ def timing_worker(case, threads, quick, with_jax, rounds, min_sample):
             times[name].append(timed(impls[name], inner[name]))
         triad_times.append(timed(triad, 1))
     triad_bw = 12.0 * n_triad / statistics.median(triad_times)
+    tails = {"alone": tail_latency(impls[SOFTCE], None),
+             "fragmented": tail_latency(impls[SOFTCE], fragmenting_workload(impls, quick))}
     bytes_at_bound = case["bpe"] * N * C
     ref = times[SOFTCE]
     ref_inplace = times[SOFTCE_INPLACE]
-    result = {"triad_GBps": triad_bw / 1e9, "rounds": rounds, "impls": {}}
+    result = {"triad_GBps": triad_bw / 1e9, "rounds": rounds, "impls": {}, "default_tail": tails}
     for name in names:
         med = statistics.median(times[name])
         result["impls"][name] = {
@@ -419,6 +492,47 @@ def timing_worker(case, threads, quick, with_jax, rounds, min_sample):
             "calls_per_sample": inner[name],
         }
     return result
+
+
+TAIL_CALLS = 20
+
+
+def tail_latency(fn, between):
+    """The default call's time over TAIL_CALLS consecutive calls (each timed alone, `between`
+    run before each call outside the timing): median, 90th percentile and their ratio. A
+    fresh gradient buffer per call is what autograd uses; stalls show here, not in medians."""
+    times = []
+    for _ in range(TAIL_CALLS):
+        if between is not None:
+            between()
+        times.append(timed(fn, 1))
+    times.sort()
+    median = statistics.median(times)
+    p90 = times[math.ceil(0.9 * len(times)) - 1]
+    return {"median_s": median, "p90_s": p90, "p90_over_median": p90 / median, "max_s": times[-1]}
+
+
+def fragmenting_workload(impls, quick):
+    """Between two calls: allocate and free tensors of random sizes (1-96 MiB, touched, some
+    kept across calls) and run the JAX peer once where JAX is installed, as a training step
+    with other frameworks in the process would. Reproducible (fixed seed)."""
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    kept = []
+    jax_peer = next((fn for name, fn in impls.items() if name.startswith(("optax", "jax"))), None)
+
+    def between():
+        for _ in range(4):
+            mib_count = rng.randint(1, 24 if quick else 96)
+            kept.append(torch.ones(mib_count << 18))  # float32: 4 bytes each, touched
+        while len(kept) > 6:
+            kept.pop(rng.randrange(len(kept)))
+        if jax_peer is not None:
+            jax_peer()
+    return between
 
 
 def vm_kb(field):
@@ -545,6 +659,42 @@ def evaluate_targets(results, threads):
             out.append((f"{case}: softce in place within 1.5x of index CE in place", f"{ratio:.2f}x",
                         ratio <= 1.5, "" if ratio <= 1.5 else f"missed: {ratio / 1.5:.2f}x over"))
     bound("dense_ce_bf16_1024x32000", "bfloat16 dense soft CE 1024x32000 (6 B/element)")
+    bound("reverse_kl_T2_1024x32000", "reverse KL 1024x32000")
+    bound("jsd_beta0.5_1024x32000", "JSD 1024x32000", goal=0.5)
+    # against the strongest peers a user would pick instead (issue 13)
+    for case, label in (("dense_ce_1024x32000", "soft CE"), ("index_ce_1024x32000", "index CE"),
+                        ("distill_kl_T2_1024x32000", "distillation KL"), ("jsd_beta0.5_1024x32000", "JSD")):
+        r = results.get(case, {}).get("time", {}).get(str(threads), {})
+        fused = {n: v for n, v in r.get("impls", {}).items() if n == TORCH_COMPILE or n.startswith(("optax", "jax"))}
+        if not fused:
+            continue
+        best = min(fused, key=lambda n: fused[n]["median_s"])
+        for impl, key, goal in ((SOFTCE, "x_softce", 3), (SOFTCE_INPLACE, "x_softce_inplace", 6)):
+            x = fused[best][key]
+            out.append((f"{label} {case}: {impl} >= {goal}x the faster of torch.compile and JAX ({best})",
+                        f"{x:.1f}x", x >= goal, "" if x >= goal else f"missed: {goal / x:.2f}x short"))
+    # the default call (a fresh gradient, as autograd uses it): near in place, no stalls
+    for case in ("dense_ce_1024x32000", "index_ce_1024x32000", "distill_kl_T2_1024x32000"):
+        r = results.get(case, {}).get("time", {}).get(str(threads), {})
+        if "impls" not in r:
+            continue
+        ratio = r["impls"][SOFTCE_INPLACE]["x_softce"]
+        ratio = 1.0 / ratio if ratio else float("inf")  # default time / in-place time
+        out.append((f"{case}: softce within 1.5x of softce in place", f"{ratio:.2f}x", ratio <= 1.5,
+                    "" if ratio <= 1.5 else f"missed: {ratio / 1.5:.2f}x over"))
+        for how, tail in r.get("default_tail", {}).items():
+            q = tail["p90_over_median"]
+            out.append((f"{case}: softce p90 <= 1.3x median over {TAIL_CALLS} calls ({how})", f"{q:.2f}x",
+                        q <= 1.3, "" if q <= 1.3 else f"missed: {q / 1.3:.2f}x over"))
+    # one long row split across threads
+    for case in ("dense_ce_1x4194304", "dense_ce_8x1048576"):
+        bound(case, case)
+        one = results.get(case, {}).get("time", {}).get("1", {}).get("impls", {}).get(SOFTCE_INPLACE)
+        two = results.get(case, {}).get("time", {}).get("2", {}).get("impls", {}).get(SOFTCE_INPLACE)
+        if one and two and threads == 2:
+            sp = one["median_s"] / two["median_s"]
+            out.append((f"{case}: softce in place 2 threads >= 1.7x 1 thread", f"{sp:.2f}x", sp >= 1.7,
+                        "" if sp >= 1.7 else f"missed: {1.7 / sp:.2f}x short"))
     for case in ("small_64x10", "small_256x1000"):
         x = get(case, TORCH, "x_softce")
         if x is not None:
@@ -637,6 +787,25 @@ def report(results, threads_list, markdown, meta):
             row([case["name"], str(threads), f"{t['triad_GBps']:.1f}", cell(SOFTCE_INPLACE, True),
                  cell(SOFTCE, True), cell(TORCH), ("; " if markdown else "; ").join(others) or "-"])
     lines.append("")
+    lines.append(f"The default call (fresh gradient buffer, as autograd uses it) over {TAIL_CALLS} consecutive calls, "
+                 "alone and between steps of a workload that allocates and frees tensors of random sizes and "
+                 "runs the JAX peer (bench.py's fragmenting_workload):")
+    lines.append("")
+    header(["case", "threads", "in place median", "default median", "default p90 / median (alone)",
+            "default p90 / median (fragmented)", "max (fragmented)"])
+    for case in CASES:
+        r = results.get(case["name"])
+        if not r:
+            continue
+        for threads in threads_list:
+            t = r.get("time", {}).get(str(threads))
+            if not t or "impls" not in t or "default_tail" not in t:
+                continue
+            a, f = t["default_tail"]["alone"], t["default_tail"]["fragmented"]
+            row([case["name"], str(threads), fmt_time(t["impls"][SOFTCE_INPLACE]["median_s"]),
+                 fmt_time(a["median_s"]), f"{a['p90_over_median']:.2f}", f"{f['p90_over_median']:.2f}",
+                 fmt_time(f["max_s"])])
+    lines.append("")
     lines.append("Peak extra memory of one call (RSS high-water above baseline, fresh process):")
     lines.append("")
     header(["case", "gradient buffer", "softce in place", "softce", "PyTorch", "other peers"])
@@ -691,6 +860,7 @@ def main(argv=None):
         case = dict(case)
         if args.quick:
             case["N"], case["C"] = case["quick"]
+            case["no_compile"] = case["name"] != "dense_ce_4096x1000"
         cases.append(case)
 
     ctx = mp.get_context("forkserver")

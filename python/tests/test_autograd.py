@@ -43,7 +43,7 @@ CASES = {
     "ce_topk": (lambda x: softce.cross_entropy(x, softce.TopK(TOPK_INDICES, TOPK_VALUES),
                                                reduction="none"), X),
     "ce_topk_tail": (lambda x: softce.cross_entropy(
-        x, softce.TopK(TOPK_INDICES, TOPK_VALUES, tail=True), dim=1), X),
+        x, softce.TopK(TOPK_INDICES, TOPK_VALUES, tail=True)), X),
     **{f"kl_{r}_{lt}": (lambda x, r=r, lt=lt: softce.kl_div(
         x, P.log() if lt else P, reduction=r, log_target=lt), torch.log_softmax(X, 1))
        for r in ["mean", "sum", "none", "batchmean"] for lt in [False, True]},
@@ -59,7 +59,7 @@ CASES = {
         x, softce.TopK(TOPK_INDICES, TOPK_VALUES), temperature=2.0, reduction="sum", dim=1),
         X),
     "distill_topk_tail": (lambda x: softce.distillation_loss(
-        x, softce.TopK(TOPK_INDICES, TOPK_VALUES, tail=True)), X),
+        x, softce.TopK(TOPK_INDICES, TOPK_VALUES, tail=True), dim=1), X),
     **{f"cewp_{r}": (lambda x, r=r: softce.cross_entropy_with_probs(
         x, P[:, :, 0], WEIGHT, reduction=r), randn(N, C)) for r in ["mean", "sum", "none"]},
 }
@@ -197,16 +197,19 @@ def test_every_float_argument_is_differentiable():
     """Targets, weights and pos_weight get gradients equal to torch's (the full set of
     cases, with gradcheck and double backward, is in test_higher_order.py)."""
     x = randn(N, C).requires_grad_()
+    q = probs(N, C)
     for name, call, reference in [
         ("target", lambda t: softce.cross_entropy(x, t), lambda t: F.cross_entropy(x, t)),
         ("target", lambda t: softce.kl_div(x, t), lambda t: F.kl_div(x, t)),
         ("target", lambda t: softce.binary_cross_entropy_with_logits(x, t),
          lambda t: F.binary_cross_entropy_with_logits(x, t)),
-        ("weight", lambda w: softce.cross_entropy(x, probs(N, C).detach(), w[0]),
-         lambda w: F.cross_entropy(x, probs(N, C).detach(), w[0])),
+        ("weight", lambda w: softce.cross_entropy(x, q, w[0]),
+         lambda w: F.cross_entropy(x, q, w[0])),
         ("pos_weight", lambda w: softce.binary_cross_entropy_with_logits(
             x, P[:, :, 0], pos_weight=w[0]),
-         lambda w: F.binary_cross_entropy_with_logits(x, P[:, :, 0], pos_weight=w[0])),
+         # torch refuses a pos_weight that requires grad: its formula, written out
+         lambda w: ((1 - P[:, :, 0]) * x + (1 + (w[0] - 1) * P[:, :, 0])
+                    * F.softplus(-x)).mean()),
     ]:
         t = probs(N, C).requires_grad_()
         got = torch.autograd.grad(call(t), (x, t))

@@ -52,10 +52,13 @@ void merge_ce_records(double* inout, const double* in, std::int64_t count) {
 // Top-k targets: softmax statistics of x / T plus, over the top-k entries, a = Σ v,
 // b = Σ v (x_k - shift) / T and e = Σ exp((x_k - shift) / T); with a tail bucket also the
 // sum outside the top k, e_tail, summed directly (1 - Q = e_tail / sum without the
-// cancellation of 1 - e / sum when almost all the mass is in the top k).
+// cancellation of 1 - e / sum when almost all the mass is in the top k). e_tail is taken
+// against its own shift, tail_shift: the row's shift normally, the max outside the top k
+// when the tail is so far below the row's max that float exps of it underflow (a gap of
+// ~88 made log(1 - Q) = -inf although the exact value is finite).
 // Shifts are kept in units of x / T while records travel, so merging needs no temperature.
 struct topk_record {
-  double shift, sum, a, b, e, e_tail;
+  double shift, sum, a, b, e, e_tail, tail_shift;
 };
 
 void merge_topk(topk_record& acc, const topk_record& part, double inv_t) {
@@ -71,13 +74,17 @@ void merge_topk(topk_record& acc, const topk_record& part, double inv_t) {
     if (part.a != 0.0 && part.shift != -kInf) b_part += part.a * (part.shift - shift) * inv_t;
     acc.sum = acc.sum * fa + part.sum * fb;
     acc.e = acc.e * fa + part.e * fb;
-    acc.e_tail = acc.e_tail * fa + part.e_tail * fb;
     acc.b = b_acc + b_part;
   } else {
     acc.b += part.b;
   }
   acc.shift = shift;
   acc.a += part.a;
+  const double tail_shift = std::fmax(acc.tail_shift, part.tail_shift);
+  if (tail_shift != -kInf)
+    acc.e_tail = acc.e_tail * rescale(acc.tail_shift, tail_shift, inv_t) +
+                 part.e_tail * rescale(part.tail_shift, tail_shift, inv_t);
+  acc.tail_shift = tail_shift;
 }
 
 void merge_topk_records(double* inout, const double* in, std::int64_t count) {
@@ -490,6 +497,11 @@ topk_operands validate_topk(std::string_view fn, std::string_view name, const to
   return ops;
 }
 
+// A tail sum below this (against the row's max, in float) may have lost terms to underflow
+// (each below 1.2e-38): it is summed again against the tail's own max. Above it, the terms
+// lost weigh at most C * 1e-18 relative.
+constexpr double kTailRescale = 1e-20;
+
 // Top-k rows: dense softmax statistics plus sparse moments; the gradient is the dense
 // softmax times a factor, then corrected at the k entries. `temperature_scale` is T for
 // distillation (loss T^2 x, gradient T x) and 1 for cross-entropy; `entropy_term` adds
@@ -516,6 +528,8 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
   }
   const double coef = gradient_coef(plan) * temperature;
   const std::int64_t k = ops.k;
+  // a top-k that covers every class has no tail (tau is then only the values' rounding)
+  const bool has_tail = target.tail && k < total_classes;
 
   struct context {
     row_reader<T> x;
@@ -523,14 +537,16 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     const T* xr = nullptr;
     std::vector<double> top_logits;
     std::vector<std::int64_t> local_top;  // this shard's top-k classes of the row
-    T* gr = nullptr;                       // the gradient row, holding the exp cache between the passes
+    T* gr = nullptr;                       // the gradient row
+    T* ce = nullptr;                       // the exp cache between the passes: gr, or scratch
     std::vector<T> shifts;                 // the cache's chunk shifts
+    std::vector<T> scratch;                // the cache of an in-place row with a tail
   };
   // Single process with a gradient: the statistics pass leaves exp(x - shift) in the gradient
   // row and the gradient pass scales it (one exp per element instead of two).
   const bool cached = g_op && !shard;
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), std::nullopt, nullptr, {}, {}, nullptr, {}};
+    context c{row_reader<T>(&x_op), std::nullopt, nullptr, {}, {}, nullptr, nullptr, {}, {}};
     if (g_op) c.g.emplace(&*g_op);
     if (cached) c.shifts.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
     return c;
@@ -552,17 +568,43 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       c.top_logits[static_cast<std::size_t>(j)] = local >= 0 && local < C ? static_cast<double>(c.xr[local]) : 0.0;
     }
   };
+  // The tail sum again, against the max outside the top k: exact where the sum against the
+  // row's max underflowed (every term below the smallest normal float). Rare: only rows
+  // whose tail lies ~46 T or more below the max.
+  auto resum_tail = [&](context& c, topk_record& rec) {
+    std::sort(c.local_top.begin(), c.local_top.end());
+    double tail_max = -kInf;
+    std::size_t j = 0;
+    for (std::int64_t i = 0; i < C; ++i) {
+      if (j < c.local_top.size() && c.local_top[j] == i) {
+        ++j;
+        continue;
+      }
+      tail_max = std::max(tail_max, static_cast<double>(c.xr[i]));
+    }
+    rec.tail_shift = tail_max;
+    rec.e_tail = tail_max == -kInf ? 0.0
+                                   : exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(tail_max),
+                                                       c.local_top.data(), static_cast<std::int64_t>(c.local_top.size()));
+  };
   auto stats_fn = [&](context& c, std::int64_t r) -> topk_record {
-    if (!row_kept(mask, r)) return topk_record{-kInf, 0.0, 0.0, 0.0, 0.0, 0.0};
+    if (!row_kept(mask, r)) return topk_record{-kInf, 0.0, 0.0, 0.0, 0.0, 0.0, -kInf};
     c.xr = c.x.row(r);
     load_top(c, r);
     exp_cache<T> cache;
     if (cached) {
       c.gr = c.g->begin(r);
-      cache = exp_cache<T>{c.gr, c.shifts.data()};
+      // in place with a tail: the cache goes to scratch, so that the row is still there
+      // for a tail that needs summing again against its own max
+      c.ce = c.gr;
+      if (has_tail && c.gr == c.xr) {
+        c.scratch.resize(static_cast<std::size_t>(C));
+        c.ce = c.scratch.data();
+      }
+      cache = exp_cache<T>{c.ce, c.shifts.data()};
     }
     const softmax_stats sm = softmax_row_stats(c.xr, C, static_cast<T>(inv_t), cache);
-    topk_record rec{sm.shift, sm.sum, 0.0, 0.0, 0.0, 0.0};
+    topk_record rec{sm.shift, sm.sum, 0.0, 0.0, 0.0, 0.0, sm.shift};
     const double shift = sm.shift == -kInf ? 0.0 : sm.shift;
     c.local_top.clear();
     for (std::int64_t j = 0; j < k; ++j) {
@@ -576,19 +618,39 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       rec.e += std::exp(dk);
       c.local_top.push_back(local);
     }
-    if (target.tail && k < total_classes) {
+    if (has_tail) {
       if (cached) {
         // Σ exp over the classes outside the top k from the cache: zero the top-k entries
         // (the gradient pass writes them directly anyway), then sum what is left
-        for (std::int64_t local : c.local_top) c.gr[local] = T(0);
+        for (std::int64_t local : c.local_top) c.ce[local] = T(0);
         rec.e_tail = cached_exp_sum(cache, C, static_cast<T>(inv_t), static_cast<T>(shift));
       } else {
         std::sort(c.local_top.begin(), c.local_top.end());
         rec.e_tail = exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(shift), c.local_top.data(),
                                        static_cast<std::int64_t>(c.local_top.size()));
       }
+      if (rec.e_tail < kTailRescale) resum_tail(c, rec);
     }
     return rec;
+  };
+  // The gradient outside the top k, coef q_c (a - tau Q / (1 - Q)), for a rescaled tail:
+  // Q / (1 - Q) may exceed the float range while q_c underflows, so the factor's log goes
+  // into the normaliser (g = ±exp((x - shift) / T - log_sum + log|factor|)) and only the
+  // product is ever formed. The top-k entries are overwritten afterwards.
+  auto rescaled_tail_grad = [&](const T* x, const topk_record& rec, double tau, double log_tail, T* g) {
+    const double log_ratio = std::log(std::fabs(tau)) + std::log(rec.e) - log_tail;  // log |tau| Q / (1 - Q)
+    double log_factor, sign;
+    if (log_ratio > 600.0) {  // a is at most 1: nothing next to e^600
+      log_factor = std::log(coef) + log_ratio;
+      sign = tau > 0.0 ? -1.0 : 1.0;
+    } else {
+      const double factor = coef * (rec.a - (tau > 0.0 ? 1.0 : -1.0) * std::exp(log_ratio));
+      log_factor = std::log(std::fabs(factor));
+      sign = factor < 0.0 ? -1.0 : factor > 0.0 ? 1.0 : 0.0;
+    }
+    const row_normaliser<T> norm = normaliser<T>(rec.shift, rec.sum);
+    const row_normaliser<T> folded{norm.shift, static_cast<T>(static_cast<double>(norm.log_sum) - log_factor)};
+    softmax_row_grad(x, C, static_cast<T>(inv_t), sign == 0.0 ? norm : folded, static_cast<T>(sign), g);
   };
   auto finish_fn = [&](context& c, std::int64_t r, const topk_record& rec) -> double {
     if (!row_kept(mask, r)) {
@@ -612,15 +674,17 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     const bool all_neg_inf = rec.sum == 0.0 || rec.shift == -kInf;
     double loss = all_neg_inf ? (rec.a > 0.0 ? kInf : 0.0) : rec.a * std::log(rec.sum) - rec.b;
     const double tau = 1.0 - value_sum;
-    // a top-k that covers every class has no tail (tau is then only the values' rounding)
-    const bool has_tail = target.tail && k < total_classes;
     const bool tail_active = has_tail && tau != 0.0 && !all_neg_inf;
+    // the tail was summed against its own max (far below the row's): see topk_record
+    // (an empty or all -inf tail, e_tail = 0, keeps the plain path: its q are 0)
+    const bool rescaled = tail_active && rec.e_tail > 0.0 && rec.tail_shift < rec.shift;
     // -tau log(1 - Q) with 1 - Q = e_tail / sum; d/dx_c is -tau q_c Q / (1 - Q) outside the
     // top k (Q / (1 - Q) = e / e_tail) and +tau q_c inside it
     double outside_factor = 0.0;
+    const double log_tail = std::log(rec.e_tail) + (rescaled ? (rec.tail_shift - rec.shift) * inv_t : 0.0);
     if (tail_active) {
-      loss += -tau * (std::log(rec.e_tail) - std::log(rec.sum));
-      if (rec.e_tail > 0.0) outside_factor = -tau * rec.e / rec.e_tail;
+      loss += -tau * (log_tail - std::log(rec.sum));
+      if (rec.e_tail > 0.0 && !rescaled) outside_factor = -tau * rec.e / rec.e_tail;
     }
     if (entropy_term && has_tail && tau > 0.0) loss += tau * std::log(tau);  // 0 for tau <= 0
     loss = (loss + entropy) * (entropy_term ? t2 : 1.0);
@@ -630,14 +694,19 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       // q (a + outside_factor) everywhere, then the top-k entries written directly:
       // q_k (a + tau) - v_k with the tail, q_k a - v_k without
       T* g;
-      if (cached) {
+      if (cached && !rescaled) {
         g = c.gr;
-        softmax_row_grad_cached(exp_cache<T>{c.gr, c.shifts.data()}, C, static_cast<T>(inv_t), norm, scale, g);
-      } else {  // class-parallel: the passes ran apart, read the row again
-        c.xr = c.x.row(r);
-        load_top(c, r);
-        g = c.g->begin(r);
-        softmax_row_grad(c.xr, C, static_cast<T>(inv_t), norm, scale, g);
+        softmax_row_grad_cached(exp_cache<T>{c.ce, c.shifts.data()}, C, static_cast<T>(inv_t), norm, scale, g);
+      } else {
+        if (!cached) {  // class-parallel: the passes ran apart, read the row again
+          c.xr = c.x.row(r);
+          load_top(c, r);
+        }
+        g = cached ? c.gr : c.g->begin(r);
+        if (rescaled)
+          rescaled_tail_grad(c.xr, rec, tau, log_tail, g);
+        else
+          softmax_row_grad(c.xr, C, static_cast<T>(inv_t), norm, scale, g);
       }
       const double ls = static_cast<double>(norm.log_sum), sh = static_cast<double>(norm.shift);
       const double inside = rec.a + (tail_active ? tau : 0.0);
@@ -654,7 +723,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     return loss;
   };
   auto exchange = [&](std::vector<topk_record>& records) {
-    all_reduce_records(*shard, records, merge_topk_records, {0}, inv_t);
+    all_reduce_records(*shard, records, merge_topk_records, {0, 6}, inv_t);
   };
   std::vector<double> row_losses(static_cast<std::size_t>(space.rows), 0.0);
   run_rows<decltype(make_context), topk_record>(space.rows, C, shard != nullptr, make_context, stats_fn, exchange,

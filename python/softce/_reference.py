@@ -61,7 +61,7 @@ def _masked_rows(rows: Tensor, mask: Optional[Tensor]) -> Tensor:
 def _weighted_neg_log_softmax(x: Tensor, wt: Tensor) -> Tensor:
     """Σ_c wt_c (lse − x_c) per row, a term with wt_c = 0 being 0 even where x_c = −inf."""
     cdim = _cdim(x)
-    neg_logp = torch.logsumexp(x, cdim, keepdim=True) - x
+    neg_logp = -torch.log_softmax(x, cdim)
     zero = (wt == 0) & torch.isinf(neg_logp)
     safe = torch.where(zero, torch.zeros_like(neg_logp), neg_logp)
     return (wt * safe).sum(cdim)
@@ -130,7 +130,7 @@ def cross_entropy_index(x: Tensor, target: Tensor, weight: Optional[Tensor],
     num_classes = x.shape[cdim]
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target)).long()
-    neg_logp = torch.logsumexp(x, cdim, keepdim=True) - x
+    neg_logp = -torch.log_softmax(x, cdim)
     nll = neg_logp.gather(cdim, y.unsqueeze(cdim)).squeeze(cdim)
     if weight is not None:
         w = weight.to(x.dtype)

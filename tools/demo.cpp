@@ -89,9 +89,15 @@ void truncate_rows(table& t, std::int64_t limit) {
 
 std::string arch_text(std::int64_t inputs, const std::vector<std::int64_t>& hidden,
                       std::int64_t classes) {
+  // (appended in steps: GCC 12's -Wrestrict misfires on "-" + std::to_string(...))
   std::string s = std::to_string(inputs);
-  for (auto h : hidden) s += "-" + std::to_string(h);
-  return s + "-" + std::to_string(classes);
+  for (auto h : hidden) {
+    s += '-';
+    s += std::to_string(h);
+  }
+  s += '-';
+  s += std::to_string(classes);
+  return s;
 }
 
 nlohmann::json bins_json(const std::vector<reliability_bin>& bins) {

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -248,4 +249,100 @@ TEST(outputs, array_writers_round_trip) {
   EXPECT_EQ(c.values, v);  // shortest round-trip decimals: exact
   const std::string bytes = npy_bytes(v.data(), 2, 3);
   EXPECT_EQ((bytes.find('\n') + 1) % 64, 0u);  // header padded to 64 bytes
+}
+
+TEST(training, divergence_is_an_error_not_a_nan_model) {
+  std::vector<float> x;
+  std::vector<std::int64_t> y;
+  blobs(64, 4, 3, x, y, 2);
+  table yt;
+  yt.path = "y";
+  yt.rows = 64;
+  yt.cols = 1;
+  for (auto v : y) yt.values.push_back(static_cast<float>(v));
+  const targets index = interpret_targets(yt, {});
+  train_config c;
+  c.epochs = 50;
+  c.batch_size = 16;
+  c.lr = 1e30;  // beyond --lr's range: only reachable through the API
+  c.cosine = false;
+  model m = make_model(4, {32}, 3, 1);
+  const std::string message = error_of([&] { train(m, x.data(), 64, index, c); });
+  EXPECT_EQ(message.rfind("training diverged in epoch ", 0), 0u) << message;
+  EXPECT_NE(message.find("lower --lr (now 1e+30)"), std::string::npos) << message;
+}
+
+TEST(model, size_limits) {
+  EXPECT_EQ(parameter_count(784, {512, 256}, 10), 784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10);
+  EXPECT_EQ(error_of([] { check_model_size(4, {65536, 65536}, 3, 128); }),
+            "--model mlp:65536,65536: 4295557123 parameters for 4 inputs and 3 classes, more "
+            "than the limit of 134217728");
+  EXPECT_EQ(error_of([] { check_model_size(1 << 20, {}, 1 << 24, 1); }),
+            "--model linear: 17592202821632 parameters for 1048576 inputs and 16777216 classes, "
+            "more than the limit of 134217728");
+  EXPECT_EQ(error_of([] { check_model_size(4, {65536}, 3, 1 << 14); }),
+            "--model mlp:65536: a hidden layer of 65536 units over batches of 16384 rows exceeds "
+            "the limit of 268435456 activations (lower --batch-size)");
+  EXPECT_EQ(error_of([] { check_model_size(784, {512, 256}, 10, 128); }), "");
+}
+
+TEST(outputs, commit_is_all_or_nothing) {
+  const fs::path dir = temp_dir("all-or-nothing");
+  const auto read = [](const fs::path& p) {
+    std::ifstream in(p);
+    return std::string((std::istreambuf_iterator<char>(in)), {});
+  };
+  {
+    staged_outputs out(dir.string(), true);
+    out.write("a.txt", "a1");
+    out.write("b.txt", "b1");
+    out.commit();
+  }
+  for (const char* failing : {"a.txt", "b.txt"}) {
+    ::setenv("SOFTCE_TEST_FAIL_RENAME", failing, 1);
+    staged_outputs out(dir.string(), true);
+    out.write("a.txt", "a2");
+    out.write("b.txt", "b2");
+    out.write("c.txt", "c2");  // new: removed again on rollback
+    EXPECT_EQ(error_of([&] { out.commit(); }),
+              (dir / failing).string() +
+                  ": cannot write: Input/output error (no output written, earlier outputs "
+                  "unchanged)");
+  }
+  ::unsetenv("SOFTCE_TEST_FAIL_RENAME");
+  EXPECT_EQ(read(dir / "a.txt"), "a1");
+  EXPECT_EQ(read(dir / "b.txt"), "b1");
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 2);
+  {
+    staged_outputs out(dir.string(), true);
+    out.write("a.txt", "a3");
+    out.write("b.txt", "b3");
+    out.commit();
+  }
+  EXPECT_EQ(read(dir / "a.txt"), "a3");
+  EXPECT_EQ(read(dir / "b.txt"), "b3");
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 2);
+  fs::remove_all(dir);
+}
+
+TEST(outputs, only_regular_files_are_replaced) {
+  const fs::path dir = temp_dir("regular");
+  fs::create_directories(dir);
+  fs::create_symlink("/dev/null", dir / "link");
+  staged_outputs out(dir.string(), false);
+  EXPECT_EQ(error_of([&] { out.claim("link"); }),
+            (dir / "link").string() +
+                ": is a symbolic link; softce only replaces regular files (remove it or choose "
+                "another --out)");
+  EXPECT_EQ(error_of([] { require_replaceable("/dev/null"); }),
+            "/dev/null: is a character device; softce only replaces regular files (remove it or "
+            "choose another --out)");
+  EXPECT_EQ(error_of([&] { out.claim("new.txt"); }), "");
+  out.write("link", "x");
+  EXPECT_EQ(error_of([&] { out.commit(); }),
+            (dir / "link").string() +
+                ": is a symbolic link; softce only replaces regular files (remove it or choose "
+                "another --out)");
+  EXPECT_TRUE(fs::is_symlink(dir / "link"));
+  fs::remove_all(dir);
 }

@@ -263,3 +263,27 @@ TEST(files, missing_empty_directory) {
   EXPECT_EQ(error_of([] { read_file("/tmp"); }), "/tmp: is a directory, not a file");
   EXPECT_EQ(error_of([] { read_file("/dev/null"); }), "/dev/null: file is empty");
 }
+
+TEST(read_file, devices_and_bombs_are_bounded) {
+  // /dev/zero has no size: its first bytes are judged (an IDX header of type 0x00)
+  EXPECT_EQ(error_of([] { read_file("/dev/zero"); }),
+            "/dev/zero: not an IDX file (unknown element type 0x00)");
+  // gzip: the NPY header's size bounds the expansion
+  std::string npy = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }";
+  npy = std::string("\x93NUMPY\x01\x00", 8) + static_cast<char>(npy.size() + 1) + '\0' + npy + "\n";
+  std::string raw = npy + std::string(8, '\0') + std::string(8 << 20, '\0');
+  uLongf size = compressBound(raw.size());
+  std::string z(size + 32, '\0');
+  z_stream zs{};
+  ASSERT_EQ(deflateInit2(&zs, 9, Z_DEFLATED, 16 + MAX_WBITS, 8, Z_DEFAULT_STRATEGY), Z_OK);
+  zs.next_in = reinterpret_cast<Bytef*>(raw.data());
+  zs.avail_in = static_cast<uInt>(raw.size());
+  zs.next_out = reinterpret_cast<Bytef*>(z.data());
+  zs.avail_out = static_cast<uInt>(z.size());
+  ASSERT_EQ(deflate(&zs, Z_FINISH), Z_STREAM_END);
+  z.resize(zs.total_out);
+  deflateEnd(&zs);
+  EXPECT_EQ(error_of([&] { gunzip(z, "b.npy.gz"); }),
+            "b.npy.gz: more data than its NPY header declares (" +
+                std::to_string(npy.size() + 8) + " bytes in all)");
+}

@@ -121,3 +121,36 @@ TEST(targets, format_option) {
   EXPECT_EQ(error_of([&] { interpret_targets(csv("0\n1\n"), o); }),
             "unknown targets format 'bogus' (expected auto, index, probs or topk)");
 }
+
+TEST(targets, class_indices_beyond_the_limit_are_refused_before_the_cast) {
+  // 2^24 and up (float32 holds every integer only up to 2^24), 2^63 and 1e30 (beyond int64)
+  EXPECT_EQ(error_of([] { interpret_targets(csv("0\n16777215\n16777216\n"), {}); }),
+            "t.csv:3: class index 16777216 exceeds the limit of 16777215 (at most 16777216 "
+            "classes)");
+  EXPECT_EQ(error_of([] { interpret_targets(csv("0\n9.2233720368547758e18\n"), {}); }),
+            "t.csv:2: class index 9.223372e+18 exceeds the limit of 16777215 (at most 16777216 "
+            "classes)");
+  const auto problems = find_target_problems(csv("1e30\n1\n3e9\n"), {});
+  ASSERT_EQ(problems.size(), 2u);
+  EXPECT_EQ(problems[0].message,
+            "t.csv:1: class index 1e+30 exceeds the limit of 16777215 (at most 16777216 classes)");
+  EXPECT_EQ(problems[1].row, 2);
+  target_options topk;
+  topk.format = "topk";
+  EXPECT_EQ(error_of([&] { interpret_targets(csv("0,3e9,0.5,0.5\n"), topk); }),
+            "t.csv:1: class index 3e+09 in column 2 exceeds the limit of 16777215 (at most "
+            "16777216 classes)");
+}
+
+TEST(targets, topk_first_problem_in_column_order) {
+  target_options topk;
+  topk.format = "topk";
+  // a repeat before a bad index is reported, and the other way round
+  EXPECT_EQ(error_of([&] { interpret_targets(csv("4,2,4,-1,0.1,0.1,0.1,0.1\n"), topk); }),
+            "t.csv:1: duplicate class index 4 in columns 1 and 3");
+  EXPECT_EQ(error_of([&] { interpret_targets(csv("4,-1,4,2,0.1,0.1,0.1,0.1\n"), topk); }),
+            "t.csv:1: class index -1 in column 2 is not a non-negative integer");
+  // the smallest repeating column, paired with the first column of its value
+  EXPECT_EQ(error_of([&] { interpret_targets(csv("7,5,5,7,5,0.1,0.1,0.1,0.1,0.1\n"), topk); }),
+            "t.csv:1: duplicate class index 5 in columns 2 and 3");
+}

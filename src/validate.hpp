@@ -7,6 +7,8 @@
 #include <softce/softce.hpp>
 
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,8 +26,9 @@ std::string format_number(double value);
 bool is_float(dtype t) noexcept;
 bool is_index(dtype t) noexcept;
 
-// Checks numel and the largest element offset fit in int64 (and a non-null pointer when the
-// view holds elements).
+// Checks the dtype is a known one, numel and the largest element and byte offsets fit in
+// int64, the addresses touched do not wrap around (and a non-null pointer when the view holds
+// elements).
 void check_extent(std::string_view function, std::string_view argument, const array_view& v);
 void check_float(std::string_view function, std::string_view argument, const array_view& v);
 void check_same_shape(std::string_view function, std::string_view argument, const array_view& v,
@@ -77,8 +80,55 @@ void check_row_shape(std::string_view function, std::string_view argument, const
 void check_class_vector(std::string_view function, std::string_view argument,
                         const array_view& v, std::int64_t classes);
 
-// Outputs: grad of the input's shape, losses of `expected` shape, both float.
+// Outputs: grad of the input's shape, losses of `expected` shape, both float; `r` a valid
+// reduction. Also the aliasing rules among the outputs and the input (see check_aliasing):
+// no output overlaps itself, grad and losses are apart, and an output overlapping the input
+// is exactly the input and is the gradient (in place).
 void check_outputs(std::string_view function, const outputs& out, const array_view& input,
                    const std::int64_t* loss_shape, int loss_ndim, reduction r);
+
+// ---------------------------------------------------------------------------------------
+// aliasing
+
+// How the memory of two views relates. `same`: the same elements in the same order (data,
+// dtype, shape, and the strides of every dimension longer than 1); `partial`: some byte is
+// shared, or it could not be decided cheaply (then treated as shared); `none`: provably
+// apart (byte extents apart, or an exact search over the index differences for views on one
+// lattice of strides: interleaved columns x[:, ::2] / x[:, 1::2], different rows or columns).
+enum class overlap { none, same, partial };
+overlap overlap_of(const array_view& a, const array_view& b);
+// Whether two different index tuples of `v` may address overlapping bytes (a zero stride, or
+// strides that make positions collide); undecidable cheaply counts as overlapping.
+bool overlaps_itself(const array_view& v);
+
+// An input read by a call besides the logits, named as in the error messages; an absent
+// optional argument is skipped.
+struct named_array {
+  std::string_view name;
+  const array_view* view;
+  named_array(std::string_view n, const array_view& v) : name(n), view(&v) {}
+  named_array(std::string_view n, const std::optional<array_view>& v) : name(n), view(v ? &*v : nullptr) {}
+};
+
+// The aliasing rules for every loss (check_outputs does those among outputs and the input):
+// no output overlaps any of `others` (checked here with check_extent first), hence, when
+// the gradient is written in place over the input, no other input overlaps the input.
+// Inputs that are only read may overlap each other. O(ndim) per pair; call after
+// check_outputs, with every array the call reads besides the input.
+void check_aliasing(std::string_view function, const outputs& out, std::initializer_list<named_array> others);
+
+// ---------------------------------------------------------------------------------------
+// distillation_loss's class dimension
+
+// The student, teacher logits (when given) and gradient with options.dim moved to index 1;
+// only strides change, and per-row arrays (mask, losses, top-k) keep the row shape, which is
+// the student's shape without the class dimension in its original order. Checks `dim` (it
+// must be given for 3 or more dimensions) and `kind`.
+struct class_first_views {
+  array_view student, teacher;
+  outputs out;
+};
+class_first_views distillation_layout(std::string_view function, const distillation_options& options,
+                                      const array_view& student, const array_view* teacher, const outputs& out);
 
 }  // namespace softce::detail

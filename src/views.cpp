@@ -51,10 +51,15 @@ void fill_view_layout(int& ndim, std::int64_t* shape_out, std::int64_t* strides_
     i = 0;
     for (std::int64_t stride : strides) strides_out[i++] = stride;
   } else {
+    // row-major strides; the last product (the size) must fit too
     std::int64_t stride = 1;
     for (int d = ndim - 1; d >= 0; --d) {
       strides_out[d] = stride;
-      stride *= shape_out[d] > 0 ? shape_out[d] : 1;
+      if (__builtin_mul_overflow(stride, shape_out[d] > 0 ? shape_out[d] : 1, &stride)) {
+        std::string text = "(";
+        for (int k = 0; k < ndim; ++k) text += (k ? ", " : "") + std::to_string(shape_out[k]);
+        throw error("view: size of shape " + text + ") overflows 64-bit indexing");
+      }
     }
   }
 }

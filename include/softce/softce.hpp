@@ -8,6 +8,17 @@
 // Shapes follow torch.nn.functional.cross_entropy: logits are (C,), (N, C) or
 // (N, C, d1, ..., dk) with the class dimension at index 1. A "row" is one position
 // (n, d1, ..., dk); per-row outputs have the logits' shape without the class dimension.
+// (distillation_loss takes the class dimension from its `dim` option instead.)
+//
+// Aliasing: an output may be exactly an input only as the in-place gradient over the logits
+// (`grad` with the input's data, dtype, shape and strides). Any other overlap is an error:
+// an output with another input (target, teacher, weight, mask, top-k arrays), outputs with
+// each other, an output with itself (a zero or colliding stride), and, when the gradient is
+// written in place, another input with the logits. Inputs that are only read may overlap.
+// Views whose byte ranges interleave but provably share no byte (x[:, ::2] and x[:, 1::2],
+// two rows or columns of one matrix) are apart; an overlap not decidable cheaply is refused.
+// Every size, stride and byte-offset computation is overflow-checked, and enum arguments
+// (dtype, reduction, divergence) must hold one of their named values.
 #pragma once
 
 #include <cstdint>
@@ -71,9 +82,14 @@ struct basic_view {
   std::int64_t shape[max_dims] = {};
   std::int64_t strides[max_dims] = {};
 
+  // The number of elements; saturates at INT64_MAX when the product of the sizes overflows
+  // (every function rejects such a view).
   std::int64_t numel() const noexcept {
+    for (int i = 0; i < ndim; ++i)
+      if (shape[i] == 0) return 0;
     std::int64_t n = 1;
-    for (int i = 0; i < ndim; ++i) n *= shape[i];
+    for (int i = 0; i < ndim; ++i)
+      if (__builtin_mul_overflow(n, shape[i], &n)) return INT64_MAX;
     return n;
   }
   // An output view converts to an input view (never the other way round).
@@ -137,7 +153,8 @@ divergence parse_divergence(std::string_view name);
 std::string_view reduction_name(reduction r) noexcept;
 std::string_view divergence_name(divergence d) noexcept;
 
-// Where the results go. Every output is optional.
+// Where the results go. Every output is optional. An output overlaps no input and no other
+// output, except `grad` being exactly the input (see "Aliasing" at the top).
 //  grad:   d loss / d input, same shape as the input (any strides; it may be the input
 //          itself, which is then overwritten: "in-place backward"). Written in the input's
 //          dtype or any float dtype.
@@ -223,6 +240,13 @@ struct distillation_options {
   reduction reduce = reduction::batchmean;// none (per row), sum, batchmean (/ unmasked rows),
                                           // mean (/ unmasked rows / C)
   std::optional<array_view> mask;         // bool per row; false excludes the row
+  // The class dimension of the logits (negative counts from the end). Optional for 1-d and
+  // 2-d logits (the last dimension); required for 3 or more dimensions, where the layout is
+  // ambiguous: dim = 1 for PyTorch's (N, C, d1, ...), dim = -1 for a language model's
+  // (batch, sequence, vocabulary). Rows are the other dimensions in their order: the mask,
+  // per-row losses and top-k arrays have the logits' shape without dimension `dim` (top-k
+  // arrays then (..., K)); the teacher logits and the gradient have the logits' shape.
+  std::optional<int> dim;
 };
 
 // With p = softmax(teacher / T), q = softmax(student / T):

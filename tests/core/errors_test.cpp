@@ -2,6 +2,8 @@
 // the entry points) and its kind; an error leaves the outputs untouched.
 #include "test_support.hpp"
 
+#include <chrono>
+
 namespace softce_test {
 namespace {
 
@@ -354,6 +356,154 @@ TEST_F(Errors, SizeOverflow) {
   std::vector<std::int64_t> y{0, 1};
   EXPECT_SOFTCE_ERROR(softce::cross_entropy(f64({2, 3}), make_view(y.data(), dtype::int64, {2}, {-(std::int64_t{1} << 62)})),
                       "cross_entropy: target: strides of shape (2) overflow 64-bit indexing", value_error);
+}
+
+// Checked arithmetic: every shape, stride and byte-offset computation (UBSan found shape
+// products and stride negation overflowing here).
+TEST_F(Errors, CheckedArithmetic) {
+  constexpr std::int64_t min64 = std::numeric_limits<std::int64_t>::min(), max64 = std::numeric_limits<std::int64_t>::max();
+  // INT64_MIN stride (its negation overflows)
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(f64({2, 3}, {min64, 1}), i64({2})),
+                      "cross_entropy: input: strides of shape (2, 3) overflow 64-bit indexing", value_error);
+  EXPECT_SOFTCE_ERROR(softce::kl_div(f64({2, 3}), f64({2, 3}, {3, min64})),
+                      "kl_div: target: strides of shape (2, 3) overflow 64-bit indexing", value_error);
+  // ... harmless over a dimension of size 1, where it is never multiplied
+  std::vector<std::int64_t> y{0, 1};
+  EXPECT_NO_THROW(softce::cross_entropy(f64({2, 3, 1}, {3, 1, min64}), make_view(y.data(), dtype::int64, {2, 1})));
+  // the largest element offset fits, the offset in bytes does not
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(f64({2, 3}, {max64 / 4, 1}), i64({2})),
+                      "cross_entropy: input: strides of shape (2, 3) overflow 64-bit indexing", value_error);
+  // spans below and above the data pointer that each fit but not together
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(f64({2, 2}, {max64 / 12, -(max64 / 12)}), i64({2})),
+                      "cross_entropy: input: strides of shape (2, 2) overflow 64-bit indexing", value_error);
+  // the sum of the spans of several dimensions
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(f64({3, 3}, {max64 / 3, max64 / 3}), i64({3})),
+                      "cross_entropy: input: strides of shape (3, 3) overflow 64-bit indexing", value_error);
+  // addresses that wrap around below zero from the data pointer
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(f64({2, 3}, {-(std::int64_t{1} << 58), 1}), i64({2})),
+                      "cross_entropy: input: strides of shape (2, 3) reach outside the address space from the data pointer",
+                      value_error);
+  // shape products: the size, and the row count of a class dimension of 0
+  const std::int64_t big = std::int64_t{1} << 40;
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(f64({big, big, big}, {0, 0, 0}), make_view(buf.i64.data(), dtype::int64, {big, big}, {0, 0})),
+                      "cross_entropy: input: size of shape (1099511627776, 1099511627776, 1099511627776) overflows 64-bit indexing",
+                      value_error);
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(f64({big, 0, big}, {0, 0, 0}), make_view(buf.i64.data(), dtype::int64, {big, big}, {0, 0})),
+                      "cross_entropy: input: number of rows of shape (1099511627776, 0, 1099511627776) overflows 64-bit indexing",
+                      value_error);
+  EXPECT_SOFTCE_ERROR(softce::view(buf.f64.data(), {big, big, big}),
+                      "view: size of shape (1099511627776, 1099511627776, 1099511627776) overflows 64-bit indexing", value_error);
+  // numel() saturates instead of overflowing
+  array_view huge = f64({big, big, big}, {0, 0, 0});
+  EXPECT_EQ(huge.numel(), max64);
+  huge.shape[2] = 0;
+  EXPECT_EQ(huge.numel(), 0);
+  // a top-k row's K, and a mask, with the same checks
+  softce::distillation_options m;
+  m.mask = make_view(reinterpret_cast<const bool*>(buf.b.data()), dtype::boolean, {2}, {min64});
+  EXPECT_SOFTCE_ERROR(softce::distillation_loss(f64({2, 3}), f64({2, 3}), m),
+                      "distillation_loss: mask: strides of shape (2) overflow 64-bit indexing", value_error);
+}
+
+// Enum arguments hold one of their named values.
+TEST_F(Errors, EnumsOutOfRange) {
+  softce::cross_entropy_options ce;
+  ce.reduce = static_cast<reduction>(7);
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(f64({2, 3}), i64({2}), ce),
+                      "cross_entropy: reduction: expected one of 'none', 'mean', 'sum', got invalid value 7", value_error);
+  softce::kl_div_options kl;
+  kl.reduce = static_cast<reduction>(200);
+  EXPECT_SOFTCE_ERROR(softce::kl_div(f64({2, 3}), f64({2, 3}), kl),
+                      "kl_div: reduction: expected one of 'none', 'mean', 'sum', 'batchmean', got invalid value 200",
+                      value_error);
+  softce::distillation_options d;
+  d.reduce = static_cast<reduction>(4);
+  EXPECT_SOFTCE_ERROR(softce::distillation_loss(f64({2, 3}), f64({2, 3}), d),
+                      "distillation_loss: reduction: expected 'none', 'mean', 'sum' or 'batchmean', got invalid value 4",
+                      value_error);
+  array_view bad = f64({2, 3});
+  bad.type = static_cast<dtype>(9);
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(bad, i64({2})), "cross_entropy: input: expected a valid dtype, got dtype value 9",
+                      type_error);
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(f64({2, 3}), bad), "cross_entropy: target: expected a valid dtype, got dtype value 9",
+                      type_error);
+  softce::outputs out;
+  mutable_array_view g = out64({2, 3});
+  g.type = static_cast<dtype>(255);
+  out.grad = g;
+  EXPECT_SOFTCE_ERROR(softce::kl_div(f64({2, 3}), f64({2, 3}, {0, 1}), {}, out),
+                      "kl_div: grad: expected a valid dtype, got dtype value 255", type_error);
+  EXPECT_EQ(softce::dtype_size(static_cast<dtype>(9)), 0u);
+  EXPECT_EQ(softce::dtype_name(static_cast<dtype>(9)), "unknown");
+}
+
+// (DISABLED_: needs the entry points to call detail::distillation_layout; enabled with that patch)
+TEST_F(Errors, DISABLED_DivergenceOutOfRange) {
+  softce::distillation_options k;
+  k.kind = static_cast<softce::divergence>(7);
+  EXPECT_SOFTCE_ERROR(softce::distillation_loss(f64({2, 3}), f64({2, 3}), k),
+                      "distillation_loss: divergence: expected 'kl', 'reverse_kl' or 'jsd', got invalid value 7", value_error);
+  std::vector<std::int64_t> idx{0, 1};
+  EXPECT_SOFTCE_ERROR(
+      softce::distillation_loss(f64({2, 3}), softce::topk{make_view(idx.data(), dtype::int64, {2, 1}), f64({2, 1})}, k),
+      "distillation_loss: divergence: expected 'kl', 'reverse_kl' or 'jsd', got invalid value 7", value_error);
+}
+
+// distillation_loss's class dimension. (DISABLED_: as above)
+TEST_F(Errors, DISABLED_DistillationDim) {
+  softce::distillation_options d;
+  EXPECT_SOFTCE_ERROR(softce::distillation_loss(f64({2, 3, 4}), f64({2, 3, 4}), d),
+                      "distillation_loss: dim: class dimension ambiguous for 3-dimensional logits; pass dim=1 for "
+                      "(N, C, d1, ...) layout or dim=-1 for (batch, sequence, vocabulary)",
+                      value_error);
+  std::vector<std::int64_t> idx(2 * 3 * 2, 0);
+  EXPECT_SOFTCE_ERROR(
+      softce::distillation_loss(f64({2, 3, 4}), softce::topk{make_view(idx.data(), dtype::int64, {2, 3, 1}), f64({2, 3, 1})}, d),
+      "distillation_loss: dim: class dimension ambiguous for 3-dimensional logits; pass dim=1 for "
+      "(N, C, d1, ...) layout or dim=-1 for (batch, sequence, vocabulary)",
+      value_error);
+  d.dim = 3;
+  EXPECT_SOFTCE_ERROR(softce::distillation_loss(f64({2, 3, 4}), f64({2, 3, 4}), d),
+                      "distillation_loss: dim: expected a value in [-3, 2] for 3-dimensional logits, got 3", value_error);
+  d.dim = -2;
+  EXPECT_SOFTCE_ERROR(softce::distillation_loss(f64({4}), f64({4}), d),
+                      "distillation_loss: dim: expected a value in [-1, 0] for 1-dimensional logits, got -2", value_error);
+  // shapes are reported as the caller gave them, before the class dimension moves
+  d.dim = -1;
+  EXPECT_SOFTCE_ERROR(softce::distillation_loss(f64({2, 3, 4}), f64({2, 4, 3}), d),
+                      "distillation_loss: teacher: expected shape (2, 3, 4) (the student's), got (2, 4, 3)", value_error);
+  softce::outputs out;
+  out.grad = out64({2, 4, 3});
+  EXPECT_SOFTCE_ERROR(softce::distillation_loss(f64({2, 3, 4}), f64({2, 3, 4}), d, out),
+                      "distillation_loss: grad: expected shape (2, 3, 4) (the input's), got (2, 4, 3)", value_error);
+  softce::distillation_options m = d;
+  m.mask = boolean({2, 4});
+  EXPECT_SOFTCE_ERROR(softce::distillation_loss(f64({2, 3, 4}), f64({2, 3, 4}), m),
+                      "distillation_loss: mask: expected shape (2, 3) (the input's without the class dimension), got (2, 4)",
+                      value_error);
+  // 1-d and 2-d logits need no dim; dim 1 of (N, C) and 0 of (C) are the default
+  EXPECT_NO_THROW(softce::distillation_loss(f64({2, 3}), f64({2, 3}), softce::distillation_options{}));
+  d.dim = 0;
+  EXPECT_NO_THROW(softce::distillation_loss(f64({3}), f64({3}), d));
+  d.dim = 1;
+  EXPECT_NO_THROW(softce::distillation_loss(f64({2, 3, 4}), f64({2, 3, 4}), d));
+}
+
+// The top-k duplicate check is O(K log K) per row: K = 20000 with the duplicate last.
+TEST_F(Errors, TopKDuplicateCheckIsFast) {
+  constexpr std::int64_t rows = 8, k = 20000, classes = 50000;
+  std::vector<std::int64_t> idx(rows * k);
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t j = 0; j < k; ++j) idx[static_cast<std::size_t>(r * k + j)] = (j * 7 + r) % classes;
+  idx.back() = idx[static_cast<std::size_t>((rows - 1) * k)];
+  std::vector<float> val(rows * k, 1.0f / k);
+  std::vector<float> x(rows * classes, 0.0f);
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_SOFTCE_ERROR(softce::cross_entropy(softce::view(x.data(), {rows, classes}),
+                                            softce::topk{softce::view(idx.data(), {rows, k}), softce::view(val.data(), {rows, k})}),
+                      "cross_entropy: target.indices: duplicate index 7 in row 7", value_error);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 1.0);
 }
 
 TEST_F(Errors, ViewFactory) {

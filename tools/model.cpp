@@ -335,9 +335,23 @@ model model_from_json(const std::string& text, const std::string& path) {
   const auto bad = [&](const std::string& why) -> input_error {
     return input_error(path + ": not a valid softce model file (" + why + ")");
   };
+  // A model file holds a few dozen JSON values (the arrays are base64 strings), so a file
+  // of millions of values or deep nesting is refused while it is parsed, before the
+  // document (~16+ bytes per value) is built.
+  constexpr int max_depth = 16;
+  constexpr std::size_t max_values = 100000;
+  std::size_t values = 0;
+  const nlohmann::json::parser_callback_t limit = [&](int depth, nlohmann::json::parse_event_t event,
+                                                      nlohmann::json&) {
+    if (depth > max_depth)
+      throw bad("nested deeper than " + std::to_string(max_depth) + " levels");
+    if (event == nlohmann::json::parse_event_t::value && ++values > max_values)
+      throw bad("more than " + std::to_string(max_values) + " JSON values");
+    return true;
+  };
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(text);
+    j = nlohmann::json::parse(text, limit);
   } catch (const nlohmann::json::parse_error& e) {
     throw input_error(path + ": not a softce model file (invalid JSON at byte " +
                       std::to_string(e.byte) + ")");

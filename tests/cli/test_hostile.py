@@ -202,6 +202,25 @@ class Hostile(unittest.TestCase):
                             "input file")
         writer.join(10)
 
+    def test_hostile_model_files(self):
+        predict = ["predict", "--features", "x.csv", "--out", "p.csv", "--model"]
+        with open(self.path("deep.json"), "w") as f:
+            f.write("[" * 100000 + "]" * 100000)
+        self.assert_refused(predict + ["deep.json"],
+                            "deep.json: not a valid softce model file (nested deeper than 16 "
+                            "levels)")
+        with open(self.path("wide.json"), "w") as f:
+            f.write('{"format": "softce-model", "x": [' + "0," * 200000 + "0]}")
+        self.assert_refused(predict + ["wide.json"],
+                            "wide.json: not a valid softce model file (more than 100000 JSON "
+                            "values)")
+        with open(self.path("huge.json"), "w") as f:
+            json.dump({"format": "softce-model", "version": 1, "inputs": 1 << 26, "classes": 10,
+                       "hidden": [65536, 65536]}, f)
+        self.assert_refused(predict + ["huge.json"],
+                            "huge.json: not a valid softce model file (4402342264842 parameters, "
+                            "more than the limit of 134217728)")
+
     # ---- item 5: labels beyond int64 / float32 integers --------------------------------
 
     def test_labels_beyond_the_integer_range(self):

@@ -235,6 +235,11 @@ evaluation evaluate(const float* logits, std::int64_t rows, std::int64_t classes
   std::int64_t right = 0;
   for (std::int64_t r = 0; r < rows; ++r) {
     const float* x = logits + r * C;
+    // (the commands check first and name the file; this keeps the bin index below defined)
+    if (!all_finite(x, C))
+      throw input_error("the model's logits overflow float32 (inf or NaN) on row " +
+                        std::to_string(r) + " of the evaluated data: its features are far "
+                        "outside the range of the training features");
     std::int64_t best = 0;
     for (std::int64_t c = 1; c < C; ++c)
       if (x[c] > x[best]) best = c;

@@ -225,7 +225,7 @@ using wide = __int128;  // byte offsets of checked views: |offset| < 2^63, sums 
 // and zero-stride dimensions dropped. Dimensions with equal strides are merged: the sums of
 // their indices take every value in 0 .. Σ reach, so the set of addresses is the same.
 struct lattice {
-  wide base = 0, element = 0, span = 0;  // span: Σ stride_k reach_k
+  wide base = 0, element = 0;
   int terms = 0;
   wide stride[max_dims] = {}, reach[max_dims] = {};
 };
@@ -246,7 +246,6 @@ lattice lattice_of(const array_view& v) {
     while (k < l.terms && l.stride[k] != stride) ++k;
     if (k == l.terms) l.stride[l.terms++] = stride;
     l.reach[k] += reach;
-    l.span += stride * reach;
   }
   return l;
 }
@@ -305,6 +304,23 @@ int search_box(search_term* terms, int count, wide lower, wide upper, bool need_
   return search(st, 0, 0, false);
 }
 
+// The bytes [low, high) a checked, non-empty view touches (no overflow: check_extent).
+struct byte_range {
+  std::uintptr_t low, high;
+};
+byte_range byte_range_of(const array_view& v) {
+  std::int64_t below = 0, above = 0;
+  for (int i = 0; i < v.ndim; ++i) {
+    if (v.shape[i] <= 1) continue;
+    const std::int64_t span = v.strides[i] * (v.shape[i] - 1);
+    if (span < 0) below -= span;
+    else above += span;
+  }
+  const auto size = static_cast<std::uintptr_t>(dtype_size(v.type));
+  const auto address = reinterpret_cast<std::uintptr_t>(v.data);
+  return {address - static_cast<std::uintptr_t>(below) * size, address + (static_cast<std::uintptr_t>(above) + 1) * size};
+}
+
 bool same_elements(const array_view& a, const array_view& b) {
   if (a.data != b.data || a.type != b.type || a.ndim != b.ndim) return false;
   for (int i = 0; i < a.ndim; ++i)
@@ -340,8 +356,9 @@ void check_outputs_apart(std::string_view function, const outputs& out, const ar
 overlap overlap_of(const array_view& a, const array_view& b) {
   if (a.numel() == 0 || b.numel() == 0) return overlap::none;
   if (same_elements(a, b)) return overlap::same;
+  const byte_range ra = byte_range_of(a), rb = byte_range_of(b);
+  if (ra.high <= rb.low || rb.high <= ra.low) return overlap::none;
   const lattice la = lattice_of(a), lb = lattice_of(b);
-  if (la.base + la.span + la.element <= lb.base || lb.base + lb.span + lb.element <= la.base) return overlap::none;
   // interleaved extents: is there x in A, y in B (offsets from the bases) with the elements
   // [a, a + eA) and [b, b + eB) at a = baseA + x, b = baseB + y sharing a byte,
   // -eA < a - b < eB, i.e. -eA - d < x - y < eB - d with d = baseA - baseB?
@@ -360,6 +377,17 @@ overlap overlap_of(const array_view& a, const array_view& b) {
 
 bool overlaps_itself(const array_view& v) {
   if (v.numel() <= 1) return false;
+  // the common case, row-major with any padding or spacing: each stride, from the last
+  // dimension on, beyond the reach of the dimensions after it
+  std::int64_t reach = 0;
+  bool nested = true;
+  for (int i = v.ndim - 1; i >= 0 && nested; --i) {
+    if (v.shape[i] <= 1) continue;
+    const std::int64_t stride = v.strides[i] < 0 ? -v.strides[i] : v.strides[i];
+    nested = stride > reach;
+    reach += stride * (v.shape[i] - 1);
+  }
+  if (nested) return false;
   search_term terms[2 * max_dims];
   int count = 0;
   for (int i = 0; i < v.ndim; ++i) {
@@ -370,13 +398,13 @@ bool overlaps_itself(const array_view& v) {
       if (terms[k].stride == stride) return true;
     terms[count++] = {stride, -static_cast<wide>(v.shape[i] - 1), static_cast<wide>(v.shape[i] - 1)};
   }
-  // the common case: each stride beyond the reach of the smaller ones (no search needed)
+  // other orders (column-major, permuted): each stride beyond the reach of the smaller ones
   std::sort(terms, terms + count, [](const search_term& a, const search_term& b) { return a.stride < b.stride; });
-  wide reach = 0;
-  bool nested = true;
+  wide sorted_reach = 0;
+  nested = true;
   for (int k = 0; k < count && nested; ++k) {
-    nested = terms[k].stride > reach;
-    reach += terms[k].stride * terms[k].hi;
+    nested = terms[k].stride > sorted_reach;
+    sorted_reach += terms[k].stride * terms[k].hi;
   }
   if (nested) return false;
   // Σ δ_k stride_k = 0 (in elements) for some δ != 0

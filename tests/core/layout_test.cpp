@@ -313,6 +313,39 @@ TEST(Layout, DISABLED_DistillationClassDimension) {
   }
 }
 
+// dim = 0 of a 2-d (C, N) input: the columns are the rows. (DISABLED_: as above)
+TEST(Layout, DISABLED_DistillationClassDimensionZero) {
+  std::mt19937_64 rng(1007);
+  constexpr std::int64_t R = 4, V = 9;
+  const std::vector<double> x = normal_values(rng, R * V, 2.0), z = normal_values(rng, R * V, 2.0);
+  std::vector<double> xt(R * V), zt(R * V);  // (V, R)
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t v = 0; v < V; ++v) {
+      xt[static_cast<std::size_t>(v * R + r)] = x[static_cast<std::size_t>(r * V + v)];
+      zt[static_cast<std::size_t>(v * R + r)] = z[static_cast<std::size_t>(r * V + v)];
+    }
+  for (divergence kind : {divergence::kl, divergence::reverse_kl, divergence::jsd}) {
+    softce::distillation_options o;
+    o.kind = kind;
+    o.reduce = reduction::none;
+    std::vector<double> g(R * V), gt(R * V), l(R), lt(R);
+    softce::outputs out, out_t;
+    out.grad = softce::view(g.data(), {R, V});
+    out.losses = softce::view(l.data(), {R});
+    out_t.grad = softce::view(gt.data(), {V, R});
+    out_t.losses = softce::view(lt.data(), {R});
+    const double a = softce::distillation_loss(softce::view(x.data(), {R, V}), softce::view(z.data(), {R, V}), o, out);
+    o.dim = 0;
+    const double b = softce::distillation_loss(softce::view(xt.data(), {V, R}), softce::view(zt.data(), {V, R}), o, out_t);
+    EXPECT_TRUE(loss_near(b, a, loss_tolerance(dtype::float64)));
+    EXPECT_TRUE(values_near(lt, l, array_tolerance(dtype::float64, dtype::float64), "losses"));
+    std::vector<double> gback(R * V);
+    for (std::int64_t r = 0; r < R; ++r)
+      for (std::int64_t v = 0; v < V; ++v) gback[static_cast<std::size_t>(r * V + v)] = gt[static_cast<std::size_t>(v * R + r)];
+    EXPECT_TRUE(values_near(gback, g, array_tolerance(dtype::float64, dtype::float64), "grad"));
+  }
+}
+
 // Zero strides: one target row, weight or mask shared by every row.
 TEST(Layout, BroadcastOperands) {
   std::mt19937_64 rng(1004);

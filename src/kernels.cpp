@@ -568,7 +568,7 @@ distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, d
   const hn::ScalableTag<T> d;
   const size_t N = hn::Lanes(d);
   distill_stats acc{-kInf, 0.0, -kInf, 0.0, 0.0};
-  const auto vt = hn::Set(d, inv_t);
+  const auto vt = hn::Set(d, inv_t), vneg_inf = hn::Set(d, kNegInf<T>);
   for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
     const T* xc = x + c0;
@@ -598,10 +598,12 @@ distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, d
           StorePart(ez, d, cz.e + c0 + i, len - i);
         }
       }
+      // p = 0 only at z = -inf: a p that underflowed in float against q = 0 gives
+      // 0 * inf = NaN, which the driver reads as KL = +inf (likewise for q in reverse KL)
       if (kind == distill_kind::kl)
-        vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(ez, zero), hn::Mul(ez, hn::Sub(dz, dx))));
+        vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(zv, vneg_inf), hn::Mul(ez, hn::Sub(dz, dx))));
       else
-        vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(ex, zero), hn::Mul(ex, hn::Sub(dx, dz))));
+        vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(xv, vneg_inf), hn::Mul(ex, hn::Sub(dx, dz))));
     }
     merge_into(acc,
                distill_stats{static_cast<double>(mx), Total(d, sx), static_cast<double>(mz),

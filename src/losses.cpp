@@ -389,7 +389,10 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
   double coef = gradient_coef(plan);
   auto finish_fn = [&](context& c, std::int64_t r, const ce_record& rec) -> double {
     if (call.shard) prepare(c, r);  // the passes ran apart: set the row up again
-    if (c.skip) {
+    // a mean over a zero total weight is NaN with a zero gradient, even for a poisoned row
+    // (the oracle's rule; torch has 0 / 0 there)
+    const bool nothing_to_average = plan.mode == reduction::mean && plan.denominator == 0.0;
+    if (c.skip || nothing_to_average) {
       if (c.g) c.g->zero_row(r);
       return 0.0;
     }
@@ -812,12 +815,21 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
       if (c.g) c.g->fill_row(r, std::numeric_limits<T>::quiet_NaN());
       return kNaN;
     }
+    // reverse KL with p = 0 where q > 0 (a finite student logit against a -inf teacher
+    // logit): KL(q || p) = +inf, and its gradient has no value (torch: inf and NaN mixed).
+    // k is then +inf, or NaN where q underflowed in float (0 * inf).
+    if (kind == kGradReverseKl && !(st.k < kInf)) {
+      if (c.g) c.g->fill_row(r, std::numeric_limits<T>::quiet_NaN());
+      return kInf;
+    }
     if (shard) stage(c, r);
     const double lsx = st.sum_x > 0.0 ? std::log(st.sum_x) : -kInf;
     const double lsz = st.sum_z > 0.0 ? std::log(st.sum_z) : -kInf;
     double divergence_value = 0.0, r_value = 0.0;
     if (kind == kGradKl) {
-      divergence_value = st.sum_z > 0.0 ? st.k / st.sum_z - lsz + lsx : 0.0;
+      // q = 0 where p > 0 (a -inf student logit against a finite teacher logit): KL = +inf,
+      // with the ordinary gradient T (q - p); k is +inf, or NaN where p underflowed
+      divergence_value = !(st.k < kInf) ? kInf : st.sum_z > 0.0 ? st.k / st.sum_z - lsz + lsx : 0.0;
     } else if (kind == kGradReverseKl) {
       divergence_value = st.sum_x > 0.0 ? st.k / st.sum_x - lsx + lsz : 0.0;
       r_value = divergence_value;

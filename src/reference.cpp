@@ -342,21 +342,27 @@ double cross_entropy_row(const std::vector<double>& x, const std::vector<double>
   for (std::size_t c = 0; c < C; ++c)
     if (weighted_target[c] != 0) loss.add(weighted_target[c] * (lse - x[c]));
 
-  // Q = sum_K q and outside = 1 - Q from separate sums of exp(x - M) (no cancellation;
-  // with K empty, log(outside) is exactly log(s) - log(s) = 0).
-  double Q = 0, outside = 0;
+  // Q = sum_K q from a separate sum of exp(x - M) (no cancellation), and log(1 - Q) as the
+  // log-sum-exp of the tail against the tail's own max minus lse: exact however far the tail
+  // lies below the max (exp(x - M) of every tail class may underflow even in double).
+  double Q = 0, tail_lse = -infinity;
   if (tail_active) {
-    double max = -infinity;
-    for (double v : x) max = std::max(max, v);
+    double max = -infinity, tail_max = -infinity;
+    for (std::size_t c = 0; c < C; ++c) {
+      max = std::max(max, x[c]);
+      if (!(*tail.in_topk)[c]) tail_max = std::max(tail_max, x[c]);
+    }
     accurate_sum all, inside_sum, outside_sum;
     for (std::size_t c = 0; c < C; ++c) {
-      const double e = std::exp(x[c] - max);
-      all.add(e);
-      ((*tail.in_topk)[c] ? inside_sum : outside_sum).add(e);
+      all.add(std::exp(x[c] - max));
+      if ((*tail.in_topk)[c])
+        inside_sum.add(std::exp(x[c] - max));
+      else if (tail_max != -infinity)
+        outside_sum.add(std::exp(x[c] - tail_max));
     }
     Q = inside_sum.value() / all.value();
-    outside = outside_sum.value() / all.value();
-    loss.add(-tail.tau * (std::log(outside_sum.value()) - std::log(all.value())));
+    if (tail_max != -infinity) tail_lse = tail_max + std::log(outside_sum.value());
+    loss.add(-tail.tau * (tail_lse - lse));  // with K empty: lse - lse = 0
   }
 
   if (grad) {
@@ -365,8 +371,8 @@ double cross_entropy_row(const std::vector<double>& x, const std::vector<double>
       if (tail_active) {
         if ((*tail.in_topk)[c])
           g += tail.tau * q[c];
-        else if (q[c] != 0)
-          g -= tail.tau * q[c] * Q / outside;
+        else if (tail_lse != -infinity)  // q_c / (1 - Q) = exp(x_c - tail_lse)
+          g -= tail.tau * Q * std::exp(x[c] - tail_lse);
       }
       (*grad)[c] = coef * g;
     }
@@ -558,6 +564,11 @@ student_row student_of(const std::vector<double>& x, double T) {
 double distillation_row(const std::vector<double>& x, const std::vector<double>& z,
                         const distillation_options& o, double coef, std::vector<double>* grad) {
   if (any_nan_or_positive_inf(x) || any_nan_or_positive_inf(z)) return poisoned_row(grad);
+  // a side with every logit -inf has no softmax (torch's log_softmax is NaN there)
+  auto all_minus_inf = [](const std::vector<double>& v) {
+    return !v.empty() && std::all_of(v.begin(), v.end(), [](double e) { return e == -infinity; });
+  };
+  if (all_minus_inf(x) || all_minus_inf(z)) return poisoned_row(grad);
   const double T = o.temperature;
   const std::size_t C = x.size();
   const student_row s = student_of(x, T);
@@ -574,12 +585,22 @@ double distillation_row(const std::vector<double>& x, const std::vector<double>&
   accurate_sum D;
   switch (kind) {
     case divergence::kl:
+      // q = 0 where p > 0 (x = -inf, z finite): +inf, whether or not p underflows
+      for (std::size_t c = 0; c < C; ++c)
+        if (x[c] == -infinity && z[c] != -infinity) D.add(infinity);
       for (std::size_t c = 0; c < C; ++c)
         if (p[c] != 0) D.add(p[c] * (log_p[c] - log_q[c]));
       if (grad)
         for (std::size_t c = 0; c < C; ++c) (*grad)[c] = coef * T * (q[c] - p[c]);
       break;
     case divergence::reverse_kl: {
+      // p = 0 where q > 0 (x finite, z = -inf): KL(q || p) = +inf and no gradient (NaN),
+      // whether or not q underflows
+      for (std::size_t c = 0; c < C; ++c)
+        if (x[c] != -infinity && z[c] == -infinity) {
+          if (grad) std::fill(grad->begin(), grad->end(), not_a_number);
+          return infinity;
+        }
       for (std::size_t c = 0; c < C; ++c)
         if (q[c] != 0) D.add(q[c] * (log_q[c] - log_p[c]));
       const double R = D.value();

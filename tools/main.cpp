@@ -44,8 +44,9 @@ CLI::Validator number_in(double low, double high, bool open_low = false) {
   return CLI::Validator(
       [=](std::string& text) -> std::string {
         double v = 0;
+        const char* begin = text.data() + (text.size() > 1 && text[0] == '+');
         const char* end = text.data() + text.size();
-        auto [ptr, ec] = std::from_chars(text.data(), end, v);
+        auto [ptr, ec] = std::from_chars(begin, end, v);
         if (text.empty() || ptr != end || (ec != std::errc() && ec != std::errc::result_out_of_range))
           return "expected a number in " + range + ", not '" + text + "'";
         if (ec == std::errc::result_out_of_range || !std::isfinite(v) || v < low || v > high ||
@@ -62,8 +63,9 @@ CLI::Validator integer_in(std::int64_t low, std::int64_t high) {
   return CLI::Validator(
       [=](std::string& text) -> std::string {
         std::int64_t v = 0;
+        const char* begin = text.data() + (text.size() > 1 && text[0] == '+');
         const char* end = text.data() + text.size();
-        auto [ptr, ec] = std::from_chars(text.data(), end, v);
+        auto [ptr, ec] = std::from_chars(begin, end, v);
         if (text.empty() || ptr != end || ec == std::errc::invalid_argument)
           return "expected an integer in " + range + ", not '" + text + "'";
         if (ec == std::errc::result_out_of_range || v < low || v > high)

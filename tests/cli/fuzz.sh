@@ -51,7 +51,7 @@ build)
 run)
   parser=$4 seconds=$5
   if [ ! -x "$work/fuzz_$parser" ]; then
-    echo "fuzz_$parser not built (no clang?): skipped"
+    echo "fuzz_$parser not built (no clang or libFuzzer?): a fuzz test that cannot run fails"
     exit 1
   fi
   corpus="$work/corpus-$parser"

@@ -182,6 +182,10 @@ def kl_div(x, target, reduction, log_target):
         # replaced where the target is 0 (a zero target contributes 0)
         safe_x = torch.where((t == 0) & (x == -math.inf), torch.zeros_like(x), x)
         elements = torch.xlogy(t, t) - t * safe_x
+    # A NaN input makes its element's gradient NaN too (softce is stricter than torch,
+    # whose gradient −t ignores the input): 0 · x² adds 0, and a NaN derivative where x is NaN.
+    nan_x = torch.where(torch.isnan(x), x, torch.zeros_like(x))
+    elements = elements + 0 * nan_x * nan_x
     if reduction == "none":
         return elements
     total = elements.sum()

@@ -196,6 +196,7 @@ staged_outputs::staged_outputs(const std::string& dir, bool create)
   probe += "/.softce-probe-";
   probe += std::to_string(::getpid());
   const int probe_slot = claim_slot(cleanup_files, probe);
+  ::unlink(probe.c_str());  // left by a killed process that had our PID
   int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) {
     const std::string why = errno_text();

@@ -4,10 +4,16 @@
 // (NaN exactly where the oracle says NaN, within tolerance elsewhere). The contract is the
 // "NaN and infinities" section of docs/semantics.md. Plus regression tests: the top-k
 // tail past a logit gap of ~88 in float32, and class weights that no row uses.
+#include <softce/class_parallel.hpp>
+
 #include <hwy/targets.h>
 
+#include <barrier>
+#include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "test_support.hpp"
@@ -584,6 +590,103 @@ TEST(NaN, UnusedClassWeightDoesNotReachTheRows) {
   softce::cross_entropy_options opt;
   opt.weight = w.view();
   EXPECT_TRUE(std::isfinite(softce::cross_entropy(x.view(), y_ignored.view(), opt, {})));
+}
+
+// ---------------------------------------------------------------------------------------
+// class-parallel: a poisoned row stays poisoned through the all-reduce of two shards, and
+// shard offsets are overflow-checked
+
+// Two shards in two threads; all_reduce merges shard 0's records with shard 1's (in shard
+// order) and hands both the result.
+struct two_shards {
+  std::barrier<> sync{2};
+  std::vector<double> parts[2];
+  softce::class_shard shard(int which, std::int64_t offset, std::int64_t classes) {
+    softce::class_shard s;
+    s.class_offset = offset;
+    s.num_classes = classes;
+    s.all_reduce = [this, which](double* stats, std::int64_t count, int width, softce::row_stats_merge_fn merge) {
+      const std::size_t n = static_cast<std::size_t>(count * width);
+      parts[which].assign(stats, stats + n);
+      sync.arrive_and_wait();
+      std::vector<double> merged = parts[0];
+      merge(merged.data(), parts[1].data(), count);
+      std::memcpy(stats, merged.data(), n * sizeof(double));
+      sync.arrive_and_wait();  // both have read the parts before the next call overwrites them
+    };
+    return s;
+  }
+};
+
+// Column slice [begin, end) of a row-major (N, C) matrix.
+std::vector<double> columns(const std::vector<double>& m, std::int64_t C, std::int64_t begin, std::int64_t end) {
+  std::vector<double> out;
+  for (std::size_t r = 0; r < m.size() / static_cast<std::size_t>(C); ++r)
+    for (std::int64_t c = begin; c < end; ++c) out.push_back(m[r * static_cast<std::size_t>(C) + static_cast<std::size_t>(c)]);
+  return out;
+}
+
+TEST(NaN, ClassParallelShardsKeepAPoisonedRowPoisoned) {
+  const std::int64_t N = 4, C = 40, split = 17;
+  std::mt19937_64 rng(5);
+  std::vector<double> x = normal_values(rng, N * C, 3.0), z = normal_values(rng, N * C, 3.0);
+  x[1 * C + 30] = nan;  // row 1: NaN on shard 1
+  x[2 * C + 3] = inf;   // row 2: +inf on shard 0
+  z[3 * C + 25] = nan;  // row 3: NaN teacher logit on shard 1
+  const tensor y = make_index_tensor({N}, dtype::int64, {5, 20, 33, 2});
+  const tensor xt = make_tensor({N, C}, dtype::float32, x), zt = make_tensor({N, C}, dtype::float32, z);
+  // the oracle over all classes
+  std::vector<double> ref_ce(N), ref_kl(N);
+  softce::cross_entropy_options ce;
+  ce.reduce = reduction::none;
+  softce::distillation_options kl;
+  kl.reduce = reduction::none;
+  ref::cross_entropy(xt.view(), y.view(), ce, {{}, mutable_array_view{ref_ce.data(), dtype::float64, 1, {N}, {1}}});
+  ref::distillation_loss(xt.view(), zt.view(), kl, {{}, mutable_array_view{ref_kl.data(), dtype::float64, 1, {N}, {1}}});
+  // the shards
+  two_shards bus;
+  std::vector<double> ce_rows[2], kl_rows[2];
+  auto run = [&](int which) {
+    const std::int64_t begin = which == 0 ? 0 : split, end = which == 0 ? split : C;
+    const tensor xs = make_tensor({N, end - begin}, dtype::float32, columns(x, C, begin, end));
+    const tensor zs = make_tensor({N, end - begin}, dtype::float32, columns(z, C, begin, end));
+    const softce::class_shard shard = bus.shard(which, begin, C);
+    ce_rows[which].assign(N, 0.0);
+    kl_rows[which].assign(N, 0.0);
+    softce::class_parallel::cross_entropy(shard, xs.view(), y.view(), ce,
+                                          {{}, mutable_array_view{ce_rows[which].data(), dtype::float64, 1, {N}, {1}}});
+    softce::class_parallel::distillation_loss(
+        shard, xs.view(), zs.view(), kl, {{}, mutable_array_view{kl_rows[which].data(), dtype::float64, 1, {N}, {1}}});
+  };
+  std::thread other(run, 1);
+  run(0);
+  other.join();
+  for (int which : {0, 1}) {
+    SCOPED_TRACE(which);
+    for (std::int64_t r = 0; r < N; ++r) {
+      SCOPED_TRACE(r);
+      EXPECT_TRUE(loss_near(ce_rows[which][r], ref_ce[r], loss_tolerance(dtype::float32)));
+      EXPECT_TRUE(loss_near(kl_rows[which][r], ref_kl[r], loss_tolerance(dtype::float32)));
+    }
+    EXPECT_TRUE(std::isnan(ce_rows[which][1]) && std::isnan(ce_rows[which][2]) && std::isfinite(ce_rows[which][0]));
+    EXPECT_TRUE(std::isnan(kl_rows[which][3]) && std::isfinite(kl_rows[which][0]));
+  }
+}
+
+TEST(NaN, ShardOffsetOverflowIsAnError) {
+  const tensor x = make_tensor({2, 3}, dtype::float32, {1, 2, 3, 4, 5, 6});
+  const tensor y = make_index_tensor({2}, dtype::int64, {0, 1});
+  softce::class_shard shard;
+  shard.class_offset = std::numeric_limits<std::int64_t>::max() - 1;
+  shard.num_classes = std::numeric_limits<std::int64_t>::max();
+  shard.all_reduce = [](double*, std::int64_t, int, softce::row_stats_merge_fn) {};
+  try {
+    softce::class_parallel::cross_entropy(shard, x.view(), y.view());
+    ADD_FAILURE() << "no error";
+  } catch (const softce::error& e) {
+    EXPECT_EQ(std::string(e.what()),
+              "cross_entropy: shard: class_offset 9223372036854775806 plus 3 classes overflows a 64-bit index");
+  }
 }
 
 }  // namespace

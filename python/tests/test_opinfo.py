@@ -134,6 +134,7 @@ def _op_cases():
 @pytest.mark.parametrize("op", list(_op_cases()))
 def test_op_db_samples(op, dtype):
     assert dtype in op.supported_dtypes("cpu")
+    torch.manual_seed(0)
     samples = list(op.sample_inputs("cpu", dtype, requires_grad=True))
     assert len(samples) == EXPECTED_OP_SAMPLES[op.name]
     ran = with_target_grad = 0
@@ -167,6 +168,7 @@ def _module_cases():
 
 @pytest.mark.parametrize("info, dtype", list(_module_cases()))
 def test_module_db_samples(info, dtype):
+    torch.manual_seed(0)  # torch's sample functions draw from the global generator
     samples = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True,
                                       training=True)
     assert len(samples) == EXPECTED_MODULE_SAMPLES[info.module_cls.__name__]
@@ -189,8 +191,11 @@ def test_module_db_samples(info, dtype):
         _compare(name, ours, theirs, dtype, truth)
         ran += 1
     assert ran == len(samples)
-    # torch 2.13.0's KLDivLoss samples: 8 of 10 have NaN inputs (log of negative numbers)
-    assert adjusted == (8 if info.module_cls is torch.nn.KLDivLoss else 0)
+    # only samples with a NaN input are adjusted (torch's KLDivLoss samples take the log of
+    # random numbers, some negative), and most are compared as they are
+    with_nan_input = sum(bool(torch.isnan(s.forward_input.args[0]).any()) for s in samples)
+    assert adjusted == (with_nan_input if info.module_cls is torch.nn.KLDivLoss else 0)
+    assert ran - adjusted >= 2
 
 
 @pytest.mark.parametrize("dtype", [torch.complex128, torch.int32, torch.float8_e4m3fn],

@@ -333,25 +333,21 @@ int run_check_targets(const check_targets_args& a) {
   topt.classes = a.classes;
   topt.normalize = a.normalize;
   topt.tolerance = a.tolerance;
-  const auto problems = find_target_problems(t, topt);
+  std::int64_t count = 0;
+  const auto problems = find_target_problems(t, topt, a.max_report, &count);
   const target_kind kind = resolve_kind(t, topt);
-  if (problems.empty()) {
+  if (count == 0) {
     targets tg = interpret_targets(t, topt);
     std::printf("%s: OK: %lld rows of %s, %lld classes\n", a.file.c_str(),
                 static_cast<long long>(t.rows), kind_name(kind),
                 static_cast<long long>(tg.classes));
     return 0;
   }
-  std::int64_t shown = 0;
-  for (const auto& p : problems) {
-    if (shown++ == a.max_report) {
-      std::printf("... and %lld more\n", static_cast<long long>(problems.size() - a.max_report));
-      break;
-    }
-    std::printf("%s\n", p.message.c_str());
-  }
+  for (const auto& p : problems) std::printf("%s\n", p.message.c_str());
+  if (count > a.max_report)
+    std::printf("... and %lld more\n", static_cast<long long>(count - a.max_report));
   std::fflush(stdout);
-  throw input_error(a.file + ": " + std::to_string(problems.size()) + " of " +
+  throw input_error(a.file + ": " + std::to_string(count) + " of " +
                     std::to_string(t.rows) + " rows are not valid " + kind_name(kind));
 }
 

@@ -74,14 +74,16 @@ target_kind resolve_kind(const table& t, const target_options& options) {
   return t.cols == 1 ? target_kind::index : target_kind::probability;
 }
 
-std::vector<row_problem> find_target_problems(const table& t, const target_options& options) {
+std::vector<row_problem> find_target_problems(const table& t, const target_options& options,
+                                              std::int64_t keep, std::int64_t* count) {
   std::vector<row_problem> problems;
+  std::int64_t found = 0;
   const target_kind kind = resolve_kind(t, options);
   if (kind == target_kind::probability && options.classes > 0 && t.cols != options.classes)
     throw input_error(t.path + ": " + std::to_string(t.cols) + " probability columns but " +
                       std::to_string(options.classes) + " classes");
   const auto report = [&](std::int64_t row, const std::string& what) {
-    problems.push_back({row, t.where(row) + ": " + what});
+    if (found++ < keep) problems.push_back({row, t.where(row) + ": " + what});
   };
   const auto column = [&](std::int64_t c) {
     return t.cols > 1 ? " in column " + std::to_string(c + 1) : std::string();
@@ -137,11 +139,12 @@ std::vector<row_problem> find_target_problems(const table& t, const target_optio
     }
     if (!p.empty()) report(r, p);
   }
+  if (count) *count = found;
   return problems;
 }
 
 targets interpret_targets(const table& t, const target_options& options) {
-  auto problems = find_target_problems(t, options);
+  auto problems = find_target_problems(t, options, 1);
   if (!problems.empty()) throw input_error(problems.front().message);
   targets out;
   out.kind = resolve_kind(t, options);

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -44,9 +45,13 @@ struct row_problem {
   std::string message;  // "FILE:LINE: what is wrong"
 };
 
-// Finds every bad row (does not throw for row problems; throws input_error when the table's
-// shape itself does not fit the requested format).
-std::vector<row_problem> find_target_problems(const table& t, const target_options& options);
+// Finds the bad rows (does not throw for row problems; throws input_error when the table's
+// shape itself does not fit the requested format). Returns the first `keep` of them, and
+// stores how many there are in all in `*count` (when given): a file of millions of bad rows
+// costs a counter, not a message per row.
+std::vector<row_problem> find_target_problems(
+    const table& t, const target_options& options,
+    std::int64_t keep = std::numeric_limits<std::int64_t>::max(), std::int64_t* count = nullptr);
 
 // Validates (input_error with the first problem) and converts.
 targets interpret_targets(const table& t, const target_options& options);

@@ -171,6 +171,21 @@ class Hostile(unittest.TestCase):
         self.assert_refused(["check-targets", "t.csv.gz"],
                             "t.csv.gz:2: binary data in a CSV file")
 
+    def test_millions_of_bad_rows_cost_a_counter(self):
+        # 60 KB of gzip, 21 million bad labels: one message per row would need ~2 GB
+        c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        data = b"".join([c.compress(b"-1\n" * (1 << 20)) for _ in range(20)]) + c.flush()
+        with open(self.path("neg.csv.gz"), "wb") as f:
+            f.write(data)
+        out = self.assert_refused(["check-targets", "neg.csv.gz", "--max-report", "1"],
+                                  "neg.csv.gz: 20971520 of 20971520 rows are not valid class "
+                                  "indices", timeout=120)
+        self.assertEqual(out, "neg.csv.gz:1: class index -1 is not a non-negative integer\n"
+                              "... and 20971519 more\n")
+        self.assert_refused(self.train("--targets", "neg.csv.gz"),
+                            "neg.csv.gz: 20971520 rows, but x.csv has 12 (one row per feature "
+                            "row is needed)", timeout=120)
+
     def test_huge_label_does_not_size_the_model(self):
         write_csv(self.path("t.csv"), [[0], [1], [2], [3000000000], [1], [0]] * 2)
         self.assert_refused(self.train("--targets", "t.csv"),

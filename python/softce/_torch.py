@@ -49,10 +49,12 @@ def _check_cpu(function: str, name: str, t: Optional[Tensor]) -> None:
 
 
 def _check_no_grad(function: str, name: str, t: Optional[Tensor]) -> None:
+    """The class-parallel losses (process_group=) differentiate the input only."""
     if t is not None and t.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
-            f"{function}: the gradient with respect to {name} is not implemented (softce "
-            f"differentiates the input only); pass {name}.detach() if {name} needs no gradient"
+            f"{function}: the gradient with respect to {name} is not implemented for the "
+            f"class-parallel losses (process_group=), which differentiate the input only; "
+            f"pass {name}.detach() if {name} needs no gradient"
         )
 
 

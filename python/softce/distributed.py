@@ -40,7 +40,6 @@ from ._torch import (
     _check_no_grad,
     _dl,
     _eager,
-    _ignore,
     _prepare_target,
     _wants_grad,
 )
@@ -357,7 +356,8 @@ def cross_entropy(input, target, weight, ignore_index: int, reduction: str,
             _check_cpu(fn, name, a)
         _check_no_grad(fn, "weight", w)
         if inplace_backward and (return_grad or _wants_grad(input)):
-            _check_inplace(fn, input)
+            _check_inplace(fn, input, (("target", t), ("target.values", values),
+                                       ("weight", w), ("mask", m)))
         smoothing = float(label_smoothing)
         options = [_Option("reduction", _code(reduction, _REDUCTIONS), "reduction"),
                    _Option("label_smoothing", _real_bits(smoothing), "real"),
@@ -398,12 +398,14 @@ def distillation_loss(student_logits, teacher, temperature: float, divergence: s
 
     def prepare() -> _Call:
         _check_input(fn, "student_logits", student_logits)
-        # The teacher never gets a gradient (it is detached, as the contract says).
-        t, values, tail = _prepare_target(fn, teacher, student_logits, "teacher", _ignore)
+        # Class-parallel: the student only (a teacher that requires grad is refused).
+        t, values, tail = _prepare_target(fn, teacher, student_logits, "teacher",
+                                          _check_no_grad)
         m = _as_tensor(mask, student_logits)
         _check_cpu(fn, "mask", m)
         if inplace_backward and (return_grad or _wants_grad(student_logits)):
-            _check_inplace(fn, student_logits)
+            _check_inplace(fn, student_logits, (("teacher", t), ("teacher.values", values),
+                                                ("mask", m)))
         T, b = float(temperature), float(beta)
         options = [_Option("reduction", _code(reduction, _REDUCTIONS), "reduction"),
                    _Option("divergence", _code(divergence, _DIVERGENCES), "divergence"),

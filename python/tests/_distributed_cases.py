@@ -555,8 +555,9 @@ def error_python_check_on_one_rank_only(ctx):
     t = torch.softmax(torch.zeros(8, xs.shape[1]), 1)
     if ctx.rank == 1:
         t.requires_grad_()
-    own = ("cross_entropy: the gradient with respect to target is not implemented (softce "
-           "differentiates the input only); pass target.detach() if target needs no gradient")
+    own = ("cross_entropy: the gradient with respect to target is not implemented for the "
+           "class-parallel losses (process_group=), which differentiate the input only; pass "
+           "target.detach() if target needs no gradient")
     message = own if ctx.rank == 1 else f"cross_entropy: failed on rank 1: {own}"
     expect_error(NotImplementedError, message,
                  lambda: softce.cross_entropy(xs, t, process_group=ctx.group))

@@ -18,6 +18,9 @@ inline constexpr std::uint64_t max_input_bytes = std::uint64_t{1} << 30;  // 1 G
 // table: 2^28 float32 values = 1 GiB.
 inline constexpr std::int64_t max_table_values = std::int64_t{1} << 28;
 
+// Columns of a CSV line (as many as classes: a probability row has one per class).
+inline constexpr std::int64_t max_csv_columns = std::int64_t{1} << 24;
+
 // Classes: float32, in which class indices are read, holds every integer only up to 2^24.
 inline constexpr std::int64_t max_classes = std::int64_t{1} << 24;
 

@@ -94,7 +94,8 @@ float to_float(double v, const read_options& options, const table& t, std::int64
 }
 
 // Splits a CSV line. `delimiter` ' ' means runs of blanks (NumPy's savetxt default).
-void split(std::string_view line, char delimiter, std::vector<std::string_view>& fields) {
+// Returns false (fields incomplete) when the line has more than max_csv_columns fields.
+bool split(std::string_view line, char delimiter, std::vector<std::string_view>& fields) {
   fields.clear();
   if (delimiter == ' ') {
     std::size_t i = 0;
@@ -103,18 +104,21 @@ void split(std::string_view line, char delimiter, std::vector<std::string_view>&
       if (i == line.size()) break;
       std::size_t j = i;
       while (j < line.size() && line[j] != ' ' && line[j] != '\t') ++j;
+      if (fields.size() == static_cast<std::size_t>(max_csv_columns)) return false;
       fields.push_back(line.substr(i, j - i));
       i = j;
     }
-    return;
+    return true;
   }
   std::size_t start = 0;
   for (;;) {
     std::size_t end = line.find(delimiter, start);
+    if (fields.size() == static_cast<std::size_t>(max_csv_columns)) return false;
     fields.push_back(trim(line.substr(start, end == std::string_view::npos ? end : end - start)));
     if (end == std::string_view::npos) break;
     start = end + 1;
   }
+  return true;
 }
 
 bool checked_multiply(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
@@ -369,8 +373,10 @@ table parse_csv(std::string_view bytes, const std::string& path, const read_opti
                   : line.find(';') != std::string_view::npos  ? ';'
                                                               : ' ';
     }
-    split(line, delimiter, fields);
     const auto where = [&] { return path + ":" + std::to_string(line_number); };
+    if (!split(line, delimiter, fields))
+      fail(where() + ": more than " + std::to_string(max_csv_columns) +
+           " columns, the limit on a CSV line");
 
     if (first) {
       first = false;

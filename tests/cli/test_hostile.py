@@ -186,6 +186,16 @@ class Hostile(unittest.TestCase):
                             "neg.csv.gz: 20971520 rows, but x.csv has 12 (one row per feature "
                             "row is needed)", timeout=120)
 
+    def test_one_endless_csv_line(self):
+        with open(self.path("wide.csv.gz"), "wb") as f:
+            f.write(self.gzip_text(b"," * (1 << 25)))
+        self.assert_refused(["check-targets", "wide.csv.gz"],
+                            "wide.csv.gz:1: more than 16777216 columns, the limit on a CSV line")
+
+    def gzip_text(self, data):
+        c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        return c.compress(data) + c.flush()
+
     def test_huge_label_does_not_size_the_model(self):
         write_csv(self.path("t.csv"), [[0], [1], [2], [3000000000], [1], [0]] * 2)
         self.assert_refused(self.train("--targets", "t.csv"),

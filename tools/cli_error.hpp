@@ -4,7 +4,8 @@
 // program prints the one message, leaves no output behind and exits with code 2. Messages
 // name the file and, for content, where in it: "data.csv:7: ..." (1-based line) for text,
 // "data.npy: record 6: ..." (0-based index along the first axis) for binary arrays.
-// interrupted: SIGINT/SIGTERM arrived; outputs are left as they were, exit code 130.
+// interrupted: a signal arrived while the outputs were being committed and the command is
+// to stop (signals at any other time end the program from the handler: outputs.hpp).
 #pragma once
 
 #include <stdexcept>

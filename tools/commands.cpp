@@ -1,9 +1,10 @@
 // softce CLI — `train`, `predict` and `check-targets`.
 //
-// Order of work in every command: read and validate ALL inputs, then create/probe the
-// output location, then compute, then write outputs under temporary names and rename them
-// into place. So bad input costs nothing and leaves nothing, and an unwritable --out is
-// reported before any training.
+// Order of work in every command: read and validate ALL inputs (sizes against limits.hpp),
+// then create/probe the output location and check that every output name is free or a
+// regular file, then compute (non-finite numbers are errors), then write outputs under
+// temporary names and rename them into place all or nothing. So bad input costs nothing and
+// leaves nothing, and an unwritable --out is reported before any training.
 #include "commands.hpp"
 
 #include <cblas.h>

@@ -1,5 +1,7 @@
-// softce CLI — the subcommands. Each returns the process exit code; bad input is reported by
-// throwing input_error (exit 2), an interrupt by throwing interrupted (exit 130).
+// softce CLI — the subcommands. Each returns the process exit code; bad input (including an
+// option out of range, an input over a limit in limits.hpp, or training that diverged) is
+// reported by throwing input_error (exit 2). Signals end the program from their handler
+// (outputs.hpp: exit 128 + the signal number).
 #pragma once
 
 #include <cstdint>

@@ -16,7 +16,9 @@ create_graph=True (double backward) and for arguments other than the input that 
 grad (probability targets, kl_div targets, BCE targets, teacher logits, TopK values, class
 weights), backward recomputes the loss as a plain torch expression of the saved arguments
 (softce._reference, the same semantics) and differentiates it with torch.autograd.grad.
-Without either, backward is the fast one: it scales the stored gradient.
+Without either, backward is the fast one: it scales the stored gradient. For the slow one
+the node keeps references to the input and the other tensor arguments (not with
+inplace_backward, where the input holds the gradient and create_graph is refused).
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ def kl_div(x, target, reduction, log_target):
     if reduction == "sum":
         return total
     if reduction == "mean":
-        return total / max(x.numel(), 1) if x.numel() else total / 0.0
+        return total / x.numel()  # NaN for an empty input, as torch
     # batchmean
     return total / x.shape[0] if x.dim() >= 1 else total
 

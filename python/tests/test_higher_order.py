@@ -221,6 +221,32 @@ def test_class_parallel_double_backward_is_refused_not_dropped():
         torch.autograd.grad(loss, x, create_graph=True)
 
 
+def test_custom_ops_with_targets_requiring_grad_pass_opcheck():
+    """The operators' autograd (incl. the traced backward through the torch expression)
+    under torch.library.opcheck, with targets / teacher / pos_weight requiring grad."""
+    x = randn(4, C).requires_grad_()
+    p = probs(4, C).requires_grad_()
+    z = randn(4, C).requires_grad_()
+    pos_weight = (WEIGHT + 0).requires_grad_()
+    for op, args in [
+        (torch.ops.softce.cross_entropy.default,
+         (x, p, None, False, WEIGHT, -100, "mean", 0.1, None, True)),
+        (torch.ops.softce.cross_entropy.default,  # only the target requires grad
+         (x.detach(), p, None, False, None, -100, "none", 0.0, None, False)),
+        (torch.ops.softce.cross_entropy.default,  # TopK with tail
+         (x, torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]]),
+          (torch.softmax(randn(4, 2), 1) * 0.8).requires_grad_(), True, None, -100, "sum",
+          0.0, None, True)),
+        (torch.ops.softce.kl_div.default, (x, p, "batchmean", False, True)),
+        (torch.ops.softce.binary_cross_entropy_with_logits.default,
+         (x, p, None, pos_weight, "none", True)),
+        (torch.ops.softce.distillation_loss.default,
+         (x, z, None, False, 2.0, "jsd", 0.4, "batchmean", None, True)),
+        (torch.ops.softce.cross_entropy_with_probs.default, (x, p, WEIGHT, "sum", True)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
 def test_target_gradient_under_torch_compile():
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(x, t, z):

@@ -227,6 +227,18 @@ softmax_stats SoftmaxRowStats(const T* x, std::int64_t n, T inv_t, exp_cache<T> 
   return acc;
 }
 
+// out = factor * in (a chunk of a cache turned into gradient; out may be in).
+template <class T>
+void ScaleRow(const T* in, std::int64_t n, T factor, T* out) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vf = hn::Set(d, factor);
+  const size_t len = static_cast<size_t>(n);
+  size_t i = 0;
+  for (; i + N <= len; i += N) hn::StoreU(hn::Mul(hn::LoadU(d, in + i), vf), d, out + i);
+  if (i < len) StorePart(hn::Mul(LoadPart(d, in + i, len - i, T(0)), vf), d, out + i, len - i);
+}
+
 // Σ e over a cache, each chunk brought to `shift`: Σ_c exp((shift_c - shift) / T) Σ_i e_i.
 // (The top-k tail's Σ exp over the classes outside the top k, once their entries are zeroed.)
 template <class T>
@@ -392,9 +404,12 @@ void TargetRowGrad(const T* x, std::int64_t n, const target_desc<T>& t, row_norm
 }
 
 // The factor turning cached exp((x - shift_c) / T) into q: exp((shift_c - M) / T - log_sum).
+// An all -inf chunk holds shift_c = 0 (and zeros): min() keeps its factor finite where the
+// row's max M is far below 0 (exp(-M / T) would overflow, and 0 * inf be NaN).
 template <class T>
 HWY_INLINE T ChunkFactor(T chunk_shift, row_normaliser<T> norm, T inv_t) {
-  const double v = (static_cast<double>(chunk_shift) - static_cast<double>(norm.shift)) * static_cast<double>(inv_t) -
+  const double v = (std::min(static_cast<double>(chunk_shift), static_cast<double>(norm.shift)) -
+                    static_cast<double>(norm.shift)) * static_cast<double>(inv_t) -
                    static_cast<double>(norm.log_sum);
   return static_cast<T>(std::exp(v));
 }
@@ -890,6 +905,7 @@ void FloatToHalf(const float* in, bool bfloat, std::int64_t n, std::uint16_t* ou
                                T* g) {                                                         \
     SoftmaxRowGradCached(c, n, it, nm, sc, g);                                                 \
   }                                                                                            \
+  void ScaleRow##S(const T* in, std::int64_t n, T f, T* out) { ScaleRow(in, n, f, out); }       \
   double CachedExpSum##S(exp_cache<T> c, std::int64_t n, T it, T sh) {                         \
     return CachedExpSum(c, n, it, sh);                                                         \
   }                                                                                            \
@@ -975,6 +991,7 @@ void float_to_half(const float* in, bool bfloat, std::int64_t n, std::uint16_t* 
   HWY_EXPORT(SoftmaxRowStats##S); \
   HWY_EXPORT(SoftmaxRowGrad##S);  \
   HWY_EXPORT(SoftmaxRowGradCached##S); \
+  HWY_EXPORT(ScaleRow##S);        \
   HWY_EXPORT(CachedExpSum##S);    \
   HWY_EXPORT(ExpSumExcluding##S); \
   HWY_EXPORT(TargetRowStats##S);  \
@@ -997,6 +1014,9 @@ SOFTCE_EXPORT(F64)
   void softmax_row_grad_cached(exp_cache<T> c, std::int64_t n, T it, row_normaliser<T> nm, T sc, \
                                T* g) {                                                          \
     HWY_DYNAMIC_DISPATCH(SoftmaxRowGradCached##S)(c, n, it, nm, sc, g);                         \
+  }                                                                                             \
+  void scale_row(const T* in, std::int64_t n, T f, T* out) {                                    \
+    HWY_DYNAMIC_DISPATCH(ScaleRow##S)(in, n, f, out);                                           \
   }                                                                                             \
   double cached_exp_sum(exp_cache<T> c, std::int64_t n, T it, T sh) {                           \
     return HWY_DYNAMIC_DISPATCH(CachedExpSum##S)(c, n, it, sh);                                 \

@@ -83,6 +83,8 @@ struct exp_cache {
   /* g = scale * q from a softmax_row_stats cache (g may be cache.e) */                    \
   void softmax_row_grad_cached(exp_cache<T> cache, std::int64_t n, T inv_temperature,      \
                                row_normaliser<T> norm, T scale, T* g);                     \
+  /* out = factor * in (out may be in) */                                                   \
+  void scale_row(const T* in, std::int64_t n, T factor, T* out);                           \
   /* Σ_c exp((shift_c - shift) * inv_t) Σ e over a cache */                                \
   double cached_exp_sum(exp_cache<T> cache, std::int64_t n, T inv_temperature, T shift);   \
   /* Σ exp((x - shift) * inv_t) over the slice except the (sorted) excluded indices */      \

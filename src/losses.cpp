@@ -540,16 +540,14 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     const T* xr = nullptr;
     std::vector<double> top_logits;
     std::vector<std::int64_t> local_top;  // this shard's top-k classes of the row
-    T* gr = nullptr;                       // the gradient row
-    T* ce = nullptr;                       // the exp cache between the passes: gr, or scratch
+    T* gr = nullptr;                       // the gradient row, holding the exp cache between the passes
     std::vector<T> shifts;                 // the cache's chunk shifts
-    std::vector<T> scratch;                // the cache of an in-place row with a tail
   };
   // Single process with a gradient: the statistics pass leaves exp(x - shift) in the gradient
   // row and the gradient pass scales it (one exp per element instead of two).
   const bool cached = g_op && !shard;
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), std::nullopt, nullptr, {}, {}, nullptr, nullptr, {}, {}};
+    context c{row_reader<T>(&x_op), std::nullopt, nullptr, {}, {}, nullptr, {}};
     if (g_op) c.g.emplace(&*g_op);
     if (cached) c.shifts.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
     return c;
@@ -590,21 +588,80 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
                                    : exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(tail_max),
                                                        c.local_top.data(), static_cast<std::int64_t>(c.local_top.size()));
   };
+  // Cached rows with a tail: the row is copied into the gradient row chunk by chunk (in
+  // place it is there already) with its top-k entries set to -inf, and the statistics
+  // pass runs there, over the tail alone: the tail's sum is taken against the tail's own
+  // max (exact however far below the top k it lies) and its exps stay as the cache. The
+  // row's statistics are then the tail's plus the top-k terms, summed in double.
+  auto tail_row_stats = [&](context& c, std::int64_t r) -> topk_record {
+    c.gr = c.g->begin(r);
+    c.local_top.clear();
+    for (std::int64_t j = 0; j < k; ++j) {
+      std::int64_t local;
+      double v;
+      entry(r, j, local, v);
+      if (local >= 0 && local < C) c.local_top.push_back(local);
+    }
+    std::sort(c.local_top.begin(), c.local_top.end());
+    const T it = static_cast<T>(inv_t);
+    softmax_stats tail{-kInf, 0.0};
+    std::size_t next = 0;
+    for (std::int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const std::int64_t len = std::min<std::int64_t>(kChunk, C - c0);
+      if (c.gr != c.xr) std::copy(c.xr + c0, c.xr + c0 + len, c.gr + c0);
+      for (; next < c.local_top.size() && c.local_top[next] < c0 + len; ++next)
+        c.gr[c.local_top[next]] = -std::numeric_limits<T>::infinity();
+      merge_into(tail, softmax_row_stats(c.gr + c0, len, it, exp_cache<T>{c.gr + c0, c.shifts.data() + c0 / kChunk}),
+                 static_cast<double>(it));
+    }
+    double top_max = -kInf;
+    for (std::int64_t j = 0; j < k; ++j) {
+      std::int64_t local;
+      double v;
+      entry(r, j, local, v);
+      if (local >= 0 && local < C) top_max = std::fmax(top_max, c.top_logits[static_cast<std::size_t>(j)]);
+    }
+    const double shift = std::fmax(tail.shift, top_max);
+    const double finite_shift = shift == -kInf ? 0.0 : shift;
+    topk_record rec{shift, 0.0, 0.0, 0.0, 0.0, tail.sum, tail.shift};
+    for (std::int64_t j = 0; j < k; ++j) {
+      std::int64_t local;
+      double v;
+      entry(r, j, local, v);
+      if (local < 0 || local >= C) continue;
+      const double dk = (c.top_logits[static_cast<std::size_t>(j)] - finite_shift) * inv_t;
+      rec.a += v;
+      if (v != 0.0) rec.b += v * dk;
+      rec.e += std::exp(dk);
+    }
+    rec.sum = rec.e + tail.sum * rescale(tail.shift, shift, inv_t);  // NaN stays NaN
+    return rec;
+  };
+  // The gradient of a cached tail row outside the top k, chunk by chunk from the tail's
+  // exps e_c = exp((x_c - s) / T) (s the chunk's shift): coef q_c (a - tau Q / (1 - Q)) with
+  // q_c = e_c exp((s - shift) / T) / sum and q_c / (1 - Q) = e_c exp((s - tail_shift) / T)
+  // / e_tail, both factors at most 1 (no overflow, whatever the gap). An all -inf chunk
+  // holds shift 0 and zeros: min() keeps its factor finite.
+  auto tail_row_grad = [&](context& c, const topk_record& rec, double tau, bool tail_active) {
+    const bool empty = rec.sum == 0.0 || rec.shift == -kInf;
+    const double log_sum = empty ? 0.0 : std::log(rec.sum), Q = empty ? 0.0 : rec.e / rec.sum;
+    for (std::int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const double s = static_cast<double>(c.shifts[static_cast<std::size_t>(c0 / kChunk)]);
+      double factor = empty ? 0.0 : rec.a * std::exp((std::min(s, rec.shift) - rec.shift) * inv_t - log_sum);
+      if (!empty && tail_active && rec.e_tail > 0.0)
+        factor -= tau * Q * std::exp((std::min(s, rec.tail_shift) - rec.tail_shift) * inv_t) / rec.e_tail;
+      scale_row(c.gr + c0, std::min<std::int64_t>(kChunk, C - c0), static_cast<T>(coef * factor), c.gr + c0);
+    }
+  };
   auto stats_fn = [&](context& c, std::int64_t r) -> topk_record {
     if (!row_kept(mask, r)) return topk_record{-kInf, 0.0, 0.0, 0.0, 0.0, 0.0, -kInf};
     c.xr = c.x.row(r);
     load_top(c, r);
+    if (cached && has_tail) return tail_row_stats(c, r);
     exp_cache<T> cache;
     if (cached) {
       c.gr = c.g->begin(r);
-      // in place with a tail: the cache goes to scratch, so that the row is still there
-      // for a tail that needs summing again against its own max
-      c.ce = c.gr;
-      if (has_tail && c.gr == c.xr) {
-        c.scratch.resize(static_cast<std::size_t>(C));
-        c.ce = c.scratch.data();
-      }
-      cache = exp_cache<T>{c.ce, c.shifts.data()};
+      cache = exp_cache<T>{c.gr, c.shifts.data()};
     }
     const softmax_stats sm = softmax_row_stats(c.xr, C, static_cast<T>(inv_t), cache);
     topk_record rec{sm.shift, sm.sum, 0.0, 0.0, 0.0, 0.0, sm.shift};
@@ -621,17 +678,10 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       rec.e += std::exp(dk);
       c.local_top.push_back(local);
     }
-    if (has_tail) {
-      if (cached) {
-        // Σ exp over the classes outside the top k from the cache: zero the top-k entries
-        // (the gradient pass writes them directly anyway), then sum what is left
-        for (std::int64_t local : c.local_top) c.ce[local] = T(0);
-        rec.e_tail = cached_exp_sum(cache, C, static_cast<T>(inv_t), static_cast<T>(shift));
-      } else {
-        std::sort(c.local_top.begin(), c.local_top.end());
-        rec.e_tail = exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(shift), c.local_top.data(),
-                                       static_cast<std::int64_t>(c.local_top.size()));
-      }
+    if (has_tail) {  // not cached: the row is still there to be read again
+      std::sort(c.local_top.begin(), c.local_top.end());
+      rec.e_tail = exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(shift), c.local_top.data(),
+                                     static_cast<std::int64_t>(c.local_top.size()));
       if (rec.e_tail < kTailRescale) resum_tail(c, rec);
     }
     return rec;
@@ -678,11 +728,11 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     double loss = all_neg_inf ? (rec.a > 0.0 ? kInf : 0.0) : rec.a * std::log(rec.sum) - rec.b;
     const double tau = 1.0 - value_sum;
     const bool tail_active = has_tail && tau != 0.0 && !all_neg_inf;
-    // the tail was summed against its own max (far below the row's): see topk_record
-    // (an empty or all -inf tail, e_tail = 0, keeps the plain path: its q are 0)
+    // the tail was summed against its own max (below the row's): see topk_record (an empty
+    // or all -inf tail, e_tail = 0, keeps the plain path: its q are 0)
     const bool rescaled = tail_active && rec.e_tail > 0.0 && rec.tail_shift < rec.shift;
-    // -tau log(1 - Q) with 1 - Q = e_tail / sum; d/dx_c is -tau q_c Q / (1 - Q) outside the
-    // top k (Q / (1 - Q) = e / e_tail) and +tau q_c inside it
+    // -tau log(1 - Q) with 1 - Q = e_tail exp((tail_shift - shift) / T) / sum; d/dx_c is
+    // -tau q_c Q / (1 - Q) outside the top k (Q / (1 - Q) = e / e_tail) and +tau q_c inside
     double outside_factor = 0.0;
     const double log_tail = std::log(rec.e_tail) + (rescaled ? (rec.tail_shift - rec.shift) * inv_t : 0.0);
     if (tail_active) {
@@ -697,9 +747,12 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       // q (a + outside_factor) everywhere, then the top-k entries written directly:
       // q_k (a + tau) - v_k with the tail, q_k a - v_k without
       T* g;
-      if (cached && !rescaled) {
+      if (cached && has_tail) {
         g = c.gr;
-        softmax_row_grad_cached(exp_cache<T>{c.ce, c.shifts.data()}, C, static_cast<T>(inv_t), norm, scale, g);
+        tail_row_grad(c, rec, tau, tail_active);
+      } else if (cached) {
+        g = c.gr;
+        softmax_row_grad_cached(exp_cache<T>{c.gr, c.shifts.data()}, C, static_cast<T>(inv_t), norm, scale, g);
       } else {
         if (!cached) {  // class-parallel: the passes ran apart, read the row again
           c.xr = c.x.row(r);

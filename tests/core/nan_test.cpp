@@ -515,6 +515,12 @@ void expect_topk_tail_matches(dtype type, double gap, double temperature, bool i
   EXPECT_TRUE(loss_near(f.loss, r.loss, loss_tolerance(type)));
   EXPECT_TRUE(values_near(f.losses, r.losses, array_tolerance(type, dtype::float64), "losses"));
   EXPECT_TRUE(values_near(f.grad, r.grad, array_tolerance(type, type), "grad"));
+  // without a gradient the rows take the uncached path (the tail summed again from the row)
+  output_request losses_only;
+  losses_only.losses = true;
+  losses_only.losses_shape = {3};
+  const call_result fl = run_call(fast, xt, losses_only);
+  EXPECT_TRUE(values_near(fl.losses, r.losses, array_tolerance(type, dtype::float64), "losses without grad"));
   // the tail entries' gradient, -tau q_c / (1 - Q) + a q_c, is not all flushed to zero
   double tail_grad = 0;
   for (std::int64_t c = 100; c < 1500; ++c) tail_grad += std::fabs(f.grad[static_cast<std::size_t>(flat_index(shape, 0, c))]);
@@ -671,6 +677,51 @@ TEST(NaN, ClassParallelShardsKeepAPoisonedRowPoisoned) {
     EXPECT_TRUE(std::isnan(ce_rows[which][1]) && std::isnan(ce_rows[which][2]) && std::isfinite(ce_rows[which][0]));
     EXPECT_TRUE(std::isnan(kl_rows[which][3]) && std::isfinite(kl_rows[which][0]));
   }
+}
+
+// The top-k tail past the float exp range, summed on two shards (the top k on shard 0,
+// 100 above every other logit): each shard's tail against its own max, merged exactly.
+TEST(NaN, ClassParallelTopKTailPastTheFloatExpRange) {
+  const std::int64_t N = 2, C = 40, split = 17;
+  std::mt19937_64 rng(6);
+  std::vector<double> x = normal_values(rng, N * C, 1.0);
+  x[0 * C + 3] = 100;
+  x[1 * C + 5] = 101;
+  const tensor xt = make_tensor({N, C}, dtype::float32, x);
+  const tensor it = make_index_tensor({N, 1}, dtype::int64, {3, 5});
+  const tensor vt = make_tensor({N, 1}, dtype::float32, {0.7, 0.6});
+  softce::topk k;
+  k.indices = it.view();
+  k.values = vt.view();
+  k.tail = true;
+  softce::cross_entropy_options opt;
+  opt.reduce = reduction::none;
+  std::vector<double> ref_rows(N), ref_grad(N * C);
+  ref::cross_entropy(xt.view(), k, opt,
+                     {mutable_array_view{ref_grad.data(), dtype::float64, 2, {N, C}, {C, 1}},
+                      mutable_array_view{ref_rows.data(), dtype::float64, 1, {N}, {1}}});
+  two_shards bus;
+  std::vector<double> rows[2], grads[2];
+  auto run = [&](int which) {
+    const std::int64_t begin = which == 0 ? 0 : split, end = which == 0 ? split : C;
+    const tensor xs = make_tensor({N, end - begin}, dtype::float32, columns(x, C, begin, end));
+    rows[which].assign(N, 0.0);
+    grads[which].assign(static_cast<std::size_t>(N * (end - begin)), 0.0);
+    softce::class_parallel::cross_entropy(
+        bus.shard(which, begin, C), xs.view(), k, opt,
+        {mutable_array_view{grads[which].data(), dtype::float64, 2, {N, end - begin}, {end - begin, 1}},
+         mutable_array_view{rows[which].data(), dtype::float64, 1, {N}, {1}}});
+  };
+  std::thread other(run, 1);
+  run(0);
+  other.join();
+  EXPECT_TRUE(values_near(rows[0], ref_rows, array_tolerance(dtype::float32, dtype::float64), "losses shard 0"));
+  EXPECT_TRUE(values_near(rows[1], ref_rows, array_tolerance(dtype::float32, dtype::float64), "losses shard 1"));
+  EXPECT_TRUE(values_near(grads[0], columns(ref_grad, C, 0, split), array_tolerance(dtype::float32, dtype::float64),
+                          "grad shard 0"));
+  EXPECT_TRUE(values_near(grads[1], columns(ref_grad, C, split, C), array_tolerance(dtype::float32, dtype::float64),
+                          "grad shard 1"));
+  EXPECT_TRUE(std::isfinite(rows[0][0]) && std::isfinite(rows[0][1]));
 }
 
 TEST(NaN, ShardOffsetOverflowIsAnError) {

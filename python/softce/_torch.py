@@ -456,13 +456,16 @@ _register_autograd(_bce_op, per_row=False, num_args=6,
 
 
 def _distill_call(teacher, topk_values, tail, temperature, divergence, beta, reduction,
-                  mask):
+                  mask, ndim):
+    # softce.distillation_loss has moved the class dimension to 1 (from the caller's dim=);
+    # the core needs it said from 3 dimensions on
+    dim = 1 if ndim >= 3 else None
     if topk_values is None:
         return lambda x, grad, losses: _core.distillation_loss(
-            x, teacher, temperature, divergence, beta, reduction, mask, grad, losses)
+            x, teacher, temperature, divergence, beta, reduction, mask, grad, losses, dim)
     return lambda x, grad, losses: _core.distillation_loss_topk(
         x, teacher, topk_values, tail, temperature, divergence, beta, reduction, mask, grad,
-        losses)
+        losses, dim)
 
 
 @torch.library.custom_op("softce::distillation_loss", mutates_args=())
@@ -471,7 +474,7 @@ def _distillation_op(student_logits: Tensor, teacher: Tensor, topk_values: Optio
                      reduction: str, mask: Optional[Tensor],
                      compute_grad: bool) -> tuple[Tensor, Tensor]:
     call = _distill_call(_dl(teacher), _dl(topk_values), tail, temperature, divergence, beta,
-                         reduction, _dl(mask))
+                         reduction, _dl(mask), student_logits.dim())
     return _op_result(*_forward(call, student_logits, reduction, True, compute_grad),
                       student_logits)
 
@@ -603,7 +606,7 @@ def distillation_loss(student_logits, teacher, temperature, divergence, beta, re
                          (teacher, values, tail, temperature, divergence, beta, reduction,
                           mask), return_grad)
     call = _distill_call(_dl(teacher), _dl(values), tail, temperature, divergence, beta,
-                         reduction, _dl(mask))
+                         reduction, _dl(mask), student_logits.dim())
 
     def reference(x, teacher, values):
         return _reference.distillation_loss(x, teacher, values, tail, temperature,

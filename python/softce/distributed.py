@@ -413,13 +413,15 @@ def distillation_loss(student_logits, teacher, temperature: float, divergence: s
                    _Option("temperature", _real_bits(T), "real"),
                    _dtype_option("student_logits", student_logits)]
         dt, dv, dm = _dl(t), _dl(values), _dl(m)
+        # softce.distillation_loss has moved the class dimension to 1 (its dim=)
+        core_dim = 1 if student_logits.dim() >= 3 else None
         if values is None:
             kind, fingerprint = 3, 0  # teacher logits are sharded like the student's
 
             def core(offset, classes, all_reduce, x, grad, losses):
                 return _core.class_parallel_distillation_loss(
                     offset, classes, all_reduce, x, dt, T, divergence, b, reduction, dm,
-                    grad, losses)
+                    grad, losses, core_dim)
         else:
             kind = 4
             options.append(_Option("teacher.tail", int(tail), "bool"))
@@ -428,7 +430,7 @@ def distillation_loss(student_logits, teacher, temperature: float, divergence: s
             def core(offset, classes, all_reduce, x, grad, losses):
                 return _core.class_parallel_distillation_loss_topk(
                     offset, classes, all_reduce, x, dt, dv, tail, T, divergence, b, reduction,
-                    dm, grad, losses)
+                    dm, grad, losses, core_dim)
         return _Call(kind, student_logits, options, fingerprint, _fingerprint(m), core)
 
     return _run(fn, "student_logits", "teacher", process_group, prepare, reduction,

@@ -382,6 +382,7 @@ def distillation_loss(student_logits, teacher, *, temperature: float = 1.0,
             mask, inplace_backward, return_grad)
     x = _as_array(student_logits, "student_logits", fn)
     mask = _as_array(mask, "mask", fn)
+    core_dim = 1 if x.ndim >= 3 else None  # the class dimension is at 1 by now
     if isinstance(teacher, TopK):
         indices = _as_array(teacher.indices, "teacher.indices", fn)
         values = _as_array(teacher.values, "teacher.values", fn)
@@ -390,14 +391,14 @@ def distillation_loss(student_logits, teacher, *, temperature: float = 1.0,
         def call(grad, losses):
             return _core.distillation_loss_topk(
                 x, indices, values, tail, float(temperature), divergence, float(beta),
-                reduction, mask, grad, losses)
+                reduction, mask, grad, losses, core_dim)
     else:
         t = _as_array(teacher, "teacher", fn)
 
         def call(grad, losses):
             return _core.distillation_loss(
                 x, t, float(temperature), divergence, float(beta), reduction, mask, grad,
-                losses)
+                losses, core_dim)
     others = ((("teacher.indices", indices), ("teacher.values", values))
               if isinstance(teacher, TopK) else (("teacher", t),))
     return _np_forward(call, x, reduction, True, return_grad, inplace_backward, fn,

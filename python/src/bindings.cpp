@@ -234,11 +234,15 @@ double binary_cross_entropy_with_logits(const input_array& input, const input_ar
   return softce::binary_cross_entropy_with_logits(x, t, options, out);
 }
 
+// `dim`: the class dimension (None: the last one of a 1-d or 2-d input). The Python front
+// moves the class dimension to 1 itself (a view) and passes dim=1 from 3 dimensions on.
 softce::distillation_options distillation_options(double temperature,
                                                   std::string_view divergence, double beta,
                                                   std::string_view reduction,
-                                                  const std::optional<input_array>& mask) {
+                                                  const std::optional<input_array>& mask,
+                                                  std::optional<int> dim) {
   softce::distillation_options options;
+  options.dim = dim;
   options.temperature = temperature;
   options.kind = softce::parse_divergence(divergence);
   options.beta = beta;
@@ -251,9 +255,10 @@ double distillation_loss(const input_array& student, const input_array& teacher,
                          double temperature, std::string_view divergence, double beta,
                          std::string_view reduction, const std::optional<input_array>& mask,
                          const std::optional<output_array>& grad,
-                         const std::optional<output_array>& losses) {
+                         const std::optional<output_array>& losses,
+                         std::optional<int> dim) {
   constexpr std::string_view fn = "distillation_loss";
-  const auto options = distillation_options(temperature, divergence, beta, reduction, mask);
+  const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
   const auto x = in_view(student, fn, "student_logits");
   const auto t = in_view(teacher, fn, "teacher");
   const auto out = out_views(grad, losses, fn);
@@ -267,9 +272,10 @@ double distillation_loss_topk(const input_array& student, const input_array& ind
                               std::string_view reduction,
                               const std::optional<input_array>& mask,
                               const std::optional<output_array>& grad,
-                              const std::optional<output_array>& losses) {
+                              const std::optional<output_array>& losses,
+                         std::optional<int> dim) {
   constexpr std::string_view fn = "distillation_loss";
-  const auto options = distillation_options(temperature, divergence, beta, reduction, mask);
+  const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
   const auto x = in_view(student, fn, "student_logits");
   const auto t = make_topk(indices, values, tail, fn);
   const auto out = out_views(grad, losses, fn);
@@ -435,10 +441,11 @@ double class_parallel_distillation_loss(std::int64_t class_offset, std::int64_t 
                                         std::string_view reduction,
                                         const std::optional<input_array>& mask,
                                         const std::optional<output_array>& grad,
-                                        const std::optional<output_array>& losses) {
+                                        const std::optional<output_array>& losses,
+                         std::optional<int> dim) {
   constexpr std::string_view fn = "distillation_loss";
   const auto shard = python_shard(class_offset, num_classes, all_reduce);
-  const auto options = distillation_options(temperature, divergence, beta, reduction, mask);
+  const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
   const auto x = in_view(student, fn, "student_logits");
   const auto t = in_view(teacher, fn, "teacher");
   const auto out = out_views(grad, losses, fn);
@@ -454,10 +461,11 @@ double class_parallel_distillation_loss_topk(std::int64_t class_offset, std::int
                                              double beta, std::string_view reduction,
                                              const std::optional<input_array>& mask,
                                              const std::optional<output_array>& grad,
-                                             const std::optional<output_array>& losses) {
+                                             const std::optional<output_array>& losses,
+                         std::optional<int> dim) {
   constexpr std::string_view fn = "distillation_loss";
   const auto shard = python_shard(class_offset, num_classes, all_reduce);
-  const auto options = distillation_options(temperature, divergence, beta, reduction, mask);
+  const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
   const auto x = in_view(student, fn, "student_logits");
   const auto t = make_topk(indices, values, tail, fn);
   const auto out = out_views(grad, losses, fn);
@@ -503,11 +511,11 @@ NB_MODULE(_core, m) {
   m.def("distillation_loss", &distillation_loss, "student_logits"_a.noconvert(),
         "teacher"_a.noconvert(), "temperature"_a, "divergence"_a, "beta"_a, "reduction"_a,
         "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none());
+        "losses"_a.noconvert().none(), "dim"_a.none() = nb::none());
   m.def("distillation_loss_topk", &distillation_loss_topk, "student_logits"_a.noconvert(),
         "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a, "temperature"_a,
         "divergence"_a, "beta"_a, "reduction"_a, "mask"_a.noconvert().none(),
-        "grad"_a.noconvert().none(), "losses"_a.noconvert().none());
+        "grad"_a.noconvert().none(), "losses"_a.noconvert().none(), "dim"_a.none() = nb::none());
 
   // class-parallel: the same arguments after (class_offset, num_classes, all_reduce)
   m.def("class_parallel_cross_entropy", &class_parallel_cross_entropy, "class_offset"_a,
@@ -525,12 +533,12 @@ NB_MODULE(_core, m) {
         "class_offset"_a, "num_classes"_a, "all_reduce"_a, "student_logits"_a.noconvert(),
         "teacher"_a.noconvert(), "temperature"_a, "divergence"_a, "beta"_a, "reduction"_a,
         "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none());
+        "losses"_a.noconvert().none(), "dim"_a.none() = nb::none());
   m.def("class_parallel_distillation_loss_topk", &class_parallel_distillation_loss_topk,
         "class_offset"_a, "num_classes"_a, "all_reduce"_a, "student_logits"_a.noconvert(),
         "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a, "temperature"_a,
         "divergence"_a, "beta"_a, "reduction"_a, "mask"_a.noconvert().none(),
-        "grad"_a.noconvert().none(), "losses"_a.noconvert().none());
+        "grad"_a.noconvert().none(), "losses"_a.noconvert().none(), "dim"_a.none() = nb::none());
   m.def("merge_records", &merge_records, "gathered"_a.noconvert(), "merge"_a,
         "out"_a.noconvert());
   m.def("fingerprint", &fingerprint, "arrays"_a);

@@ -275,15 +275,28 @@ def test_topk_tail_in_float32_is_finite_for_a_large_logit_gap():
     assert_close(loss, expected.float(), rtol=1e-5, atol=1e-4)
 
 
-def test_distillation_of_batch_sequence_vocabulary_logits_needs_dim():
-    """TRL's own GKD test tensors, (batch, sequence, vocabulary): without dim= the class
-    dimension would be the sequence; now 3-d needs dim=, and dim=-1 gives TRL's value."""
-    student = torch.log(torch.tensor([[0.1, 0.9], [0.3, 0.7]], dtype=torch.float64)).unsqueeze(0)
-    teacher = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4]], dtype=torch.float64)).unsqueeze(0)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distillation_of_batch_sequence_vocabulary_logits_needs_dim(beta):
+    """TRL's own GKD edge-case tensors, (batch, sequence, vocabulary) = (1, 1, 2): taken with
+    the classes at dimension 1 (the sequence, of length 1) the loss would be a plausible 0;
+    3-d now needs dim=, and dim=-1 gives TRL's generalized JSD."""
+    from test_extensions import generalized_jsd_loss
+
+    student = torch.log(torch.tensor([[0.1, 0.9]], dtype=torch.float64)).unsqueeze(0)
+    teacher = torch.log(torch.tensor([[0.9, 0.1]], dtype=torch.float64)).unsqueeze(0)
     with pytest.raises(ValueError, match=r"pass dim= .*dim=-1 for \(batch, sequence, "
                                          r"vocabulary\)"):
-        softce.distillation_loss(student, teacher)
-    loss = softce.distillation_loss(student, teacher, dim=-1)
-    expected = F.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
-                        reduction="sum", log_target=True) / 2  # per token
+        softce.distillation_loss(student, teacher, divergence="jsd", beta=beta)
+    loss = softce.distillation_loss(student, teacher, divergence="jsd", beta=beta, dim=-1)
+    expected = generalized_jsd_loss(student.view(1, 2), teacher.view(1, 2), beta, 1.0,
+                                    "batchmean")
     assert_close(loss, expected)
+    assert loss > 0.3
+    # the same on a (batch, sequence, vocabulary) batch with padding, TRL's label masking
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, -100], [-100, 3, 4]])
+    keep = labels != -100
+    got = softce.distillation_loss(s, t, divergence="jsd", beta=beta, dim=-1, mask=keep)
+    assert_close(got, generalized_jsd_loss(s[keep], t[keep], beta, 1.0, "batchmean"))

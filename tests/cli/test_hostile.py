@@ -246,6 +246,29 @@ class Hostile(unittest.TestCase):
                             "huge.json: not a valid softce model file (4402342264842 parameters, "
                             "more than the limit of 134217728)")
 
+    def test_pipes_within_the_bounds_still_work(self):
+        """The bounds on non-regular inputs do not stop legitimate pipes (<(zcat ...))."""
+        with open(self.path("x.csv"), "rb") as f:
+            features = f.read()
+        y = npy_bytes(None, (12,), descr="<i8",
+                      data=struct.pack("<12q", *[i % 3 for i in range(12)]))
+        feeds = {"xf": features, "yf.npy": self.gzip_text(y)}
+        threads = []
+        for name, data in feeds.items():
+            os.mkfifo(self.path(name))
+
+            def feed(name=name, data=data):
+                with open(self.path(name), "wb") as f:
+                    f.write(data)
+
+            threads.append(threading.Thread(target=feed, daemon=True))
+            threads[-1].start()
+        code, _, err = self.run_limited(self.train("--features", "xf", "--targets", "yf.npy"))
+        self.assertEqual(code, 0, err)
+        self.assertTrue(os.path.isfile(self.path("out/model.json")))
+        for t in threads:
+            t.join(10)
+
     # ---- item 5: labels beyond int64 / float32 integers --------------------------------
 
     def test_labels_beyond_the_integer_range(self):

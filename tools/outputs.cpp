@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -254,7 +255,8 @@ void staged_outputs::write(const std::string& name, std::string_view content) {
 // rename the new file over it (atomic). If one rename fails, the files already renamed are
 // put back from their backups (or removed when there was none), newest first. Only when every
 // rename has succeeded are the backups removed. Signals are deferred meanwhile.
-// Test hook: SOFTCE_TEST_FAIL_RENAME=NAME makes the rename of output NAME fail (EIO).
+// Test hooks: SOFTCE_TEST_FAIL_RENAME=NAME makes the rename of output NAME fail (EIO);
+// SOFTCE_TEST_COMMIT_PAUSE=SECONDS pauses after the first rename (to signal mid-commit).
 void staged_outputs::commit() {
   throw_if_interrupted();
   for (const auto& f : staged_) require_replaceable(f.final);
@@ -294,6 +296,12 @@ void staged_outputs::commit() {
       break;
     }
     done.push_back(std::move(r));
+    if (const char* pause = std::getenv("SOFTCE_TEST_COMMIT_PAUSE"); pause && done.size() == 1) {
+      // (a signal cuts the sleep short: it is deferred, so sleep out the rest)
+      struct timespec left {std::atoi(pause), 0};
+      while (::nanosleep(&left, &left) != 0 && errno == EINTR) {
+      }
+    }
   }
   if (!failure.empty()) {
     for (auto it = done.rbegin(); it != done.rend(); ++it) {

@@ -458,6 +458,25 @@ class Hostile(unittest.TestCase):
             done.set()
             writer.join(10)
 
+    def test_signal_during_the_commit_is_deferred(self):
+        """A signal between the renames waits for the last one: all outputs are new."""
+        self.trained()
+        old_model = self.snapshot()[self.path("out/model.json")]
+        old_metrics = self.snapshot()[self.path("out/metrics.json")]
+        p = self.start(self.train("--seed", "9"), SOFTCE_TEST_COMMIT_PAUSE="2")
+        deadline = time.monotonic() + 60
+        while self.snapshot()[self.path("out/model.json")] == old_model:  # first rename done
+            self.assertLess(time.monotonic(), deadline, "the commit never started")
+            self.assertIsNone(p.poll())
+            time.sleep(0.02)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+        self.assertEqual(p.returncode, 143, err)
+        self.assertEqual(err, "softce: terminated after the outputs were written\n")
+        after = self.snapshot()
+        self.assertNotEqual(after[self.path("out/metrics.json")], old_metrics)
+        self.assertEqual(sorted(os.listdir(self.path("out"))), ["metrics.json", "model.json"])
+
     def test_sigterm_during_training_keeps_earlier_outputs(self):
         self.trained()
         rng = __import__("random").Random(5)

@@ -348,7 +348,8 @@ def distillation_loss(student_logits, teacher, *, temperature: float = 1.0,
     teacher global class ids (see docs/distributed.md).
     """
     fn = "distillation_loss"
-    ndim = len(getattr(student_logits, "shape", np.shape(student_logits)))
+    shape = getattr(student_logits, "shape", None)
+    ndim = len(shape if shape is not None else np.shape(student_logits))
     class_dim = _class_dim(fn, ndim, dim)
     if ndim >= 2 and class_dim != 1:
         # the core takes the classes at dimension 1: move them there (a view) and the

@@ -13,7 +13,6 @@ softce does not support must raise a clear TypeError."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("expecttest", reason=None)  # torch.testing._internal needs it
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402

@@ -14,7 +14,11 @@ softce does not support must raise a clear TypeError."""
 import pytest
 import torch
 
-pytest.importorskip("expecttest", reason=None)  # torch.testing._internal needs it
+try:  # torch.testing._internal imports expecttest; a missing prerequisite fails, never skips
+    import expecttest  # noqa: F401
+except ImportError as error:
+    raise ImportError("test_opinfo.py needs the expecttest package (pip install "
+                      "expecttest==0.3.0), which torch.testing._internal imports") from error
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 from torch.testing._internal.common_modules import module_db  # noqa: E402
 

@@ -389,3 +389,21 @@ def test_numpy_overlapping_as_strided_is_refused_in_place_and_right_otherwise():
     expected.backward()
     assert_close(torch.tensor(float(loss), dtype=torch.float64), expected)
     assert_close(torch.from_numpy(grad), xt.grad)
+
+
+def test_distillation_dim_under_torch_compile():
+    """dim=-1 on (batch, sequence, vocabulary) logits in a full graph, with a trainable
+    teacher: the class dimension is moved as a view inside the graph."""
+    module = softce.nn.DistillationLoss(temperature=2.0, divergence="jsd", beta=0.3, dim=-1)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(s, t, mask):
+        return module(s, t, mask) * 3
+
+    s, t = leaves((randn(2, 5, 11), randn(2, 5, 11)))
+    mask = torch.tensor([[True, False, True, True, True], [False, True, True, True, False]])
+    got = torch.autograd.grad(f(s, t, mask), (s, t))
+    s2, t2 = leaves((s, t))
+    expected = torch.autograd.grad(module(s2, t2, mask) * 3, (s2, t2))
+    for a, b in zip(got, expected):
+        assert_close(a, b)

@@ -61,9 +61,9 @@ def _masked_rows(rows: Tensor, mask: Optional[Tensor]) -> Tensor:
 def _weighted_neg_log_softmax(x: Tensor, wt: Tensor) -> Tensor:
     """Σ_c wt_c (lse − x_c) per row, a term with wt_c = 0 being 0 even where x_c = −inf."""
     cdim = _cdim(x)
-    neg_logp = -torch.log_softmax(x, cdim)
-    zero = (wt == 0) & torch.isinf(neg_logp)
-    safe = torch.where(zero, torch.zeros_like(neg_logp), neg_logp)
+    neg_logp = -torch.log_softmax(x, cdim)  # in [0, +inf], or NaN
+    zero = (wt == 0) & (neg_logp == math.inf)
+    safe = torch.where(zero, 0.0, neg_logp)
     return (wt * safe).sum(cdim)
 
 
@@ -217,9 +217,7 @@ def binary_cross_entropy_with_logits(x, target, weight, pos_weight, reduction):
 
 def _plogp_ratio(p: Tensor, logp: Tensor, logr: Tensor, cdim: int) -> Tensor:
     """Σ p (log p − log r) per row, a term with p = 0 being 0."""
-    zero = p == 0
-    diff = logp - logr
-    safe = torch.where(zero, torch.zeros_like(diff), diff)
+    safe = torch.where(p == 0, 0.0, logp - logr)
     return (p * safe).sum(cdim)
 
 

@@ -270,7 +270,9 @@ struct search_state {
 
 // Whether some δ in the box (nonzero when need_nonzero) has Σ δ_k stride_k in (lower, upper).
 // Terms by decreasing stride; at each level only the δ the remaining levels can complete.
-// 1: yes, 0: no, -1: budget spent. With lattice strides each level has at most 2 candidates.
+// 1: yes, 0: no, -1: budget spent. With lattice strides (each beyond the reach of the smaller
+// ones) a level has at most 3 candidates and most are cut at the next level, so the budget is
+// met only by exotic layouts of many dimensions.
 int search(search_state& st, int k, wide sum, bool nonzero) {
   if (k == st.count) return sum > st.lower && sum < st.upper && (nonzero || !st.need_nonzero) ? 1 : 0;
   const search_term& t = st.terms[k];

@@ -144,7 +144,7 @@ def softce_impls(case, inp, inplace):
 
     kind = case["kind"]
     if inplace:
-        base = inp["x"].detach().clone().requires_grad_()
+        base = leaf(inp["x"].clone())
     else:
         x = leaf(inp["x"])
 
@@ -170,9 +170,7 @@ def softce_impls(case, inp, inplace):
         raise ValueError(kind)
 
     if inplace:
-        def run():
-            base.grad = None
-            loss_of(base.view_as(base)).backward()
+        return inplace_run(base, lambda logits: loss_of(logits).backward())
     else:
         def run():
             x.grad = None
@@ -180,16 +178,37 @@ def softce_impls(case, inp, inplace):
     return run
 
 
+def inplace_run(base, step):
+    """A run for an in-place gradient: the logits must be a model's output, not a leaf (softce
+    refuses to overwrite a leaf that requires grad), so `prepare` makes them with
+    base.clone() before each call, outside the timing (a model's output layer would have
+    made them); clone's backward hands the gradient on without a copy."""
+    holder = {}
+
+    def prepare():
+        base.grad = None
+        holder["logits"] = base.clone()
+
+    def run():
+        step(holder.pop("logits"))
+    run.prepare = prepare
+    return run
+
+
+def call(fn):
+    """One untimed call of a run (with its preparation, if it has one)."""
+    prepare = getattr(fn, "prepare", None)
+    if prepare is not None:
+        prepare()
+    fn()
+
+
 def softce_index_same_shape(case, inp):
     """Index-target CE at the top-k case's shape (the top-k target: within 1.5x of it)."""
     import softce
 
-    base = inp["x"].detach().clone().requires_grad_()
-
-    def run():
-        base.grad = None
-        softce.cross_entropy(base.view_as(base), inp["y"], inplace_backward=True).backward()
-    return run
+    base = leaf(inp["x"].clone())
+    return inplace_run(base, lambda logits: softce.cross_entropy(logits, inp["y"], inplace_backward=True).backward())
 
 
 def torch_loss(case, inp):
@@ -432,16 +451,15 @@ def timed(fn, inner):
     """Seconds per call: one call, or the median of `inner` calls (short calls: a stray
     stall, e.g. an OpenMP barrier waiting for a core another process holds, must not
     stand for the typical per-call cost)."""
-    if inner == 1:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+    prepare = getattr(fn, "prepare", None)
     times = []
     for _ in range(inner):
+        if prepare is not None:
+            prepare()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times[0] if inner == 1 else statistics.median(times)
 
 
 def timing_worker(case, threads, quick, with_jax, rounds, min_sample):
@@ -463,7 +481,7 @@ def timing_worker(case, threads, quick, with_jax, rounds, min_sample):
     # of each implementation: enough calls per sample to last min_sample seconds
     inner = {}
     for name, fn in impls.items():
-        fn()
+        call(fn)
         first = timed(fn, 1)
         inner[name] = max(1, min(100000, math.ceil(min_sample / max(first, 1e-9))))
     triad()
@@ -531,7 +549,7 @@ def fragmenting_workload(impls, quick):
         while len(kept) > 6:
             kept.pop(rng.randrange(len(kept)))
         if jax_peer is not None:
-            jax_peer()
+            call(jax_peer)
     return between
 
 
@@ -561,7 +579,7 @@ def memory_worker(case, name, threads):
     # warm the code path up on a tiny problem of the same kind (lazy initialisation)
     tiny = dict(case, N=4, C=min(case["C"], 64))
     tiny_inp = make_inputs(tiny, tiny["N"], tiny["C"])
-    implementations(tiny, tiny_inp, True, only=name)[name]()
+    call(implementations(tiny, tiny_inp, True, only=name)[name])
     del tiny_inp
     inp = make_inputs(case, case["N"], case["C"])
     fn = implementations(case, inp, True, only=name)[name]
@@ -573,13 +591,16 @@ def memory_worker(case, name, threads):
     except (OSError, AttributeError):
         pass
     if reset_peak():
+        prepare = getattr(fn, "prepare", None)
+        if prepare is not None:  # before the baseline: the logits are the model's, not the call's
+            prepare()
         base = vm_kb("VmRSS")
         fn()
         peak = vm_kb("VmHWM")
         method = "VmHWM"
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
+        call(fn)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         method = "ru_maxrss"
     return {"extra_bytes": max(0, peak - base) * 1024, "method": method}

@@ -4,7 +4,7 @@ Functional API (PyTorch tensors with autograd, or NumPy arrays)::
 
     softce.cross_entropy, softce.kl_div, softce.binary_cross_entropy_with_logits,
     softce.distillation_loss, softce.cross_entropy_with_probs, softce.TopK,
-    softce.set_num_threads, softce.get_num_threads
+    softce.set_num_threads, softce.get_num_threads, softce.set_gradient_cache (torch)
 
 Modules (need torch): softce.nn.CrossEntropyLoss, KLDivLoss, BCEWithLogitsLoss,
 DistillationLoss. See docs/python.md.
@@ -54,4 +54,8 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(".nn", __name__)
+    if name == "set_gradient_cache":  # needs torch too
+        from ._gradient_cache import set_gradient_cache
+
+        return set_gradient_cache
     raise AttributeError(f"module 'softce' has no attribute {name!r}")

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _core
+from . import _core, _gradient_cache
 from . import _reference
 from .functional import TopK, row_shape
 
@@ -149,11 +149,19 @@ def _check_inplace(function: str, input: Tensor, others=()) -> None:
 
 
 def _forward(call, input: Tensor, reduction: str, per_row: bool, compute_grad: bool,
-             inplace: bool = False):
+             inplace: bool = False, cached: bool = False):
     """Runs call(x, grad, losses) -> float on DLPack capsules of the input and of the output
-    buffers allocated here; returns (loss tensor, grad tensor or None)."""
+    buffers allocated here; returns (loss tensor, grad tensor or None). `cached`: the
+    gradient may come from the cache of released buffers (eager autograd only: a custom
+    operator's outputs are left to the compiler's own allocation)."""
     x = input.detach()
-    grad = (x if inplace else torch.empty_like(x)) if compute_grad else None
+    # a fresh gradient comes from the cache of released buffers (no page faults on reuse)
+    if not compute_grad:
+        grad = None
+    elif inplace:
+        grad = x
+    else:
+        grad = _gradient_cache.empty_like(x) if cached else torch.empty_like(x)
     losses = None
     if reduction == "none":
         losses = x.new_empty(row_shape(x.shape) if per_row else x.shape)
@@ -266,7 +274,7 @@ def _eager(function: str, input: Tensor, reduction: str, per_row: bool, call,
         _check_inplace(function, input, list(zip(names, args)) + list(others))
 
     def run():
-        loss, grad = _forward(call, input, reduction, per_row, compute_grad, inplace)
+        loss, grad = _forward(call, input, reduction, per_row, compute_grad, inplace, cached=True)
         if inplace:
             # The logits now hold the gradient: bump their version so that autograd
             # reports any other use of them in backward instead of silently using it.

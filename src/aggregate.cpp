@@ -136,13 +136,15 @@ vote_index build(const char* function, const long_votes& lv, std::int64_t classe
     fail(function, "votes", "expected data, got a null pointer");
   checked_mul(function, "count", lv.count, 2);
   std::int64_t items = lv.items, annotators = lv.annotators;
+  // an inferred count (max id + 1) sizes arrays: ids stay far from overflow
+  constexpr std::int64_t max_id = std::numeric_limits<std::int64_t>::max() / 16;
   const auto check_id = [&](const char* argument, std::int64_t id, std::int64_t v,
                             std::int64_t bound) {
-    // (an inferred count, max id + 1, must stay far from overflow: it sizes arrays)
-    if (id < 0 || (bound > 0 && id >= bound) || id >= std::numeric_limits<std::int64_t>::max() / 16)
+    const std::int64_t limit = bound > 0 ? bound : max_id;
+    if (id < 0 || id >= limit)
       fail(function, argument,
-           "expected ids in [0, " + (bound > 0 ? std::to_string(bound) : std::string("inf")) +
-               "), got " + std::to_string(id) + " at [" + std::to_string(v) + "]");
+           "expected ids in [0, " + std::to_string(limit) + "), got " + std::to_string(id) +
+               " at [" + std::to_string(v) + "]");
   };
   std::int64_t max_item = -1, max_annotator = -1;
   for (std::int64_t v = 0; v < lv.count; ++v) {

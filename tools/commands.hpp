@@ -57,7 +57,20 @@ struct demo_args {
   int epochs = 0, teacher_epochs = 0;
 };
 
+struct aggregate_args {
+  std::string votes, out;
+  std::string votes_format = "wide";   // wide | long
+  std::string method = "dawid-skene";  // dawid-skene | vote-fractions | majority
+  std::int64_t classes = 0;            // 0: max class id + 1
+  int max_iterations = 100;
+  double tolerance = 1e-5;
+  double smoothing = 0.0;
+  int threads = 0;
+  std::string progress = "auto";       // auto | lines | none
+};
+
 int run_train(const train_args& args);
+int run_aggregate(const aggregate_args& args);
 int run_predict(const predict_args& args);
 int run_check_targets(const check_targets_args& args);
 int run_demo(const demo_args& args);

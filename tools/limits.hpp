@@ -39,5 +39,8 @@ inline constexpr double max_learning_rate = 10;
 // T^2 scales the distillation term; beyond 1000 the softened distributions are uniform to
 // float32 precision.
 inline constexpr double max_temperature = 1000;
+// `aggregate`: EM iterations, and the additive smoothing of the confusion counts.
+inline constexpr std::int64_t max_em_iterations = 100000;
+inline constexpr double max_smoothing = 1e6;
 
 }  // namespace softce::cli

@@ -5,6 +5,7 @@
 //   softce train          train a linear model or MLP on your features and (soft) targets
 //   softce predict        class probabilities (or logits) from a trained model
 //   softce check-targets  validate a probability-target file, listing the bad rows
+//   softce aggregate      soft labels from noisy votes: Dawid–Skene, vote fractions, majority
 //
 // Exit codes: 0 success; 2 bad input or usage (one message on stderr, no output left
 // behind); 128 + signal number when interrupted (130 SIGINT, 143 SIGTERM; earlier outputs
@@ -206,6 +207,43 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(integer_in(0, std::numeric_limits<std::int64_t>::max()));
 
+  // aggregate
+  aggregate_args aggregate;
+  auto* aggregate_cmd = app.add_subcommand(
+      "aggregate", "soft labels from several noisy votes per item: Dawid-Skene posteriors, "
+                   "vote fractions or majority vote (one-hot), as (items, classes) probabilities "
+                   "that train --targets reads; a JSON report with the annotator estimates beside");
+  aggregate_cmd->add_option("--votes", aggregate.votes,
+                            "votes: CSV, NPY or IDX; wide (items x annotators, class id or -1 "
+                            "for no vote) or long (rows of item, annotator, label)")
+      ->required();
+  aggregate_cmd->add_option("--votes-format", aggregate.votes_format, "wide or long")
+      ->capture_default_str();
+  aggregate_cmd->add_option("--method", aggregate.method, "dawid-skene, vote-fractions or majority")
+      ->capture_default_str();
+  aggregate_cmd->add_option("--classes", aggregate.classes, "number of classes (default: inferred)")
+      ->check(integer_in(2, max_classes));
+  aggregate_cmd->add_option("--max-iterations", aggregate.max_iterations, "Dawid-Skene: EM iterations at most")
+      ->capture_default_str()
+      ->check(integer_in(1, max_em_iterations));
+  aggregate_cmd->add_option("--tolerance", aggregate.tolerance,
+                            "Dawid-Skene: stop when the log-likelihood per item improves by less "
+                            "(0: run every iteration)")
+      ->capture_default_str()
+      ->check(number_in(0, 1));
+  aggregate_cmd->add_option("--smoothing", aggregate.smoothing,
+                            "Dawid-Skene: added to every confusion count (0: maximum likelihood)")
+      ->capture_default_str()
+      ->check(number_in(0, max_smoothing));
+  aggregate_cmd->add_option("--threads", aggregate.threads, "threads (0: all cores)")
+      ->check(integer_in(0, max_threads));
+  aggregate_cmd->add_option("--progress", aggregate.progress, "auto, lines or none")
+      ->capture_default_str();
+  aggregate_cmd->add_option("--out", aggregate.out,
+                            "output file: .npy (float32) or CSV; the report goes to NAME.json "
+                            "beside it")
+      ->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -224,6 +262,7 @@ int main(int argc, char** argv) {
     if (*train_cmd) return run_train(train);
     if (*predict_cmd) return run_predict(predict);
     if (*check_cmd) return run_check_targets(check);
+    if (*aggregate_cmd) return run_aggregate(aggregate);
     return 2;
   } catch (const interrupted&) {
     std::fprintf(stderr, "softce: interrupted; no output written, earlier outputs unchanged\n");

@@ -239,26 +239,6 @@ void ScaleRow(const T* in, std::int64_t n, T factor, T* out) {
   if (i < len) StorePart(hn::Mul(LoadPart(d, in + i, len - i, T(0)), vf), d, out + i, len - i);
 }
 
-// Σ e over a cache, each chunk brought to `shift`: Σ_c exp((shift_c - shift) / T) Σ_i e_i.
-// (The top-k tail's Σ exp over the classes outside the top k, once their entries are zeroed.)
-template <class T>
-double CachedExpSum(exp_cache<T> cache, std::int64_t n, T inv_t, T shift) {
-  const hn::ScalableTag<T> d;
-  const size_t N = hn::Lanes(d);
-  double total = 0.0;
-  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
-    const T* ec = cache.e + c0;
-    V<decltype(d)> s = hn::Zero(d);
-    size_t i = 0;
-    for (; i + N <= len; i += N) s = hn::Add(s, hn::LoadU(d, ec + i));
-    if (i < len) s = hn::Add(s, LoadPart(d, ec + i, len - i, T(0)));
-    const double chunk_shift = static_cast<double>(cache.shifts[c0 / kChunk]);
-    total += Total(d, s) * std::exp((chunk_shift - static_cast<double>(shift)) * static_cast<double>(inv_t));
-  }
-  return total;
-}
-
 // Σ exp((x - shift) / T) over [begin, end), in chunks (float accumulation within a chunk).
 template <class T>
 double ExpSumRange(const T* x, std::int64_t begin, std::int64_t end, T inv_t, T shift) {
@@ -906,9 +886,6 @@ void FloatToHalf(const float* in, bool bfloat, std::int64_t n, std::uint16_t* ou
     SoftmaxRowGradCached(c, n, it, nm, sc, g);                                                 \
   }                                                                                            \
   void ScaleRow##S(const T* in, std::int64_t n, T f, T* out) { ScaleRow(in, n, f, out); }       \
-  double CachedExpSum##S(exp_cache<T> c, std::int64_t n, T it, T sh) {                         \
-    return CachedExpSum(c, n, it, sh);                                                         \
-  }                                                                                            \
   double ExpSumExcluding##S(const T* x, std::int64_t n, T it, T sh, const std::int64_t* ex,     \
                             std::int64_t cnt) {                                                \
     return ExpSumExcluding(x, n, it, sh, ex, cnt);                                             \
@@ -992,7 +969,6 @@ void float_to_half(const float* in, bool bfloat, std::int64_t n, std::uint16_t* 
   HWY_EXPORT(SoftmaxRowGrad##S);  \
   HWY_EXPORT(SoftmaxRowGradCached##S); \
   HWY_EXPORT(ScaleRow##S);        \
-  HWY_EXPORT(CachedExpSum##S);    \
   HWY_EXPORT(ExpSumExcluding##S); \
   HWY_EXPORT(TargetRowStats##S);  \
   HWY_EXPORT(TargetRowGrad##S);   \
@@ -1017,9 +993,6 @@ SOFTCE_EXPORT(F64)
   }                                                                                             \
   void scale_row(const T* in, std::int64_t n, T f, T* out) {                                    \
     HWY_DYNAMIC_DISPATCH(ScaleRow##S)(in, n, f, out);                                           \
-  }                                                                                             \
-  double cached_exp_sum(exp_cache<T> c, std::int64_t n, T it, T sh) {                           \
-    return HWY_DYNAMIC_DISPATCH(CachedExpSum##S)(c, n, it, sh);                                 \
   }                                                                                             \
   void softmax_row_grad(const T* x, std::int64_t n, T it, row_normaliser<T> nm, T sc, T* g) {   \
     HWY_DYNAMIC_DISPATCH(SoftmaxRowGrad##S)(x, n, it, nm, sc, g);                               \

@@ -85,8 +85,6 @@ struct exp_cache {
                                row_normaliser<T> norm, T scale, T* g);                     \
   /* out = factor * in (out may be in) */                                                   \
   void scale_row(const T* in, std::int64_t n, T factor, T* out);                           \
-  /* Σ_c exp((shift_c - shift) * inv_t) Σ e over a cache */                                \
-  double cached_exp_sum(exp_cache<T> cache, std::int64_t n, T inv_temperature, T shift);   \
   /* Σ exp((x - shift) * inv_t) over the slice except the (sorted) excluded indices */      \
   double exp_sum_excluding(const T* x, std::int64_t n, T inv_temperature, T shift,           \
                            const std::int64_t* excluded, std::int64_t excluded_count);       \

@@ -500,9 +500,9 @@ topk_operands validate_topk(std::string_view fn, std::string_view name, const to
   return ops;
 }
 
-// A tail sum below this (against the row's max, in float) may have lost terms to underflow
-// (each below 1.2e-38): it is summed again against the tail's own max. Above it, the terms
-// lost weigh at most C * 1e-18 relative.
+// Uncached rows (no gradient, or class-parallel): a tail sum below this (against the row's
+// max, in float) may have lost terms to underflow (each below 1.2e-38): it is summed again
+// against the tail's own max. Above it, the terms lost weigh at most C * 1e-18 relative.
 constexpr double kTailRescale = 1e-20;
 
 // Top-k rows: dense softmax statistics plus sparse moments; the gradient is the dense
@@ -588,9 +588,9 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
                                    : exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(tail_max),
                                                        c.local_top.data(), static_cast<std::int64_t>(c.local_top.size()));
   };
-  // Cached rows with a tail: the row is copied into the gradient row chunk by chunk (in
-  // place it is there already) with its top-k entries set to -inf, and the statistics
-  // pass runs there, over the tail alone: the tail's sum is taken against the tail's own
+  // Cached rows with a tail: each chunk holding top-k entries is copied into the gradient
+  // row (in place it is there already) with those entries set to -inf, and the statistics
+  // pass runs over the tail alone: the tail's sum is taken against the tail's own
   // max (exact however far below the top k it lies) and its exps stay as the cache. The
   // row's statistics are then the tail's plus the top-k terms, summed in double.
   auto tail_row_stats = [&](context& c, std::int64_t r) -> topk_record {
@@ -608,10 +608,14 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     std::size_t next = 0;
     for (std::int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const std::int64_t len = std::min<std::int64_t>(kChunk, C - c0);
-      if (c.gr != c.xr) std::copy(c.xr + c0, c.xr + c0 + len, c.gr + c0);
-      for (; next < c.local_top.size() && c.local_top[next] < c0 + len; ++next)
-        c.gr[c.local_top[next]] = -std::numeric_limits<T>::infinity();
-      merge_into(tail, softmax_row_stats(c.gr + c0, len, it, exp_cache<T>{c.gr + c0, c.shifts.data() + c0 / kChunk}),
+      const T* chunk = c.xr + c0;  // read in place unless the chunk holds top-k entries
+      if (next < c.local_top.size() && c.local_top[next] < c0 + len) {
+        if (c.gr != c.xr) std::copy(c.xr + c0, c.xr + c0 + len, c.gr + c0);
+        for (; next < c.local_top.size() && c.local_top[next] < c0 + len; ++next)
+          c.gr[c.local_top[next]] = -std::numeric_limits<T>::infinity();
+        chunk = c.gr + c0;
+      }
+      merge_into(tail, softmax_row_stats(chunk, len, it, exp_cache<T>{c.gr + c0, c.shifts.data() + c0 / kChunk}),
                  static_cast<double>(it));
     }
     double top_max = -kInf;

@@ -1002,6 +1002,10 @@ double cross_entropy_topk_entry(const array_view& input, const topk& target, con
 void check_distillation_options(std::string_view fn, const distillation_options& opt) {
   if (!(opt.temperature > 0.0) || !std::isfinite(opt.temperature))
     fail(fn, "temperature", "expected a finite value > 0, got " + format_number(opt.temperature));
+  // the kernels scale by 1 / T in float32: an infinite factor would turn x - max = 0 into NaN
+  if (!std::isfinite(static_cast<float>(1.0 / opt.temperature)))
+    fail(fn, "temperature", "expected a value whose reciprocal is finite in float32, got " +
+                                format_number(opt.temperature));
   if (!(opt.beta >= 0.0 && opt.beta <= 1.0))
     fail(fn, "beta", "expected a value in [0, 1], got " + format_number(opt.beta));
 }

@@ -725,6 +725,23 @@ TEST(NaN, ClassParallelTopKTailPastTheFloatExpRange) {
   EXPECT_TRUE(std::isfinite(rows[0][0]) && std::isfinite(rows[0][1]));
 }
 
+// A temperature so small that 1 / T overflows float32 would make every row NaN from finite
+// logits: refused.
+TEST(NaN, TemperatureWithAnInfiniteReciprocalIsAnError) {
+  const tensor x = make_tensor({2, 3}, dtype::float32, {1, 2, 3, 4, 5, 6});
+  softce::distillation_options opt;
+  opt.temperature = 1e-39;
+  try {
+    softce::distillation_loss(x.view(), x.view(), opt);
+    ADD_FAILURE() << "no error";
+  } catch (const softce::error& e) {
+    EXPECT_EQ(std::string(e.what()),
+              "distillation_loss: temperature: expected a value whose reciprocal is finite in float32, got 1e-39");
+  }
+  opt.temperature = 1e-30;  // still fine
+  EXPECT_TRUE(std::isfinite(softce::distillation_loss(x.view(), x.view(), opt)));
+}
+
 TEST(NaN, ShardOffsetOverflowIsAnError) {
   const tensor x = make_tensor({2, 3}, dtype::float32, {1, 2, 3, 4, 5, 6});
   const tensor y = make_index_tensor({2}, dtype::int64, {0, 1});

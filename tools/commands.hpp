@@ -45,6 +45,7 @@ struct check_targets_args {
 
 struct demo_args {
   std::string out = "softce-demo";
+  std::string scenario = "all";  // all | basic | noisy
   std::string data = "/usr/share/datasets/fashion-mnist";
   int threads = 0;
   std::uint64_t seed = 0;

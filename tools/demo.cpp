@@ -26,8 +26,10 @@
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "charts.hpp"
+#include "demo_noisy.hpp"
 #include "cli_error.hpp"
 #include "commands.hpp"
 #include "model.hpp"
@@ -53,6 +55,7 @@ struct recipe {
   std::vector<std::int64_t> student_hidden{64};
   int teacher_epochs = 5;
   int student_epochs = 10;
+  int noisy_epochs = 10;  // the noisy scenario: 15 students (5 targets x 3 seeds)
   std::int64_t batch_size = 128;
   double lr = 1e-3;
   double label_smoothing = 0.1;
@@ -189,6 +192,8 @@ decomposition_row decompose(const std::string& target_name, const std::string& m
 
 int run_demo(const demo_args& a) {
   const auto total_start = clock_type::now();
+  if (a.scenario != "all" && a.scenario != "basic" && a.scenario != "noisy")
+    throw input_error("--scenario must be all, basic or noisy, not '" + a.scenario + "'");
   recipe rc;
   rc.temperature = a.temperature;
   rc.alpha = a.alpha;
@@ -243,13 +248,58 @@ int run_demo(const demo_args& a) {
   const targets test_labels = interpret_targets(test_label_table, label_options);
   const std::int64_t N = train_images.rows, N_test = test_images.rows, D = train_images.cols;
 
+  const bool basic = a.scenario != "noisy", noisy = a.scenario != "basic";
   staged_outputs out(a.out, true);
-  for (const char* name : {"results.json", "reliability.png", "accuracy_nll.png"}) out.claim(name);
+  out.claim("results.json");
+  if (basic)
+    for (const char* name : {"reliability.png", "accuracy_nll.png"}) out.claim(name);
+  if (noisy)
+    for (const char* name : {"noisy_reliability.png", "noisy_accuracy_nll.png"}) out.claim(name);
 
   std::printf("softce demo: Fashion-MNIST, %lld training and %lld test images, %d threads%s\n",
               static_cast<long long>(N), static_cast<long long>(N_test), threads,
               reduced ? " (reduced run)" : "");
   std::fflush(stdout);
+
+  // The noisy-votes scenario (demo_noisy.cpp): soft labels from several noisy annotators.
+  noisy_config noisy_cfg;
+  noisy_cfg.hidden = rc.student_hidden;
+  noisy_cfg.epochs = a.quick ? 2 : (a.epochs > 0 ? a.epochs : rc.noisy_epochs);
+  noisy_cfg.batch_size = rc.batch_size;
+  noisy_cfg.lr = rc.lr;
+  noisy_cfg.label_smoothing = rc.label_smoothing;
+  noisy_cfg.seed = a.seed;
+  noisy_cfg.progress = a.progress;
+  const auto write_noisy_charts = [&](const noisy_outcome& n, std::vector<std::string>& files) {
+    if (!charts_unavailable_reason().empty()) return;
+    write_reliability_png(out.stage("noisy_reliability.png"), n.series);
+    write_accuracy_nll_png(out.stage("noisy_accuracy_nll.png"), n.series);
+    files.push_back("noisy_reliability.png");
+    files.push_back("noisy_accuracy_nll.png");
+  };
+  if (!basic) {
+    const noisy_outcome n =
+        run_noisy_scenario(train_images, train_labels, test_images, test_labels, noisy_cfg);
+    std::vector<std::string> chart_files;
+    write_noisy_charts(n, chart_files);
+    if (const std::string why = charts_unavailable_reason(); !why.empty())
+      std::fprintf(stderr, "softce: warning: no charts: %s\n", why.c_str());
+    nlohmann::json results;
+    results["noisy"] = n.json;
+    results["config"] = {{"data", data_dir}, {"train_rows", N}, {"test_rows", N_test},
+                         {"reduced", reduced}, {"seed", a.seed}, {"threads", threads},
+                         {"scenario", a.scenario}};
+    results["charts"] = chart_files;
+    results["version"] = version_text();
+    results["seconds"] = seconds_since(total_start);
+    out.write("results.json", results.dump(2) + "\n");
+    out.commit();
+    std::printf("%s", n.report.c_str());
+    std::printf("\nwrote %s", out.final_path("results.json").c_str());
+    for (const auto& f : chart_files) std::printf(", %s", out.final_path(f).c_str());
+    std::printf("  (%.1fs in all)\n", seconds_since(total_start));
+    return 0;
+  }
 
   // One training run with per-epoch test metrics.
   const auto run = [&](const std::string& name, const std::vector<std::int64_t>& hidden,
@@ -401,8 +451,17 @@ int run_demo(const demo_args& a) {
     std::fprintf(stderr, "softce: warning: no charts: %s\n", no_charts.c_str());
   }
 
+  // 4b. the noisy-votes scenario, after today's students
+  std::optional<noisy_outcome> noisy_result;
+  if (noisy) {
+    noisy_result =
+        run_noisy_scenario(train_images, train_labels, test_images, test_labels, noisy_cfg);
+    write_noisy_charts(*noisy_result, chart_files);
+  }
+
   // 5. results.json
   nlohmann::json results;
+  if (noisy_result) results["noisy"] = noisy_result->json;
   results["teacher"] = run_json(teacher);
   results["students"] = nlohmann::json::object();
   for (const auto& s : students) results["students"][s.name] = run_json(s);
@@ -446,7 +505,8 @@ int run_demo(const demo_args& a) {
                        {"label_smoothing", rc.label_smoothing},
                        {"temperature", rc.temperature},
                        {"alpha", rc.alpha},
-                       {"ece_bins", ece_bins}};
+                       {"ece_bins", ece_bins},
+                       {"scenario", a.scenario}};
   results["charts"] = chart_files;
   results["version"] = version_text();
   results["seconds"] = seconds_since(total_start);
@@ -479,6 +539,7 @@ int run_demo(const demo_args& a) {
                 d.model.c_str(), d.ce, d.entropy, d.kl, d.ce - d.entropy - d.kl, d.ce_at_target);
   std::printf("(CE with soft targets is not 0 at a perfect prediction q = target: it is H(target); "
               "KL is 0 there)\n");
+  if (noisy_result) std::printf("%s", noisy_result->report.c_str());
   std::printf("\nwrote %s", out.final_path("results.json").c_str());
   for (const auto& f : chart_files) std::printf(", %s", out.final_path(f).c_str());
   std::printf("  (%.1fs in all)\n", seconds_since(total_start));

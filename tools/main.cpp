@@ -108,6 +108,10 @@ int main(int argc, char** argv) {
               "targets, label smoothing 0.1 and distillation; prints a table and the "
               "CE = H(target) + KL decomposition, writes DIR/results.json and PNG charts");
   demo_cmd->add_option("--out", demo.out, "output directory")->capture_default_str();
+  demo_cmd->add_option("--scenario", demo.scenario,
+                       "all (default), basic (hard vs soft-label students) or noisy (soft labels "
+                       "from simulated noisy annotators: majority, vote fractions, Dawid-Skene)")
+      ->capture_default_str();
   demo_cmd->add_option("--data", demo.data, "directory with the four Fashion-MNIST IDX files")
       ->capture_default_str();
   demo_cmd->add_option("--threads", demo.threads, "threads for OpenBLAS and softce (0: all cores)")

@@ -596,13 +596,48 @@ class Demo(CliTest):
         self.assertEqual(results["config"]["train_rows"], 600)
         self.assertGreater(results["teacher"]["accuracy"], 0.5)
         self.assertEqual(sorted(os.listdir(self.path("demo"))),
-                         ["accuracy_nll.png", "reliability.png", "results.json"])
+                         ["accuracy_nll.png", "noisy_accuracy_nll.png", "noisy_reliability.png",
+                          "reliability.png", "results.json"])
+        self.check_noisy(results, result.stdout)
         # deterministic for a seed and a thread count
         self.ok("demo", "--data", "data", "--out", "again", "--quick", "--threads", "2",
                 "--progress", "none")
         again = load_json(self.path("again/results.json"))
         for name in ("hard", "distilled"):
             self.assertEqual(again["students"][name]["epochs"], results["students"][name]["epochs"])
+
+    def check_noisy(self, results, stdout):
+        """The noisy-votes scenario: five targets from the same votes, three seeds each."""
+        noisy = results["noisy"]
+        self.assertEqual(sorted(noisy["students"]),
+                         ["clean", "dawid_skene", "majority", "majority_ls", "vote_fractions"])
+        for name, r in noisy["students"].items():
+            for key in ("accuracy", "nll", "ece", "ambiguous_accuracy", "ambiguous_nll"):
+                self.assertEqual(len(r[key]["seeds"]), 3, name + "." + key)
+                mean = sum(r[key]["seeds"]) / 3
+                self.assertAlmostEqual(r[key]["mean"], mean, places=12)
+                std = math.sqrt(sum((v - mean) ** 2 for v in r[key]["seeds"]) / 2)
+                self.assertAlmostEqual(r[key]["std"], std, places=12)
+        self.assertEqual(len(noisy["simulation"]["annotators"]), 5)
+        # the careless annotator (60% uniform votes) is the worst, and Dawid-Skene sees it
+        annotators = noisy["simulation"]["annotators"]
+        self.assertEqual(min(range(5), key=lambda j: annotators[j]["actual_accuracy"]), 4)
+        self.assertEqual(min(range(5), key=lambda j: annotators[j]["dawid_skene_accuracy"]), 4)
+        self.assertIn("Noisy votes: 5 simulated annotators", stdout)
+        for name in noisy["students"]:
+            self.assertIn(name, stdout)
+
+    def test_noisy_scenario_alone(self):
+        self.synthetic_fashion_mnist(self.path("data"))
+        result = self.ok("demo", "--scenario", "noisy", "--data", "data", "--out", "noisy",
+                         "--quick", "--threads", "2", "--progress", "none")
+        results = load_json(self.path("noisy/results.json"))
+        self.assertNotIn("students", results)
+        self.check_noisy(results, result.stdout)
+        self.assertEqual(sorted(os.listdir(self.path("noisy"))),
+                         ["noisy_accuracy_nll.png", "noisy_reliability.png", "results.json"])
+        self.assert_bad(["demo", "--scenario", "loud", "--data", "data", "--out", "x", "--quick"],
+                        "--scenario must be all, basic or noisy, not 'loud'")
 
     def test_reduced_demo_on_fashion_mnist(self):
         # scripts/setup.sh installs dataset-fashion-mnist: its absence is a failure, not a skip

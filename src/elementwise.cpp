@@ -202,11 +202,13 @@ double bce_impl(const array_view& input, const array_view& target, const bce_opt
 }
 
 void check_elementwise(std::string_view fn, const array_view& input, const array_view& target, const outputs& out,
-                       reduction r) {
+                       reduction r, const std::optional<array_view>& weight = std::nullopt,
+                       const std::optional<array_view>& pos_weight = std::nullopt) {
   check_float(fn, "input", input);
   check_float(fn, "target", target);
   check_same_shape(fn, "target", target, input, "input");
   check_outputs(fn, out, input, input.shape, input.ndim, r);
+  check_aliasing(fn, out, {{"target", target}, {"weight", weight}, {"pos_weight", pos_weight}});
 }
 
 }  // namespace
@@ -223,7 +225,7 @@ double binary_cross_entropy_with_logits(const array_view& input, const array_vie
                                         const outputs& out) {
   constexpr std::string_view fn = "binary_cross_entropy_with_logits";
   check_reduction(fn, options.reduce, {reduction::none, reduction::mean, reduction::sum});
-  check_elementwise(fn, input, target, out, options.reduce);
+  check_elementwise(fn, input, target, out, options.reduce, options.weight, options.pos_weight);
   return input.type == dtype::float64 ? bce_impl<double>(input, target, options, out)
                                       : bce_impl<float>(input, target, options, out);
 }

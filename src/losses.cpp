@@ -972,6 +972,7 @@ double cross_entropy_entry(const array_view& input, const array_view& target, co
   }
   if (opt.weight) check_class_vector(fn, "weight", *opt.weight, space.classes);
   check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
+  check_aliasing(fn, out, {{"target", target}, {"weight", opt.weight}, {"mask", opt.mask}});
   const ce_call call{fn, input, opt, out, shard};
   return computes_in_double(input) ? cross_entropy_dense_impl<double>(call, space, target, index_target)
                                    : cross_entropy_dense_impl<float>(call, space, target, index_target);
@@ -986,6 +987,8 @@ double cross_entropy_topk_entry(const array_view& input, const topk& target, con
   validate_smoothing(fn, opt.label_smoothing);
   if (opt.weight) check_class_vector(fn, "weight", *opt.weight, space.classes);
   check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
+  check_aliasing(fn, out, {{"target.indices", target.indices}, {"target.values", target.values},
+                           {"weight", opt.weight}, {"mask", opt.mask}});
   if (target.tail && (opt.weight || opt.label_smoothing != 0.0))
     fail(fn, "target.tail", "expected no class weight and no label smoothing with a tail bucket");
   if (opt.weight || opt.label_smoothing != 0.0) {
@@ -1010,22 +1013,31 @@ void check_distillation_options(std::string_view fn, const distillation_options&
     fail(fn, "beta", "expected a value in [0, 1], got " + format_number(opt.beta));
 }
 
-double distillation_entry(const array_view& student, const array_view& teacher, const distillation_options& opt,
-                          const outputs& out, const class_shard* shard) {
+double distillation_entry(const array_view& student_logits, const array_view& teacher_logits,
+                          const distillation_options& opt, const outputs& out_logits, const class_shard* shard) {
   constexpr std::string_view fn = "distillation_loss";
+  // the class dimension moved to index 1 (options.dim)
+  const class_first_views views = distillation_layout(fn, opt, student_logits, &teacher_logits, out_logits);
+  const array_view &student = views.student, &teacher = views.teacher;
+  const outputs& out = views.out;
   const row_space space = logits_space(fn, student);
   check_shard(fn, shard, space);
   check_distillation_options(fn, opt);
   check_float(fn, "teacher", teacher);
   check_same_shape(fn, "teacher", teacher, student, "student");
   check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
+  check_aliasing(fn, out, {{"teacher", teacher}, {"mask", opt.mask}});
   return computes_in_double(student) ? distill_dense_impl<double>(fn, student, teacher, opt, out, shard)
                                      : distill_dense_impl<float>(fn, student, teacher, opt, out, shard);
 }
 
-double distillation_topk_entry(const array_view& student, const topk& teacher, const distillation_options& opt,
-                               const outputs& out, const class_shard* shard) {
+double distillation_topk_entry(const array_view& student_logits, const topk& teacher, const distillation_options& opt,
+                               const outputs& out_logits, const class_shard* shard) {
   constexpr std::string_view fn = "distillation_loss";
+  // the class dimension moved to index 1 (options.dim)
+  const class_first_views views = distillation_layout(fn, opt, student_logits, nullptr, out_logits);
+  const array_view& student = views.student;
+  const outputs& out = views.out;
   const row_space space = logits_space(fn, student);
   check_shard(fn, shard, space);
   check_distillation_options(fn, opt);
@@ -1033,6 +1045,7 @@ double distillation_topk_entry(const array_view& student, const topk& teacher, c
     fail(fn, "teacher", "expected teacher logits for divergence '" + std::string(divergence_name(opt.kind)) +
                             "' (a top-k teacher supports 'kl' only)");
   check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
+  check_aliasing(fn, out, {{"teacher.indices", teacher.indices}, {"teacher.values", teacher.values}, {"mask", opt.mask}});
   return computes_in_double(student)
              ? topk_impl<double>(fn, student, teacher, opt.mask, opt.reduce, out, shard, opt.temperature, true)
              : topk_impl<float>(fn, student, teacher, opt.mask, opt.reduce, out, shard, opt.temperature, true);

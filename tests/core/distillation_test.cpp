@@ -76,6 +76,7 @@ void run_random_case(std::mt19937_64& rng, bool topk_teacher, shape_t shape = {}
   auto layout_for = [&](int n) { return random_layouts ? random_layout(rng, n) : row_major(n); };
 
   softce::distillation_options o;
+  if (ndim >= 3) o.dim = 1;  // PyTorch's (N, C, d1, ...) layout
   const double temperatures[] = {1.0, 1.0, 0.5, 2.0, 4.0};
   o.temperature = temperatures[rng() % 5];
   const divergence kinds[] = {divergence::kl, divergence::reverse_kl, divergence::jsd, divergence::jsd};

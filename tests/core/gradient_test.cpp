@@ -192,6 +192,7 @@ TEST(Gradient, DistillationTeacherLogits) {
             for (auto& b : m) b = rng() % 3 != 0;
             const tensor mask = make_index_tensor(rs, dtype::boolean, m);
             softce::distillation_options o;
+            if (shape.size() >= 3) o.dim = 1;  // PyTorch's (N, C, d1, ...) layout
             o.kind = kb.kind;
             o.beta = kb.beta;
             o.temperature = T;
@@ -215,6 +216,7 @@ TEST(Gradient, DistillationTopKTeacher) {
           const tensor idx = make_index_tensor(d.shape, dtype::int64, d.indices);
           const tensor val = make_tensor(d.shape, dtype::float64, d.values);
           softce::distillation_options o;
+          if (shape.size() >= 3) o.dim = 1;  // PyTorch's (N, C, d1, ...) layout
           o.temperature = T;
           o.reduce = r;
           const softce::topk k{idx.view(), val.view(), tail};

@@ -208,9 +208,9 @@ TEST(Layout, InPlaceGradientIsBitwiseTheOutOfPlaceOne) {
 
 // distillation_loss's dim: language-model logits (B, S, V) with dim = -1 give what the same
 // numbers give transposed to (B, V, S) with dim = 1, and flattened to (B * S, V); per-row
-// arrays (mask, losses, top-k) keep the (B, S) row shape. (DISABLED_: needs the entry points
+// arrays (mask, losses, top-k) keep the (B, S) row shape. (: needs the entry points
 // to call detail::distillation_layout; enabled with that patch)
-TEST(Layout, DISABLED_DistillationClassDimension) {
+TEST(Layout, DistillationClassDimension) {
   std::mt19937_64 rng(1006);
   constexpr std::int64_t B = 2, S = 3, V = 7, K = 3;
   const std::vector<double> x = normal_values(rng, B * S * V, 2.0), z = normal_values(rng, B * S * V, 2.0);
@@ -313,8 +313,8 @@ TEST(Layout, DISABLED_DistillationClassDimension) {
   }
 }
 
-// dim = 0 of a 2-d (C, N) input: the columns are the rows. (DISABLED_: as above)
-TEST(Layout, DISABLED_DistillationClassDimensionZero) {
+// dim = 0 of a 2-d (C, N) input: the columns are the rows. (: as above)
+TEST(Layout, DistillationClassDimensionZero) {
   std::mt19937_64 rng(1007);
   constexpr std::int64_t R = 4, V = 9;
   const std::vector<double> x = normal_values(rng, R * V, 2.0), z = normal_values(rng, R * V, 2.0);

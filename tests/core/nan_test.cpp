@@ -217,6 +217,7 @@ family topk_family(bool distill, bool tail, bool weighted, double smoothing) {
     };
     if (distill) {
       softce::distillation_options opt;
+      opt.dim = 1;  // PyTorch's (N, C, d1, ...) layout for the 3-d shapes
       opt.reduce = reduction::none;
       opt.temperature = 2.0;
       loss_call fast = [=](const array_view& in, const softce::outputs& out) {
@@ -259,6 +260,7 @@ family distillation_dense(divergence kind, double beta, double temperature) {
   f.calls = [=](const operands& o, const shape_t& shape, dtype type) {
     auto z = keep(shape, type, o.other);
     softce::distillation_options opt;
+    opt.dim = 1;  // PyTorch's (N, C, d1, ...) layout for the 3-d shapes
     opt.reduce = reduction::none;
     opt.kind = kind;
     opt.beta = beta;

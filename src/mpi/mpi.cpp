@@ -109,7 +109,10 @@ std::string_view call_kind_name(std::int64_t k) {
   return "?";
 }
 
-enum class fact_format { integer, real, boolean, reduction_name, divergence_name };
+enum class fact_format { integer, real, boolean, reduction_name, divergence_name, optional_integer };
+
+// optional_integer: a value that may be absent (distillation's dim): 0 when absent, the
+// value + 1 when it is >= 0, the value itself when negative.
 
 struct option_fact {
   std::string_view name;
@@ -139,6 +142,8 @@ std::string quoted(std::string_view name) {
 std::string format_fact(const option_fact& f, std::int64_t value) {
   switch (f.format) {
     case fact_format::integer: return std::to_string(value);
+    case fact_format::optional_integer:
+      return value == 0 ? "not given" : std::to_string(value > 0 ? value - 1 : value);
     case fact_format::boolean: return value ? "true" : "false";
     case fact_format::reduction_name:
       return quoted(reduction_name(static_cast<reduction>(value)));
@@ -427,7 +432,8 @@ std::vector<option_fact> distill_options(const distillation_options& o, bool tai
           {"divergence", static_cast<std::int64_t>(o.kind), fact_format::divergence_name},
           {"beta", real_bits(o.beta), fact_format::real},
           {"temperature", real_bits(o.temperature), fact_format::real},
-          {"teacher.tail", tail ? 1 : 0, fact_format::boolean}};
+          {"teacher.tail", tail ? 1 : 0, fact_format::boolean},
+          {"dim", o.dim ? (*o.dim < 0 ? *o.dim : *o.dim + 1) : 0, fact_format::optional_integer}};
 }
 
 bool is_index_dtype(dtype t) { return t == dtype::int32 || t == dtype::int64; }

@@ -261,6 +261,7 @@ void run_case(const spec& s, std::uint64_t seed) {
   dist.kind = s.kind;
   dist.beta = s.beta;
   dist.temperature = s.temperature;
+  if (s.D > 0) dist.dim = 1;  // (N, C, d): PyTorch's layout, said explicitly
   if (s.mask) dist.mask = mask_view;
 
   // the single-process oracle
@@ -759,6 +760,11 @@ void test_errors() {
     expect_error(
         "error: divergence differs", [&] { softce::mpi::distillation_loss(sh, input, input, d); },
         "mpi::distillation_loss: divergence differs across ranks (rank 0: 'jsd', rank 1: 'kl')");
+    softce::distillation_options dd;
+    if (g_rank == 0) dd.dim = -1;  // the same class dimension of 2-d logits, said differently
+    expect_error(
+        "error: dim differs", [&] { softce::mpi::distillation_loss(sh, input, input, dd); },
+        "mpi::distillation_loss: dim differs across ranks (rank 0: -1, rank 1: not given)");
     softce::distillation_options dt;
     dt.temperature = g_rank == last ? 2.5 : 2.0;
     expect_error(

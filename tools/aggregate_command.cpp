@@ -64,14 +64,14 @@ struct parsed_votes {
 };
 
 void check_sizes(const table& t, const parsed_votes& v) {
-  if (v.items > max_table_values / v.classes)
+  if (v.items > max_aggregate_values / v.classes)
     throw input_error(t.path + ": " + std::to_string(v.items) + " items x " +
-                      std::to_string(v.classes) + " classes of outputs exceed the limit of " +
-                      std::to_string(max_table_values) + " values");
-  if (v.annotators > max_table_values / v.classes / v.classes)
+                      std::to_string(v.classes) + " classes exceed the limit of " +
+                      std::to_string(max_aggregate_values) + " values");
+  if (v.annotators > max_aggregate_values / v.classes / v.classes)
     throw input_error(t.path + ": " + std::to_string(v.annotators) + " annotators x " +
                       std::to_string(v.classes) + "^2 classes of confusion matrices exceed the "
-                      "limit of " + std::to_string(max_table_values) + " values");
+                      "limit of " + std::to_string(max_aggregate_values) + " values");
 }
 
 parsed_votes parse_votes(const table& t, const std::string& format, std::int64_t classes) {

@@ -39,6 +39,10 @@ inline constexpr double max_learning_rate = 10;
 // T^2 scales the distillation term; beyond 1000 the softened distributions are uniform to
 // float32 precision.
 inline constexpr double max_temperature = 1000;
+// `aggregate`: items x classes, and annotators x classes^2 (the confusion matrices), each at
+// most 2^25 values: Dawid–Skene keeps three float64 arrays of each size, so a small file that
+// names many classes or annotators cannot claim gigabytes.
+inline constexpr std::int64_t max_aggregate_values = std::int64_t{1} << 25;
 // `aggregate`: EM iterations, and the additive smoothing of the confusion counts.
 inline constexpr std::int64_t max_em_iterations = 100000;
 inline constexpr double max_smoothing = 1e6;

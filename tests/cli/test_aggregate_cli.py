@@ -276,10 +276,14 @@ class Aggregate(unittest.TestCase):
         self.expect_bad(["--votes", "two.csv", "--votes-format", "long"],
                         "two.csv: long votes need 3 columns (item, annotator, label), the file "
                         "has 2")
-        write_csv("big.csv", [[0, 0, 1], [1, 20000, 0]])
+        write_csv("big.csv", [[0, 0, 1], [1, 40, 0]])
         self.expect_bad(["--votes", "big.csv", "--votes-format", "long", "--classes", "1000"],
-                        "big.csv: 20001 annotators x 1000^2 classes of confusion matrices exceed "
-                        "the limit of 268435456 values")
+                        "big.csv: 41 annotators x 1000^2 classes of confusion matrices exceed "
+                        "the limit of 33554432 values")
+        write_csv("wide.csv", [[0, 1]] * 5)
+        self.expect_bad(["--votes", "wide.csv", "--classes", "16777216"],
+                        "wide.csv: 5 items x 16777216 classes exceed the limit of 33554432 "
+                        "values")
         self.expect_bad(["--votes", "missing.csv"], "missing.csv: no such file")
         self.expect_bad(["--votes", "v.csv", "--method", "em"],
                         "--method must be dawid-skene, vote-fractions or majority, not 'em'")

@@ -404,6 +404,14 @@ int main(int argc, char** argv) {
   add("bce/4096x1000", [](benchmark::State& st) { bce(st, {4096, 1000}); });
   add("kl_div/1024x32000", [](benchmark::State& st) { kl_div(st, {1024, 32000}); });
   add("dense_ce_bf16/1024x32000", [](benchmark::State& st) { dense_ce_bf16(st, {1024, 32000}); });
+  // Long rows (N = 1 or 8, C = 4M or 1M: a retrieval head, a big vocabulary at batch 1): a
+  // row is split into pieces across threads (kRowPiece in src/threading.hpp).
+  for (shape s : {shape{1, 4194304}, shape{8, 1048576}}) {
+    add("long_dense_ce/" + s.key(), [s](benchmark::State& st) { dense_ce(st, s); });
+    add("long_index_ce/" + s.key(), [s](benchmark::State& st) { index_ce(st, s); });
+    add("long_topk64_tail_ce/" + s.key(), [s](benchmark::State& st) { topk_ce(st, s, true); });
+    add("long_distill_kl_T2/" + s.key(), [s](benchmark::State& st) { distill(st, s, softce::divergence::kl); });
+  }
   // In-cache variants (one thread, the data fits in L2): the compute ceiling of each kernel,
   // to tell a compute-bound kernel from a memory-bound one.
   auto hot = [](const std::string& name, auto fn) {

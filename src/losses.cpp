@@ -213,6 +213,63 @@ void run_rows(std::int64_t rows, std::int64_t row_length, bool sharded, const Co
 }
 
 // ---------------------------------------------------------------------------------------
+// long rows in pieces (kRowPiece in threading.hpp: the split and its cost model)
+
+static_assert(kRowPiece % kChunk == 0, "pieces must hold whole chunks (the exp cache's chunk shifts)");
+
+// A row's statistics: piece(begin, length) for each piece of kRowPiece classes (spread over
+// the threads when the caller's thread is free to split), merged with merge(acc, part) in
+// piece order, so the result never depends on the thread count. A row of at most
+// kRowPiece classes is one piece: one call on this thread.
+template <class Stats, class PieceFn, class MergeFn>
+Stats row_stats_in_pieces(std::int64_t C, PieceFn piece, MergeFn merge) {
+  if (C <= kRowPiece) return piece(std::int64_t{0}, C);
+  const std::int64_t pieces = (C + kRowPiece - 1) / kRowPiece;
+  std::vector<Stats> parts(static_cast<std::size_t>(pieces));
+  parallel_for(pieces, 1, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t p = begin; p < end; ++p) {
+      const std::int64_t c0 = p * kRowPiece;
+      parts[static_cast<std::size_t>(p)] = piece(c0, std::min(kRowPiece, C - c0));
+    }
+  });
+  Stats acc = parts[0];
+  for (std::size_t p = 1; p < parts.size(); ++p) merge(acc, parts[p]);
+  return acc;
+}
+
+// An element-wise pass over a row (the gradient): piece(begin, length) for each piece.
+template <class PieceFn>
+void row_in_pieces(std::int64_t C, PieceFn piece) {
+  if (C <= kRowPiece) {
+    piece(std::int64_t{0}, C);
+    return;
+  }
+  parallel_for((C + kRowPiece - 1) / kRowPiece, 1, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t p = begin; p < end; ++p) {
+      const std::int64_t c0 = p * kRowPiece;
+      piece(c0, std::min(kRowPiece, C - c0));
+    }
+  });
+}
+
+// The part of an exp cache (or of a target) that belongs to classes [c0, c0 + length).
+template <class T>
+exp_cache<T> cache_from(exp_cache<T> cache, std::int64_t c0) {
+  return exp_cache<T>{cache.e ? cache.e + c0 : nullptr, cache.shifts ? cache.shifts + c0 / kChunk : nullptr};
+}
+
+template <class T>
+target_desc<T> desc_slice(const target_desc<T>& t, std::int64_t c0, std::int64_t length) {
+  target_desc<T> s = t;
+  if (t.dense) s.dense = t.dense + c0;
+  if (t.weight) s.weight = t.weight + c0;
+  s.onehot = t.onehot >= c0 && t.onehot < c0 + length ? t.onehot - c0 : -1;
+  return s;
+}
+
+inline void merge_target(target_stats& acc, const target_stats& part) { merge_into(acc, part); }
+
+// ---------------------------------------------------------------------------------------
 // cross-entropy: dense probability targets and class-index targets
 
 double validate_smoothing(std::string_view fn, double eps) {
@@ -377,14 +434,26 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     if constexpr (std::is_same_v<T, float>) {
       if (direct_bf16) {
         if (c.g) cache = exp_cache<T>{c.ecache.data(), c.shifts.data()};
-        return ce_record{target_row_stats_bf16(c.x16, c.t16, C, c.desc.keep, c.desc.add, cache), target_weight};
+        const target_stats st = row_stats_in_pieces<target_stats>(
+            C,
+            [&](std::int64_t c0, std::int64_t len) {
+              return target_row_stats_bf16(c.x16 + c0, c.t16 + c0, len, c.desc.keep, c.desc.add, cache_from(cache, c0));
+            },
+            merge_target);
+        return ce_record{st, target_weight};
       }
     }
     if (c.g && !call.shard) {
       c.gr = c.g->begin(r);
       cache = exp_cache<T>{c.gr, c.shifts.data()};
     }
-    return ce_record{target_row_stats(c.xr, C, c.desc, cache), target_weight};
+    const target_stats st = row_stats_in_pieces<target_stats>(
+        C,
+        [&](std::int64_t c0, std::int64_t len) {
+          return target_row_stats(c.xr + c0, len, desc_slice(c.desc, c0, len), cache_from(cache, c0));
+        },
+        merge_target);
+    return ce_record{st, target_weight};
   };
   double coef = gradient_coef(plan);
   auto finish_fn = [&](context& c, std::int64_t r, const ce_record& rec) -> double {
@@ -410,9 +479,12 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     if constexpr (std::is_same_v<T, float>) {
       if (c.g && direct_bf16) {  // written straight into the bfloat16 output row
         auto* g16 = const_cast<std::uint16_t*>(g_op->template ptr<std::uint16_t>(g_op->row_offset(r)));
-        target_row_grad_cached_bf16(exp_cache<T>{c.ecache.data(), c.shifts.data()}, c.t16, C, c.desc.keep,
-                                    c.desc.add, normaliser<T>(rec.st.shift, rec.st.sum), static_cast<T>(rec.st.a),
-                                    static_cast<T>(coef), g16);
+        const exp_cache<T> cache{c.ecache.data(), c.shifts.data()};
+        const row_normaliser<T> norm = normaliser<T>(rec.st.shift, rec.st.sum);
+        row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
+          target_row_grad_cached_bf16(cache_from(cache, c0), c.t16 + c0, len, c.desc.keep, c.desc.add, norm,
+                                      static_cast<T>(rec.st.a), static_cast<T>(coef), g16 + c0);
+        });
         return ce_row_loss(rec.st);
       }
     }
@@ -420,10 +492,16 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
       const row_normaliser<T> norm = normaliser<T>(rec.st.shift, rec.st.sum);
       if (call.shard) {
         T* g = c.g->begin(r);
-        target_row_grad(c.xr, C, c.desc, norm, static_cast<T>(rec.st.a), static_cast<T>(coef), g);
+        row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
+          target_row_grad(c.xr + c0, len, desc_slice(c.desc, c0, len), norm, static_cast<T>(rec.st.a),
+                          static_cast<T>(coef), g + c0);
+        });
       } else {
-        target_row_grad_cached(exp_cache<T>{c.gr, c.shifts.data()}, C, c.desc, norm, static_cast<T>(rec.st.a),
-                               static_cast<T>(coef), c.gr);
+        const exp_cache<T> cache{c.gr, c.shifts.data()};
+        row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
+          target_row_grad_cached(cache_from(cache, c0), len, desc_slice(c.desc, c0, len), norm,
+                                 static_cast<T>(rec.st.a), static_cast<T>(coef), c.gr + c0);
+        });
       }
       c.g->commit();
     }
@@ -604,20 +682,28 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     }
     std::sort(c.local_top.begin(), c.local_top.end());
     const T it = static_cast<T>(inv_t);
-    softmax_stats tail{-kInf, 0.0};
-    std::size_t next = 0;
-    for (std::int64_t c0 = 0; c0 < C; c0 += kChunk) {
-      const std::int64_t len = std::min<std::int64_t>(kChunk, C - c0);
-      const T* chunk = c.xr + c0;  // read in place unless the chunk holds top-k entries
-      if (next < c.local_top.size() && c.local_top[next] < c0 + len) {
-        if (c.gr != c.xr) std::copy(c.xr + c0, c.xr + c0 + len, c.gr + c0);
-        for (; next < c.local_top.size() && c.local_top[next] < c0 + len; ++next)
-          c.gr[c.local_top[next]] = -std::numeric_limits<T>::infinity();
-        chunk = c.gr + c0;
+    // one piece of the row: its chunks merged in order (pieces touch disjoint parts of the
+    // gradient row and the chunk shifts)
+    auto tail_piece = [&](std::int64_t p0, std::int64_t plen) {
+      softmax_stats tail{-kInf, 0.0};
+      std::size_t next = static_cast<std::size_t>(
+          std::lower_bound(c.local_top.begin(), c.local_top.end(), p0) - c.local_top.begin());
+      for (std::int64_t c0 = p0; c0 < p0 + plen; c0 += kChunk) {
+        const std::int64_t len = std::min<std::int64_t>(kChunk, p0 + plen - c0);
+        const T* chunk = c.xr + c0;  // read in place unless the chunk holds top-k entries
+        if (next < c.local_top.size() && c.local_top[next] < c0 + len) {
+          if (c.gr != c.xr) std::copy(c.xr + c0, c.xr + c0 + len, c.gr + c0);
+          for (; next < c.local_top.size() && c.local_top[next] < c0 + len; ++next)
+            c.gr[c.local_top[next]] = -std::numeric_limits<T>::infinity();
+          chunk = c.gr + c0;
+        }
+        merge_into(tail, softmax_row_stats(chunk, len, it, exp_cache<T>{c.gr + c0, c.shifts.data() + c0 / kChunk}),
+                   static_cast<double>(it));
       }
-      merge_into(tail, softmax_row_stats(chunk, len, it, exp_cache<T>{c.gr + c0, c.shifts.data() + c0 / kChunk}),
-                 static_cast<double>(it));
-    }
+      return tail;
+    };
+    const softmax_stats tail = row_stats_in_pieces<softmax_stats>(
+        C, tail_piece, [&](softmax_stats& acc, const softmax_stats& part) { merge_into(acc, part, static_cast<double>(it)); });
     double top_max = -kInf;
     for (std::int64_t j = 0; j < k; ++j) {
       std::int64_t local;
@@ -649,13 +735,15 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
   auto tail_row_grad = [&](context& c, const topk_record& rec, double tau, bool tail_active) {
     const bool empty = rec.sum == 0.0 || rec.shift == -kInf;
     const double log_sum = empty ? 0.0 : std::log(rec.sum), Q = empty ? 0.0 : rec.e / rec.sum;
-    for (std::int64_t c0 = 0; c0 < C; c0 += kChunk) {
-      const double s = static_cast<double>(c.shifts[static_cast<std::size_t>(c0 / kChunk)]);
-      double factor = empty ? 0.0 : rec.a * std::exp((std::min(s, rec.shift) - rec.shift) * inv_t - log_sum);
-      if (!empty && tail_active && rec.e_tail > 0.0)
-        factor -= tau * Q * std::exp((std::min(s, rec.tail_shift) - rec.tail_shift) * inv_t) / rec.e_tail;
-      scale_row(c.gr + c0, std::min<std::int64_t>(kChunk, C - c0), static_cast<T>(coef * factor), c.gr + c0);
-    }
+    row_in_pieces(C, [&](std::int64_t p0, std::int64_t plen) {
+      for (std::int64_t c0 = p0; c0 < p0 + plen; c0 += kChunk) {
+        const double s = static_cast<double>(c.shifts[static_cast<std::size_t>(c0 / kChunk)]);
+        double factor = empty ? 0.0 : rec.a * std::exp((std::min(s, rec.shift) - rec.shift) * inv_t - log_sum);
+        if (!empty && tail_active && rec.e_tail > 0.0)
+          factor -= tau * Q * std::exp((std::min(s, rec.tail_shift) - rec.tail_shift) * inv_t) / rec.e_tail;
+        scale_row(c.gr + c0, std::min<std::int64_t>(kChunk, p0 + plen - c0), static_cast<T>(coef * factor), c.gr + c0);
+      }
+    });
   };
   auto stats_fn = [&](context& c, std::int64_t r) -> topk_record {
     if (!row_kept(mask, r)) return topk_record{-kInf, 0.0, 0.0, 0.0, 0.0, 0.0, -kInf};
@@ -667,7 +755,12 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
       c.gr = c.g->begin(r);
       cache = exp_cache<T>{c.gr, c.shifts.data()};
     }
-    const softmax_stats sm = softmax_row_stats(c.xr, C, static_cast<T>(inv_t), cache);
+    const softmax_stats sm = row_stats_in_pieces<softmax_stats>(
+        C,
+        [&](std::int64_t c0, std::int64_t len) {
+          return softmax_row_stats(c.xr + c0, len, static_cast<T>(inv_t), cache_from(cache, c0));
+        },
+        [&](softmax_stats& acc, const softmax_stats& part) { merge_into(acc, part, static_cast<double>(static_cast<T>(inv_t))); });
     topk_record rec{sm.shift, sm.sum, 0.0, 0.0, 0.0, 0.0, sm.shift};
     const double shift = sm.shift == -kInf ? 0.0 : sm.shift;
     c.local_top.clear();
@@ -707,7 +800,9 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     }
     const row_normaliser<T> norm = normaliser<T>(rec.shift, rec.sum);
     const row_normaliser<T> folded{norm.shift, static_cast<T>(static_cast<double>(norm.log_sum) - log_factor)};
-    softmax_row_grad(x, C, static_cast<T>(inv_t), sign == 0.0 ? norm : folded, static_cast<T>(sign), g);
+    row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
+      softmax_row_grad(x + c0, len, static_cast<T>(inv_t), sign == 0.0 ? norm : folded, static_cast<T>(sign), g + c0);
+    });
   };
   auto finish_fn = [&](context& c, std::int64_t r, const topk_record& rec) -> double {
     if (!row_kept(mask, r)) {
@@ -756,7 +851,10 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
         tail_row_grad(c, rec, tau, tail_active);
       } else if (cached) {
         g = c.gr;
-        softmax_row_grad_cached(exp_cache<T>{c.gr, c.shifts.data()}, C, static_cast<T>(inv_t), norm, scale, g);
+        const exp_cache<T> cache{c.gr, c.shifts.data()};
+        row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
+          softmax_row_grad_cached(cache_from(cache, c0), len, static_cast<T>(inv_t), norm, scale, g + c0);
+        });
       } else {
         if (!cached) {  // class-parallel: the passes ran apart, read the row again
           c.xr = c.x.row(r);
@@ -766,7 +864,9 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
         if (rescaled)
           rescaled_tail_grad(c.xr, rec, tau, log_tail, g);
         else
-          softmax_row_grad(c.xr, C, static_cast<T>(inv_t), norm, scale, g);
+          row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
+            softmax_row_grad(c.xr + c0, len, static_cast<T>(inv_t), norm, scale, g + c0);
+          });
       }
       const double ls = static_cast<double>(norm.log_sum), sh = static_cast<double>(norm.shift);
       const double inside = rec.a + (tail_active ? tau : 0.0);
@@ -853,13 +953,29 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
       cx = exp_cache<T>{c.gr, c.shifts_x.data()};
       cz = exp_cache<T>{c.ez.data(), c.shifts_z.data()};
     }
-    return distill_row_stats(c.xr, c.zr, C, static_cast<T>(inv_t), stats_kind, cx, cz);
+    return row_stats_in_pieces<distill_stats>(
+        C,
+        [&](std::int64_t c0, std::int64_t len) {
+          return distill_row_stats(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), stats_kind, cache_from(cx, c0),
+                                   cache_from(cz, c0));
+        },
+        [&](distill_stats& acc, const distill_stats& part) {
+          merge_into(acc, part, static_cast<double>(static_cast<T>(inv_t)), stats_kind);
+        });
   };
   // jsd's second pass, per row, after the normalisers are final
   std::vector<jsd_stats> jsd;
   auto jsd_of = [&](context& c, const distill_stats& st) {
-    return jsd_row_stats(c.xr, c.zr, C, static_cast<T>(inv_t), normaliser<T>(st.shift_x, st.sum_x),
-                         normaliser<T>(st.shift_z, st.sum_z), static_cast<T>(beta));
+    const row_normaliser<T> nx = normaliser<T>(st.shift_x, st.sum_x), nz = normaliser<T>(st.shift_z, st.sum_z);
+    return row_stats_in_pieces<jsd_stats>(
+        C,
+        [&](std::int64_t c0, std::int64_t len) {
+          return jsd_row_stats(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), nx, nz, static_cast<T>(beta));
+        },
+        [](jsd_stats& acc, const jsd_stats& part) {
+          acc.kl_pm += part.kl_pm;
+          acc.kl_qm += part.kl_qm;
+        });
   };
   auto finish_fn = [&](context& c, std::int64_t r, const distill_stats& st) -> double {
     if (!row_kept(mask, r)) {
@@ -896,16 +1012,21 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
       r_value = js.kl_qm;
     }
     if (c.g && cached) {
-      distill_row_grad_kl_cached(exp_cache<T>{c.gr, c.shifts_x.data()}, exp_cache<T>{c.ez.data(), c.shifts_z.data()},
-                                 C, static_cast<T>(inv_t), normaliser<T>(st.shift_x, st.sum_x),
-                                 normaliser<T>(st.shift_z, st.sum_z), static_cast<T>(coef), c.gr);
+      const exp_cache<T> cx{c.gr, c.shifts_x.data()}, cz{c.ez.data(), c.shifts_z.data()};
+      const row_normaliser<T> nx = normaliser<T>(st.shift_x, st.sum_x), nz = normaliser<T>(st.shift_z, st.sum_z);
+      row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
+        distill_row_grad_kl_cached(cache_from(cx, c0), cache_from(cz, c0), len, static_cast<T>(inv_t), nx, nz,
+                                   static_cast<T>(coef), c.gr + c0);
+      });
       c.g->commit();
     } else if (c.g) {
       T* g = c.g->begin(r);
       const double row_coef = kind == kGradJsd ? coef * (1.0 - beta) : coef;
-      distill_row_grad(c.xr, c.zr, C, static_cast<T>(inv_t), normaliser<T>(st.shift_x, st.sum_x),
-                       normaliser<T>(st.shift_z, st.sum_z), kind, static_cast<T>(beta),
-                       static_cast<T>(r_value), static_cast<T>(row_coef), g);
+      const row_normaliser<T> nx = normaliser<T>(st.shift_x, st.sum_x), nz = normaliser<T>(st.shift_z, st.sum_z);
+      row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
+        distill_row_grad(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), nx, nz, kind, static_cast<T>(beta),
+                         static_cast<T>(r_value), static_cast<T>(row_coef), g + c0);
+      });
       c.g->commit();
     }
     return t2 * divergence_value;

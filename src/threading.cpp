@@ -29,6 +29,10 @@ int default_threads() {
 
 std::atomic<int> requested_threads{default_threads()};
 thread_local bool inside_worker = false;
+// True on a thread while it runs its part of a job (the caller's range 0 included): a
+// nested parallel_for (a long row's pieces inside a row range) then runs on that thread
+// alone instead of re-locking the job mutex it already holds.
+thread_local bool inside_job = false;
 
 class pool {
  public:
@@ -54,12 +58,14 @@ class pool {
       ++generation_;
     }
     wake_.notify_all();
+    inside_job = true;
     try {
       task(0);
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex_);
       if (!error_) error_ = std::current_exception();
     }
+    inside_job = false;
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, [&] { return pending_ == 0; });
     task_ = nullptr;
@@ -129,7 +135,7 @@ void parallel_for(std::int64_t count, std::int64_t grain,
   if (count <= 0) return;
   grain = std::max<std::int64_t>(grain, 1);
   std::int64_t ranges = std::min<std::int64_t>(requested_threads.load(), (count + grain - 1) / grain);
-  if (ranges <= 1 || inside_worker) {
+  if (ranges <= 1 || inside_worker || inside_job) {
     body(0, count);
     return;
   }

@@ -25,4 +25,17 @@ inline std::int64_t grain_for(std::int64_t elements_per_item) {
   return grain > 0 ? grain : 1;
 }
 
+// Long rows (N small, C large): a row of more than `kRowPiece` classes is processed as
+// pieces of kRowPiece classes (a multiple of kChunk, so the exp cache's chunk shifts line
+// up), each piece's statistics computed on its own and merged with the row-statistics
+// monoid in piece order. The pieces depend on C only, never on the thread count, so the
+// merged statistics are bitwise identical however the pieces are spread over threads.
+// Cost model (as ATen's SoftMaxKernel.cpp): a piece is 64k elements, ~20-60 us of work at
+// 0.3-1 ns per element, against ~5-10 us to wake and join a thread; the merge costs a few
+// exps per piece (~100 ns), under 0.5 % of the piece. Rows of up to 64k classes stay one
+// piece (one kernel call, as before): the split pays only where a row is long enough that
+// 2 threads each get >= 32k elements. When rows already fill the threads, the nested
+// parallel_for runs the pieces on the row's thread.
+inline constexpr std::int64_t kRowPiece = 64 * 1024;
+
 }  // namespace softce::detail

@@ -135,6 +135,102 @@ TEST(Threads, ElementwiseLossesAreBitwiseIdenticalForOneAndTwoThreads) {
   }
 }
 
+// In place: the gradient written over a copy of the logits, which is also the input.
+bits run_in_place_with_threads(int threads, const tensor& x,
+                               const std::function<double(const softce::array_view&, const softce::outputs&)>& call) {
+  softce::set_num_threads(threads);
+  tensor g = make_tensor(x.shape(), x.type(), x.values());
+  softce::outputs out;
+  out.grad = g.mutable_view();
+  const double loss = call(g.view(), out);
+  return {loss, g.element_bytes(), {}};
+}
+
+void expect_same_bits_in_place(const std::string& what, const tensor& x,
+                               const std::function<double(const softce::array_view&, const softce::outputs&)>& call) {
+  SCOPED_TRACE(what + " in place");
+  thread_count_guard guard;
+  const bits one = run_in_place_with_threads(1, x, call);
+  const bits two = run_in_place_with_threads(2, x, call);
+  EXPECT_EQ(std::memcmp(&one.loss, &two.loss, sizeof(double)), 0) << std::setprecision(17) << one.loss << " vs " << two.loss;
+  EXPECT_TRUE(one.grad == two.grad) << "gradients differ";
+}
+
+// Few rows of many classes: a row is split into pieces across threads (kRowPiece = 64k
+// classes) and the pieces' statistics merged in a fixed order. C is not a multiple of
+// the piece or of the chunk; the top-k entries straddle piece boundaries; a -inf logit
+// sits in one piece and the row's max in another.
+TEST(Threads, LongRowsSplitAcrossThreadsAreBitwiseIdentical) {
+  std::mt19937_64 rng(904);
+  for (const shape_t& shape : {shape_t{1, 3 * 65536 + 1000}, shape_t{3, 2 * 65536 + 17}}) {
+    const std::int64_t N = shape[0], C = shape[1], n = N * C;
+    for (dtype type : {dtype::float32, dtype::float64, dtype::bfloat16, dtype::float16}) {
+      std::vector<double> xv = normal_values(rng, n, 3.0), zv = normal_values(rng, n, 3.0);
+      xv[static_cast<std::size_t>(C - 5)] = 40.0;  // the max in the last piece
+      xv[17] = -inf;
+      const tensor x = make_tensor(shape, type, xv), z = make_tensor(shape, type, zv);
+      const tensor t = make_tensor(shape, type, probability_targets(rng, shape));
+      std::vector<std::int64_t> y(static_cast<std::size_t>(N));
+      for (auto& v : y) v = static_cast<std::int64_t>(rng() % C);
+      const tensor labels = make_index_tensor({N}, dtype::int64, y);
+      topk_data d = random_topk(rng, shape, 8, false);
+      d.indices[0] = 65535;  // the last class of the first piece, then the first of the second
+      d.indices[1] = 65536;
+      const tensor idx = make_index_tensor(d.shape, dtype::int64, d.indices), val = make_tensor(d.shape, type, d.values);
+      const std::string suffix = " " + shape_text(shape) + " " + name_of(type);
+      const shape_t losses_shape{N};
+      softce::cross_entropy_options o;
+      o.reduce = reduction::none;
+      softce::cross_entropy_options smooth;
+      smooth.label_smoothing = 0.1;
+
+      auto ce_index = [&](const softce::array_view& in, const softce::outputs& out) {
+        return softce::cross_entropy(in, labels.view(), smooth, out);
+      };
+      auto ce_dense = [&](const softce::array_view& in, const softce::outputs& out) {
+        return softce::cross_entropy(in, t.view(), o, out);
+      };
+      auto ce_topk = [&](bool tail) {
+        return [&, tail](const softce::array_view& in, const softce::outputs& out) {
+          return softce::cross_entropy(in, softce::topk{idx.view(), val.view(), tail}, o, out);
+        };
+      };
+      expect_same_bits("index targets" + suffix, [&](const softce::outputs& out) { return ce_index(x.view(), out); },
+                       shape, type);
+      expect_same_bits("probability targets" + suffix, [&](const softce::outputs& out) { return ce_dense(x.view(), out); },
+                       shape, type, losses_shape);
+      for (bool tail : {false, true}) {
+        const std::string name = std::string(tail ? "top-k tail" : "top-k") + suffix;
+        expect_same_bits(name, [&](const softce::outputs& out) { return ce_topk(tail)(x.view(), out); }, shape, type,
+                         losses_shape);
+        expect_same_bits_in_place(name, x, ce_topk(tail));
+      }
+      expect_same_bits_in_place("index targets" + suffix, x, ce_index);
+      expect_same_bits_in_place("probability targets" + suffix, x, ce_dense);
+      for (divergence kind : {divergence::kl, divergence::reverse_kl, divergence::jsd}) {
+        softce::distillation_options dop;
+        dop.kind = kind;
+        dop.temperature = 2;
+        dop.reduce = reduction::none;
+        auto distill = [&](const softce::array_view& in, const softce::outputs& out) {
+          return softce::distillation_loss(in, z.view(), dop, out);
+        };
+        const std::string name = std::string("distillation ") + divergence_text(kind) + suffix;
+        expect_same_bits(name, [&](const softce::outputs& out) { return distill(x.view(), out); }, shape, type,
+                         losses_shape);
+        expect_same_bits_in_place(name, x, distill);
+      }
+      softce::distillation_options dk;
+      dk.temperature = 0.5;
+      expect_same_bits("distillation top-k" + suffix,
+                       [&](const softce::outputs& out) {
+                         return softce::distillation_loss(x.view(), softce::topk{idx.view(), val.view(), true}, dk, out);
+                       },
+                       shape, type);
+    }
+  }
+}
+
 // Strided and 16-bit inputs take the staging path; that must be deterministic too.
 TEST(Threads, StagedRowsAreBitwiseIdenticalForOneAndTwoThreads) {
   std::mt19937_64 rng(903);

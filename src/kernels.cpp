@@ -886,6 +886,9 @@ void FloatToHalf(const float* in, bool bfloat, std::int64_t n, std::uint16_t* ou
     SoftmaxRowGradCached(c, n, it, nm, sc, g);                                                 \
   }                                                                                            \
   void ScaleRow##S(const T* in, std::int64_t n, T f, T* out) { ScaleRow(in, n, f, out); }       \
+  T ChunkMax##S(const T* x, std::int64_t n) {                                                  \
+    return ChunkMax(hn::ScalableTag<T>(), x, static_cast<size_t>(n));                          \
+  }                                                                                            \
   double ExpSumExcluding##S(const T* x, std::int64_t n, T it, T sh, const std::int64_t* ex,     \
                             std::int64_t cnt) {                                                \
     return ExpSumExcluding(x, n, it, sh, ex, cnt);                                             \
@@ -969,6 +972,7 @@ void float_to_half(const float* in, bool bfloat, std::int64_t n, std::uint16_t* 
   HWY_EXPORT(SoftmaxRowGrad##S);  \
   HWY_EXPORT(SoftmaxRowGradCached##S); \
   HWY_EXPORT(ScaleRow##S);        \
+  HWY_EXPORT(ChunkMax##S);        \
   HWY_EXPORT(ExpSumExcluding##S); \
   HWY_EXPORT(TargetRowStats##S);  \
   HWY_EXPORT(TargetRowGrad##S);   \
@@ -994,6 +998,7 @@ SOFTCE_EXPORT(F64)
   void scale_row(const T* in, std::int64_t n, T f, T* out) {                                    \
     HWY_DYNAMIC_DISPATCH(ScaleRow##S)(in, n, f, out);                                           \
   }                                                                                             \
+  T chunk_max(const T* x, std::int64_t n) { return HWY_DYNAMIC_DISPATCH(ChunkMax##S)(x, n); }   \
   void softmax_row_grad(const T* x, std::int64_t n, T it, row_normaliser<T> nm, T sc, T* g) {   \
     HWY_DYNAMIC_DISPATCH(SoftmaxRowGrad##S)(x, n, it, nm, sc, g);                               \
   }                                                                                             \

@@ -85,6 +85,8 @@ struct exp_cache {
                                row_normaliser<T> norm, T scale, T* g);                     \
   /* out = factor * in (out may be in) */                                                   \
   void scale_row(const T* in, std::int64_t n, T factor, T* out);                           \
+  /* max over n <= kChunk elements, exactly the max softmax_row_stats takes of a chunk */  \
+  T chunk_max(const T* x, std::int64_t n);                                                 \
   /* Σ exp((x - shift) * inv_t) over the slice except the (sorted) excluded indices */      \
   double exp_sum_excluding(const T* x, std::int64_t n, T inv_temperature, T shift,           \
                            const std::int64_t* excluded, std::int64_t excluded_count);       \

@@ -666,11 +666,12 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
                                    : exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(tail_max),
                                                        c.local_top.data(), static_cast<std::int64_t>(c.local_top.size()));
   };
-  // Cached rows with a tail: each chunk holding top-k entries is copied into the gradient
-  // row (in place it is there already) with those entries set to -inf, and the statistics
-  // pass runs over the tail alone: the tail's sum is taken against the tail's own
-  // max (exact however far below the top k it lies) and its exps stay as the cache. The
-  // row's statistics are then the tail's plus the top-k terms, summed in double.
+  // Cached rows with a tail: the statistics pass runs over the tail alone, chunk by chunk:
+  // a chunk without top-k entries is read in place; one holding top-k entries is summed
+  // straight from x with their exps subtracted, unless a top-k entry is its max: then it
+  // is copied into the gradient row with those entries set to -inf and summed again. Either way the tail's sum is taken against the tail's own max (exact however
+  // far below the top k it lies) and its exps stay as the cache. The row's statistics are
+  // then the tail's plus the top-k terms, summed in double.
   auto tail_row_stats = [&](context& c, std::int64_t r) -> topk_record {
     c.gr = c.g->begin(r);
     c.local_top.clear();
@@ -690,15 +691,48 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
           std::lower_bound(c.local_top.begin(), c.local_top.end(), p0) - c.local_top.begin());
       for (std::int64_t c0 = p0; c0 < p0 + plen; c0 += kChunk) {
         const std::int64_t len = std::min<std::int64_t>(kChunk, p0 + plen - c0);
-        const T* chunk = c.xr + c0;  // read in place unless the chunk holds top-k entries
-        if (next < c.local_top.size() && c.local_top[next] < c0 + len) {
-          if (c.gr != c.xr) std::copy(c.xr + c0, c.xr + c0 + len, c.gr + c0);
-          for (; next < c.local_top.size() && c.local_top[next] < c0 + len; ++next)
-            c.gr[c.local_top[next]] = -std::numeric_limits<T>::infinity();
-          chunk = c.gr + c0;
+        const exp_cache<T> chunk_cache{c.gr + c0, c.shifts.data() + c0 / kChunk};
+        const std::size_t first = next;  // the chunk's top-k entries: local_top[first, next)
+        while (next < c.local_top.size() && c.local_top[next] < c0 + len) ++next;
+        if (first == next) {  // no top-k entry: the chunk is all tail
+          merge_into(tail, softmax_row_stats(c.xr + c0, len, it, chunk_cache), static_cast<double>(it));
+          continue;
         }
-        merge_into(tail, softmax_row_stats(chunk, len, it, exp_cache<T>{c.gr + c0, c.shifts.data() + c0 / kChunk}),
-                   static_cast<double>(it));
+        // The statistics straight from x, then the top-k entries' cached exps taken out of
+        // the sum: exact enough while the chunk's max is a tail entry (the tail's sum is then
+        // >= 1 and the top-k exps are each <= 1). When a top-k entry is the max, the tail
+        // may lie far below it (its exps underflow past a gap of ~88 T): the chunk's top-k
+        // entries are set to -inf in the gradient row (out of place: a copy of the chunk)
+        // and the tail summed against its own max. In place the pass would overwrite x, so
+        // the decision comes first (is some logit above the chunk's largest top-k logit? a
+        // few elements usually tell, else the chunk's max); out of place it comes with the
+        // pass. For finite and infinite logits both decide alike, so both do the same
+        // arithmetic (bitwise the same gradient); a NaN poisons the row on either path.
+        auto top_is_max = [&](double chunk_max_value) {
+          for (std::size_t j = first; j < next; ++j)
+            if (static_cast<double>(c.xr[c.local_top[j]]) == chunk_max_value) return true;
+          return false;
+        };
+        auto tail_above_top = [&] {
+          T top_max = -std::numeric_limits<T>::infinity();
+          for (std::size_t j = first; j < next; ++j) top_max = std::max(top_max, c.xr[c.local_top[j]]);
+          const T* xc = c.xr + c0;
+          for (std::int64_t i = 0; i < std::min<std::int64_t>(len, 64); ++i)
+            if (xc[i] > top_max) return true;
+          return chunk_max(xc, len) > top_max;
+        };
+        const bool in_place = c.gr == c.xr;
+        if (!in_place || tail_above_top()) {
+          softmax_stats st = softmax_row_stats(c.xr + c0, len, it, chunk_cache);
+          if (in_place || !top_is_max(st.shift)) {
+            for (std::size_t j = first; j < next; ++j) st.sum -= static_cast<double>(c.gr[c.local_top[j]]);
+            merge_into(tail, st, static_cast<double>(it));  // a NaN sum stays NaN
+            continue;
+          }
+          std::copy(c.xr + c0, c.xr + c0 + len, c.gr + c0);
+        }
+        for (std::size_t j = first; j < next; ++j) c.gr[c.local_top[j]] = -std::numeric_limits<T>::infinity();
+        merge_into(tail, softmax_row_stats(c.gr + c0, len, it, chunk_cache), static_cast<double>(it));
       }
       return tail;
     };

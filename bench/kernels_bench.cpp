@@ -400,6 +400,8 @@ int main(int argc, char** argv) {
   add("topk64_ce/256x128256", [](benchmark::State& st) { topk_ce(st, {256, 128256}, false); });
   add("topk64_tail_ce/256x128256", [](benchmark::State& st) { topk_ce(st, {256, 128256}, true); });
   add("distill_kl_T2/1024x32000", [](benchmark::State& st) { distill(st, {1024, 32000}, softce::divergence::kl); });
+  add("distill_reverse_kl_T2/1024x32000",
+      [](benchmark::State& st) { distill(st, {1024, 32000}, softce::divergence::reverse_kl); });
   add("distill_jsd/1024x32000", [](benchmark::State& st) { distill(st, {1024, 32000}, softce::divergence::jsd); });
   add("bce/4096x1000", [](benchmark::State& st) { bce(st, {4096, 1000}); });
   add("kl_div/1024x32000", [](benchmark::State& st) { kl_div(st, {1024, 32000}); });
@@ -427,6 +429,8 @@ int main(int argc, char** argv) {
   hot("topk64_ce/1x128256", [](benchmark::State& st) { topk_ce(st, {1, 128256}, false); });
   hot("topk64_tail_ce/1x128256", [](benchmark::State& st) { topk_ce(st, {1, 128256}, true); });
   hot("distill_kl_T2/2x32000", [](benchmark::State& st) { distill(st, {2, 32000}, softce::divergence::kl); });
+  hot("distill_reverse_kl_T2/2x32000",
+      [](benchmark::State& st) { distill(st, {2, 32000}, softce::divergence::reverse_kl); });
   hot("distill_jsd/2x32000", [](benchmark::State& st) { distill(st, {2, 32000}, softce::divergence::jsd); });
   hot("bce/64x1000", [](benchmark::State& st) { bce(st, {64, 1000}); });
   hot("dense_ce_bf16/2x32000", [](benchmark::State& st) { dense_ce_bf16(st, {2, 32000}); });

@@ -712,6 +712,94 @@ void DistillRowGradKlCached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T 
   }
 }
 
+// JSD's second pass from the statistics pass's exp caches (no exp per element): p and q
+// are the cached exps times their chunk factors, log p and log q come from the logits, and
+// log m = log(beta p + (1 - beta) q) is one log per element. Where m is below the smallest
+// normal float (beta p and (1 - beta) q underflowing while p or q is positive) the vector
+// takes LogMixture's log-space path instead, so log m stays finite and exact there.
+// Writes log m to `log_m` (for the gradient pass; it may be cz.e: each ez is read first).
+template <class T>
+jsd_stats JsdRowStatsCached(const T* x, const T* z, exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T inv_t,
+                            row_normaliser<T> nx, row_normaliser<T> nz, T beta, T* log_m) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vt = hn::Set(d, inv_t);
+  const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
+  const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
+  const auto vbeta = hn::Set(d, beta), vbeta1 = hn::Set(d, T(1) - beta);
+  const auto vlbeta = hn::Set(d, std::log(beta)), vlbeta1 = hn::Set(d, std::log1p(-beta));
+  const auto smallest = hn::Set(d, std::numeric_limits<T>::min());
+  const auto zero = hn::Zero(d);
+  jsd_stats acc;
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const auto fx = hn::Set(d, ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
+    const auto fz = hn::Set(d, ChunkFactor(cz.shifts[c0 / kChunk], nz, inv_t));
+    V<decltype(d)> kp = zero, kq = zero;
+    for (size_t i = 0; i < len; i += N) {
+      const size_t at = static_cast<size_t>(c0) + i;
+      const bool full = i + N <= len;
+      const auto xv = full ? hn::LoadU(d, x + at) : LoadPart(d, x + at, len - i, kNegInf<T>);
+      const auto zv = full ? hn::LoadU(d, z + at) : LoadPart(d, z + at, len - i, kNegInf<T>);
+      const auto q = hn::Mul(full ? hn::LoadU(d, cx.e + at) : LoadPart(d, cx.e + at, len - i, T(0)), fx);
+      const auto p = hn::Mul(full ? hn::LoadU(d, cz.e + at) : LoadPart(d, cz.e + at, len - i, T(0)), fz);
+      const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
+      const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
+      const auto m = hn::MulAdd(vbeta, p, hn::Mul(vbeta1, q));
+      const auto small = hn::Lt(m, smallest);
+      auto lm = hn::Log(d, hn::Max(m, smallest));
+      if (!hn::AllFalse(d, small)) lm = hn::IfThenElse(small, LogMixture(d, lp, lq, vlbeta, vlbeta1), lm);
+      kp = hn::Add(kp, hn::IfThenZeroElse(hn::Eq(p, zero), hn::Mul(p, hn::Sub(lp, lm))));
+      kq = hn::Add(kq, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(lq, lm))));
+      if (full)
+        hn::StoreU(lm, d, log_m + at);
+      else
+        StorePart(lm, d, log_m + at, len - i);
+    }
+    acc.kl_pm += Total(d, kp);
+    acc.kl_qm += Total(d, kq);
+  }
+  return acc;
+}
+
+// reverse_kl / jsd gradient from the student's exp cache (no exp per element):
+// g = coef q (log q - log ref - r), q = cached exp times its chunk factor, log q from x,
+// log ref = log p from z (reverse_kl, log_m null) or the JSD pass's log m. g may be x.
+template <class T>
+void DistillRowGradLogCached(const T* x, const T* z, const T* log_m, exp_cache<T> cx, std::int64_t n, T inv_t,
+                             row_normaliser<T> nx, row_normaliser<T> nz, T r, T coef, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vt = hn::Set(d, inv_t);
+  const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
+  const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
+  const auto vr = hn::Set(d, r), vcoef = hn::Set(d, coef);
+  const auto zero = hn::Zero(d);
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const auto fx = hn::Set(d, ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
+    for (size_t i = 0; i < len; i += N) {
+      const size_t at = static_cast<size_t>(c0) + i;
+      const bool full = i + N <= len;
+      const auto xv = full ? hn::LoadU(d, x + at) : LoadPart(d, x + at, len - i, kNegInf<T>);
+      const auto q = hn::Mul(full ? hn::LoadU(d, cx.e + at) : LoadPart(d, cx.e + at, len - i, T(0)), fx);
+      const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
+      V<decltype(d)> lref;
+      if (log_m) {
+        lref = full ? hn::LoadU(d, log_m + at) : LoadPart(d, log_m + at, len - i, T(0));
+      } else {
+        const auto zv = full ? hn::LoadU(d, z + at) : LoadPart(d, z + at, len - i, kNegInf<T>);
+        lref = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
+      }
+      const auto gv = hn::Mul(vcoef, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(hn::Sub(lq, lref), vr))));
+      if (full)
+        hn::StoreU(gv, d, g + at);
+      else
+        StorePart(gv, d, g + at, len - i);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // element-wise losses
 
@@ -920,6 +1008,16 @@ void FloatToHalf(const float* in, bool bfloat, std::int64_t n, std::uint16_t* ou
                            row_normaliser<T> nz, T beta) {                                     \
     return JsdRowStats(x, z, n, it, nx, nz, beta);                                             \
   }                                                                                            \
+  jsd_stats JsdRowStatsCached##S(const T* x, const T* z, exp_cache<T> cx, exp_cache<T> cz,       \
+                                std::int64_t n, T it, row_normaliser<T> nx, row_normaliser<T> nz, \
+                                T beta, T* lm) {                                              \
+    return JsdRowStatsCached(x, z, cx, cz, n, it, nx, nz, beta, lm);                           \
+  }                                                                                            \
+  void DistillRowGradLogCached##S(const T* x, const T* z, const T* lm, exp_cache<T> cx,         \
+                                  std::int64_t n, T it, row_normaliser<T> nx,                  \
+                                  row_normaliser<T> nz, T r, T coef, T* g) {                   \
+    DistillRowGradLogCached(x, z, lm, cx, n, it, nx, nz, r, coef, g);                          \
+  }                                                                                            \
   void DistillRowGrad##S(const T* x, const T* z, std::int64_t n, T it, row_normaliser<T> nx,   \
                          row_normaliser<T> nz, int kind, T beta, T r, T coef, T* g) {          \
     DistillRowGrad(x, z, n, it, nx, nz, kind, beta, r, coef, g);                               \
@@ -981,6 +1079,8 @@ void float_to_half(const float* in, bool bfloat, std::int64_t n, std::uint16_t* 
   HWY_EXPORT(DistillRowStats##S); \
   HWY_EXPORT(JsdRowStats##S);     \
   HWY_EXPORT(DistillRowGrad##S);  \
+  HWY_EXPORT(JsdRowStatsCached##S); \
+  HWY_EXPORT(DistillRowGradLogCached##S); \
   HWY_EXPORT(KlDivElements##S);   \
   HWY_EXPORT(BceElements##S);
 SOFTCE_EXPORT(F32)
@@ -1029,6 +1129,16 @@ SOFTCE_EXPORT(F64)
   jsd_stats jsd_row_stats(const T* x, const T* z, std::int64_t n, T it, row_normaliser<T> nx,   \
                           row_normaliser<T> nz, T beta) {                                       \
     return HWY_DYNAMIC_DISPATCH(JsdRowStats##S)(x, z, n, it, nx, nz, beta);                     \
+  }                                                                                             \
+  jsd_stats jsd_row_stats_cached(const T* x, const T* z, exp_cache<T> cx, exp_cache<T> cz,       \
+                                 std::int64_t n, T it, row_normaliser<T> nx, row_normaliser<T> nz, \
+                                 T beta, T* lm) {                                              \
+    return HWY_DYNAMIC_DISPATCH(JsdRowStatsCached##S)(x, z, cx, cz, n, it, nx, nz, beta, lm);   \
+  }                                                                                             \
+  void distill_row_grad_log_cached(const T* x, const T* z, const T* lm, exp_cache<T> cx,        \
+                                   std::int64_t n, T it, row_normaliser<T> nx,                  \
+                                   row_normaliser<T> nz, T r, T coef, T* g) {                   \
+    HWY_DYNAMIC_DISPATCH(DistillRowGradLogCached##S)(x, z, lm, cx, n, it, nx, nz, r, coef, g);  \
   }                                                                                             \
   void distill_row_grad(const T* x, const T* z, std::int64_t n, T it, row_normaliser<T> nx,     \
                         row_normaliser<T> nz, int kind, T beta, T r, T coef, T* g) {            \

@@ -360,7 +360,7 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     std::vector<T> dense;     // a top-k row scattered into zeros
     const std::uint16_t* x16 = nullptr;  // direct_bf16: the rows, read in place
     const std::uint16_t* t16 = nullptr;
-    std::vector<T> ecache;                // direct_bf16: the exp cache
+    scratch_row<T> ecache;                // direct_bf16: the exp cache
   };
   // bfloat16 logits, probability targets and gradient, contiguous rows, no class weights,
   // one process: the kernels widen and round the 16-bit values in registers (no staging).
@@ -371,7 +371,7 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     context c{row_reader<T>(&x_op), row_reader<T>(&t_op), std::nullopt, nullptr, {}, false, nullptr, {}, {}, nullptr, nullptr, {}};
     c.shifts.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
     if (sparse) c.dense.resize(static_cast<std::size_t>(C));
-    if (direct_bf16 && g_op) c.ecache.resize(static_cast<std::size_t>(C));
+    if (direct_bf16 && g_op) c.ecache = scratch_row<T>(static_cast<std::size_t>(C));
     if (g_op) c.g.emplace(&*g_op);
     return c;
   };
@@ -960,18 +960,25 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
     const T* xr = nullptr;
     const T* zr = nullptr;
     T* gr = nullptr;                         // gradient row, holding exp of the student
-    std::vector<T> ez, shifts_x, shifts_z;   // exp of the teacher and the chunk shifts
+    scratch_row<T> ez;                       // exp of the teacher
+    std::vector<T> shifts_x, shifts_z;       // the chunk shifts
+    scratch_row<T> ex;                       // exp of the student (scratch: reverse_kl, jsd)
   };
   // kl in one process: the statistics pass caches both exps, the gradient pass reuses them
   const bool cached = out.grad && !shard && kind == kGradKl;
+  // reverse_kl (with a gradient) and jsd in one process: the statistics pass caches both
+  // exps in scratch rows (the logits stay intact: log q and log p are read from them), so
+  // the JSD pass and the gradient pass need no exp per element (jsd: one log, of m).
+  const bool scratch = !shard && ((out.grad && kind == kGradReverseKl) || kind == kGradJsd);
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), row_reader<T>(&z_op), std::nullopt, nullptr, nullptr, nullptr, {}, {}, {}};
+    context c{row_reader<T>(&x_op), row_reader<T>(&z_op), std::nullopt, nullptr, nullptr, nullptr, {}, {}, {}, {}};
     if (g_op) c.g.emplace(&*g_op);
-    if (cached) {
-      c.ez.resize(static_cast<std::size_t>(C));
+    if (cached || scratch) {
+      c.ez = scratch_row<T>(static_cast<std::size_t>(C));
       c.shifts_x.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
       c.shifts_z.resize(c.shifts_x.size());
     }
+    if (scratch) c.ex = scratch_row<T>(static_cast<std::size_t>(C));
     return c;
   };
   auto stage = [&](context& c, std::int64_t r) {
@@ -985,6 +992,9 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
     if (cached) {
       c.gr = c.g->begin(r);
       cx = exp_cache<T>{c.gr, c.shifts_x.data()};
+      cz = exp_cache<T>{c.ez.data(), c.shifts_z.data()};
+    } else if (scratch) {
+      cx = exp_cache<T>{c.ex.data(), c.shifts_x.data()};
       cz = exp_cache<T>{c.ez.data(), c.shifts_z.data()};
     }
     return row_stats_in_pieces<distill_stats>(
@@ -1001,9 +1011,13 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
   std::vector<jsd_stats> jsd;
   auto jsd_of = [&](context& c, const distill_stats& st) {
     const row_normaliser<T> nx = normaliser<T>(st.shift_x, st.sum_x), nz = normaliser<T>(st.shift_z, st.sum_z);
+    const exp_cache<T> cx{c.ex.data(), c.shifts_x.data()}, cz{c.ez.data(), c.shifts_z.data()};
     return row_stats_in_pieces<jsd_stats>(
         C,
         [&](std::int64_t c0, std::int64_t len) {
+          if (scratch)  // log m replaces the teacher's exps, for the gradient pass
+            return jsd_row_stats_cached(c.xr + c0, c.zr + c0, cache_from(cx, c0), cache_from(cz, c0), len,
+                                        static_cast<T>(inv_t), nx, nz, static_cast<T>(beta), c.ez.data() + c0);
           return jsd_row_stats(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), nx, nz, static_cast<T>(beta));
         },
         [](jsd_stats& acc, const jsd_stats& part) {
@@ -1057,9 +1071,15 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
       T* g = c.g->begin(r);
       const double row_coef = kind == kGradJsd ? coef * (1.0 - beta) : coef;
       const row_normaliser<T> nx = normaliser<T>(st.shift_x, st.sum_x), nz = normaliser<T>(st.shift_z, st.sum_z);
+      const exp_cache<T> cx{c.ex.data(), c.shifts_x.data()};
       row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
-        distill_row_grad(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), nx, nz, kind, static_cast<T>(beta),
-                         static_cast<T>(r_value), static_cast<T>(row_coef), g + c0);
+        if (scratch)
+          distill_row_grad_log_cached(c.xr + c0, c.zr + c0, kind == kGradJsd ? c.ez.data() + c0 : nullptr,
+                                      cache_from(cx, c0), len, static_cast<T>(inv_t), nx, nz,
+                                      static_cast<T>(r_value), static_cast<T>(row_coef), g + c0);
+        else
+          distill_row_grad(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), nx, nz, kind, static_cast<T>(beta),
+                           static_cast<T>(r_value), static_cast<T>(row_coef), g + c0);
       });
       c.g->commit();
     }

@@ -25,6 +25,70 @@
 #include "kernels.hpp"
 #include "row_stats.hpp"
 
+// bfloat16 rounding with AVX512-BF16's VCVTNEPS2BF16 (one instruction for 16 lanes, round
+// to nearest even, NaN made quiet by or-ing 0x40: the same bits as StoreBf16's integer
+// sequence, except that it flushes subnormal inputs to zero: those lanes, rare, are
+// rounded by the integer rule instead, so every target writes the same bits). Highway
+// 1.0.3 has no bfloat16 demotion with it (and no AVX3 target that implies AVX512-BF16),
+// so it is a separate function with its own target attribute, picked at run time from
+// the AVX3 kernels when the CPU has the extension. Defined once (this file is compiled
+// once per Highway target).
+#if HWY_ARCH_X86 && (defined(__GNUC__) || defined(__clang__)) && !defined(SOFTCE_NATIVE_BF16_DEFINED)
+#define SOFTCE_NATIVE_BF16_DEFINED
+#define SOFTCE_NATIVE_BF16 1
+#include <immintrin.h>
+
+#include <cfloat>
+namespace softce::detail {
+namespace {
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// g = coef (e f a - (keep t + add)) for one chunk, rounded to bfloat16: the arithmetic of
+// TargetRowGradCachedBf16 (the same fused operations, so the same floats). (GCC 12 warns
+// about _mm512_undefined_epi32 inside its own intrinsics headers: a false positive.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) void grad_cached_bf16_native(
+    const float* e, const std::uint16_t* t, std::int64_t len, float factor, float a, float coef, float keep, float add,
+    std::uint16_t* g) {
+  const __m512 vf = _mm512_set1_ps(factor), va = _mm512_set1_ps(a), vcoef = _mm512_set1_ps(coef);
+  const __m512 vkeep = _mm512_set1_ps(keep), vadd = _mm512_set1_ps(add), smallest = _mm512_set1_ps(FLT_MIN);
+  for (std::int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1u);
+    const __m512 q = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e + i), vf);
+    const __m512i t32 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, t + i)), 16);
+    const __m512 wt = _mm512_fmadd_ps(_mm512_castsi512_ps(t32), vkeep, vadd);
+    const __m512 gv = _mm512_mul_ps(vcoef, _mm512_fmsub_ps(q, va, wt));
+    __m256i bits = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(gv));
+    const __mmask16 subnormal = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_NEQ_OQ),
+                                                        _mm512_abs_ps(gv), smallest, _CMP_LT_OQ) & m;
+    if (subnormal) {
+      alignas(64) float lanes[16];
+      alignas(32) std::uint16_t out[16];
+      _mm512_store_ps(lanes, gv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out), bits);
+      for (int j = 0; j < 16; ++j)
+        if (subnormal & (1u << j)) {
+          std::uint32_t u;
+          std::memcpy(&u, &lanes[j], 4);
+          out[j] = static_cast<std::uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        }
+      bits = _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
+    }
+    _mm256_mask_storeu_epi16(g + i, m, bits);
+  }
+}
+#pragma GCC diagnostic pop
+
+}  // namespace
+}  // namespace softce::detail
+#endif
+
 HWY_BEFORE_NAMESPACE();
 namespace softce::detail {
 namespace HWY_NAMESPACE {
@@ -535,6 +599,14 @@ void TargetRowGradCachedBf16(exp_cache<float> cache, const std::uint16_t* t, std
   const hn::ScalableTag<float> d;
   const size_t N = hn::Lanes(d);
   const auto va = hn::Set(d, a), vcoef = hn::Set(d, coef), vkeep = hn::Set(d, keep), vadd = hn::Set(d, add);
+#if defined(SOFTCE_NATIVE_BF16) && (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL)
+  if (cpu_has_avx512_bf16()) {
+    for (std::int64_t c0 = 0; c0 < n; c0 += kChunk)
+      grad_cached_bf16_native(cache.e + c0, t + c0, std::min<std::int64_t>(kChunk, n - c0),
+                              ChunkFactor(cache.shifts[c0 / kChunk], norm, 1.0f), a, coef, keep, add, g + c0);
+    return;
+  }
+#endif
   for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
     const auto vf = hn::Set(d, ChunkFactor(cache.shifts[c0 / kChunk], norm, 1.0f));

@@ -85,5 +85,49 @@ TEST(Dispatch, EveryTargetMatchesTheReference) {
   }
 }
 
+// bfloat16 soft targets read in place: every target rounds the gradient alike (the AVX3
+// kernel rounds with AVX512-BF16's instruction where the CPU has it, which flushes
+// subnormals: those lanes take the integer rule), so the gradients of all targets agree to
+// one bfloat16 step (their float sums differ in the last bits), subnormals included.
+TEST(Dispatch, Bfloat16GradientsAgreeOnEveryTargetIncludingSubnormals) {
+  restore_targets restore;
+  std::mt19937_64 rng(4243);
+  const std::int64_t N = 3, C = 3000;
+  const shape_t shape{N, C};
+  std::vector<double> xv = normal_values(rng, N * C, 3.0), tv(static_cast<std::size_t>(N * C), 0.0);
+  // row 1 spans [-100, 0]: q runs through the subnormal range
+  for (std::int64_t c = 0; c < C; ++c) xv[static_cast<std::size_t>(C + c)] = -100.0 * static_cast<double>(c) / (C - 1);
+  for (std::int64_t r = 0; r < N; ++r) {
+    tv[static_cast<std::size_t>(r * C)] = 0.75;
+    tv[static_cast<std::size_t>(r * C + 5)] = 0.25;
+  }
+  const tensor x = make_tensor(shape, dtype::bfloat16, xv), t = make_tensor(shape, dtype::bfloat16, tv);
+  for (double smoothing : {0.0, 0.1}) {
+    std::vector<double> first;
+    for (std::int64_t target : runnable_targets()) {
+      hwy::SetSupportedTargetsForTest(target);
+      SCOPED_TRACE(std::string(hwy::TargetName(target)) + " smoothing " + std::to_string(smoothing));
+      tensor g(shape, dtype::bfloat16);
+      softce::outputs out;
+      out.grad = g.mutable_view();
+      softce::cross_entropy_options o;
+      o.label_smoothing = smoothing;
+      softce::cross_entropy(x.view(), t.view(), o, out);
+      const std::vector<double> v = g.values();
+      if (first.empty()) {
+        first = v;
+        std::int64_t subnormal = 0;
+        for (double e : v) subnormal += e != 0.0 && std::fabs(e) < std::numeric_limits<float>::min();
+        if (smoothing == 0.0) EXPECT_GT(subnormal, 0) << "no subnormal gradient exercised";
+        continue;
+      }
+      std::int64_t differ = 0;
+      for (std::size_t i = 0; i < v.size(); ++i)
+        differ += !(std::fabs(v[i] - first[i]) <= std::ldexp(std::max(std::fabs(v[i]), std::fabs(first[i])), -7));
+      EXPECT_EQ(differ, 0) << "elements differ from the best target's by more than one bfloat16 step";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace softce_test

@@ -28,6 +28,7 @@ from .functional import (
     simd_target,
 )
 
+from . import aggregate  # soft labels from noisy votes (NumPy): softce.aggregate.*
 __version__ = "0.1.0"
 
 __all__ = [

@@ -475,6 +475,7 @@ double class_parallel_distillation_loss_topk(std::int64_t class_offset, std::int
 
 }  // namespace
 
+void bind_aggregate(nb::module_& m);  // aggregate_bindings.cpp
 NB_MODULE(_core, m) {
   m.doc() = "softce C++ core (nanobind bindings); use the softce package instead.";
 
@@ -552,4 +553,5 @@ NB_MODULE(_core, m) {
   m.def("set_num_threads", &softce::set_num_threads, "threads"_a);
   m.def("get_num_threads", &softce::get_num_threads);
   m.def("simd_target", &softce::simd_target);
+  bind_aggregate(m);
 }

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -333,7 +334,10 @@ void run_case(const spec& s, std::uint64_t seed) {
   }
   softce::set_num_threads(1);
 
-  const double loss_tol = 1e-6;
+  // Both sides are float32 computations, each within ~1e-6 of the float64 value (the
+  // single-process JSD measured 4e-7), summed in different orders (shards, cached exps vs a
+  // second pass): their difference can reach twice that. float64 stays at 1e-6.
+  const double loss_tol = std::is_same_v<T, float> ? 2e-6 : 1e-6;
   check(close(loss, loss_ref, loss_tol, 1e-12), "loss " + num(loss) + " vs single-process " + num(loss_ref));
   check_same_on_all_ranks(loss, "loss");
   if (s.reduce == reduction::none) {

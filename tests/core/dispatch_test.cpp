@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "simd_targets.hpp"
 #include "test_support.hpp"
 
 namespace softce_test {
@@ -13,19 +14,6 @@ namespace {
 
 using softce::divergence;
 namespace ref = softce::reference;
-
-// Targets this binary can run here, best first (Highway orders its target bits so that a
-// lower bit is a better target).
-std::vector<std::int64_t> runnable_targets() {
-  std::vector<std::int64_t> targets = hwy::SupportedAndGeneratedTargets();
-  std::sort(targets.begin(), targets.end());
-  return targets;
-}
-
-// Leaves the dispatcher as it found it, whatever a test does.
-struct restore_targets {
-  ~restore_targets() { hwy::SetSupportedTargetsForTest(0); }
-};
 
 TEST(Dispatch, PicksTheBestTargetPresent) {
   restore_targets restore;

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "simd_targets.hpp"
 #include "test_support.hpp"
 
 namespace softce_test {
@@ -25,18 +26,7 @@ using softce::divergence;
 using softce::reduction;
 namespace ref = softce::reference;
 
-// ---------------------------------------------------------------------------------------
-// SIMD targets (as dispatch_test.cpp)
-
-std::vector<std::int64_t> runnable_targets() {
-  std::vector<std::int64_t> targets = hwy::SupportedAndGeneratedTargets();
-  std::sort(targets.begin(), targets.end());
-  return targets;
-}
-
-struct restore_targets {
-  ~restore_targets() { hwy::SetSupportedTargetsForTest(0); }
-};
+// SIMD targets: runnable_targets() and restore_targets from simd_targets.hpp
 
 // ---------------------------------------------------------------------------------------
 // one poisoned call

@@ -1,0 +1,1 @@
+// Cross-rank agreement for class-parallel calls (issue 10): placeholder, filled in next.

@@ -1,0 +1,1 @@
+// Fused output layer + loss (issue 11): placeholder, filled in next.

@@ -1,0 +1,1 @@
+// Fused output layer + loss tests (issue 11): placeholder, filled in next.

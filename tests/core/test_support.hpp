@@ -1,6 +1,6 @@
 // Shared helpers of the core tests: tensors materialised in any dtype and memory layout
 // (padded, permuted, negative strides), random data, and comparison of a fast softce call
-// with the reference oracle (src/reference.hpp) on separate copies of the same inputs.
+// with the reference oracle (tests/oracle/reference.hpp) on separate copies of the same inputs.
 #pragma once
 
 #include <softce/softce.hpp>

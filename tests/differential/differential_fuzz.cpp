@@ -1,5 +1,5 @@
 // Differential fuzzer of the library API: random calls of every loss against the float64
-// oracle (src/reference.cpp).
+// oracle (tests/oracle/reference.cpp).
 //
 // Each case draws a loss, a target kind, shapes (empty, one row, odd class counts, rows
 // longer than a kernel chunk), dtypes, memory layouts (padded, permuted, negative strides),

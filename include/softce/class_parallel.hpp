@@ -4,9 +4,24 @@
 // for the generalised JSD), so every shard gets the global loss and the gradient of its own
 // classes. This header has no MPI dependency: the caller supplies the all-reduce
 // (softce::mpi does so for MPI, the Python front for torch.distributed).
+//
+// The second half of this header is the cross-rank AGREEMENT protocol that every front
+// shares: a front supplies a `transport` (all-gather, broadcast, ordered all-reduce) and the
+// core decides, identically on every rank, whether a call may proceed. An argument error on
+// one rank, or arguments that differ where they must be identical, becomes a softce::error on
+// EVERY rank instead of a hang in the next collective. softce::mpi and the torch.distributed
+// front (python/softce/distributed.py) are thin adapters over it.
 #pragma once
 
 #include <softce/softce.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
 
 namespace softce {
 
@@ -45,6 +60,137 @@ double distillation_loss(const class_shard& shard, const array_view& student_log
 double distillation_loss(const class_shard& shard, const array_view& student_logits,
                          const topk& teacher, const distillation_options& options = {},
                          const outputs& out = {});
+
+// ---------------------------------------------------------------------------------------
+// the agreement protocol
+//
+// One class-parallel call, on every rank:
+//   1. the front's own checks, then the core validates its local arguments (no communication);
+//   2. agreement, in front of the core's first all_reduce: one all_gather of a fixed record
+//      of int64 "facts" per rank (did this rank's checks fail? the call, the shard, the row
+//      shape, the options, the dtype, one 64-bit fingerprint of the arrays that must be
+//      identical on every rank and one of the mask); every rank takes the same decision from
+//      the same table: go on, or throw the same error;
+//   3. the core's all_reduce(s) of the row statistics (transport::all_reduce).
+// A rank whose validation threw joins step 2 from its catch handler, so the others learn of
+// it: they throw "<function>: failed on rank R: <R's message>" (a shard_failure), the failing
+// rank rethrows its own error. `run` below does all of this around a core call.
+
+// The collectives of one group of ranks (shards). Every member is called on every rank the
+// same number of times with the same sizes, on the thread that called the loss; a transport
+// error is thrown as an exception and ends the call on that rank (it is the transport's job
+// to fail the others too, as MPI and torch.distributed do).
+struct transport {
+  int rank = 0;  // this rank, in [0, size); shards are in rank order
+  int size = 1;
+  // all[r * count + i] = element i of rank r's `mine`, for every rank r.
+  std::function<void(const std::int64_t* mine, std::int64_t count, std::int64_t* all)> all_gather;
+  // Every rank's bytes[0, count) become rank `root`'s.
+  std::function<void(char* bytes, std::int64_t count, int root)> broadcast;
+  // The ordered all-reduce of row-statistics records: class_shard::all_reduce's contract.
+  std::function<void(double* records, std::int64_t count, int width, row_stats_merge_fn merge)> all_reduce;
+};
+
+// Which function a rank called (a different one on some rank is an error).
+enum class call_kind : std::int64_t {
+  cross_entropy_index = 1,
+  cross_entropy_probabilities,
+  cross_entropy_topk,
+  distillation_logits,
+  distillation_topk,
+};
+std::string_view call_kind_name(call_kind kind) noexcept;  // "cross_entropy with top-k targets"
+
+// One class-parallel call as the agreement sees it: copies of the views and options (the
+// arrays themselves must outlive the agreement). Built by `describe`; `function` prefixes
+// every message ("mpi::cross_entropy", "cross_entropy") and must outlive the call too.
+struct call_description {
+  std::string_view function;
+  call_kind kind = call_kind::cross_entropy_index;
+  std::int64_t class_offset = 0;  // this rank's shard
+  std::int64_t num_classes = 0;
+  array_view input;               // the logits (input / student_logits)
+  array_view target;              // index targets (identical on every rank); unused otherwise
+  topk top;                       // top-k targets / teachers (identical on every rank)
+  cross_entropy_options cross_entropy;  // for the cross_entropy kinds
+  distillation_options distillation;    // for the distillation kinds
+};
+
+// Descriptions of the four calls of class_parallel:: (the same arguments, targets and
+// teacher logits that are sharded are not needed: only their presence in the kind).
+call_description describe(std::string_view function, std::int64_t class_offset,
+                          std::int64_t num_classes, const array_view& input,
+                          const array_view& target, const cross_entropy_options& options);
+call_description describe(std::string_view function, std::int64_t class_offset,
+                          std::int64_t num_classes, const array_view& input, const topk& target,
+                          const cross_entropy_options& options);
+call_description describe(std::string_view function, std::int64_t class_offset,
+                          std::int64_t num_classes, const array_view& student_logits,
+                          const array_view& teacher_logits, const distillation_options& options);
+call_description describe(std::string_view function, std::int64_t class_offset,
+                          std::int64_t num_classes, const array_view& student_logits,
+                          const topk& teacher, const distillation_options& options);
+
+// What a rank tells the others when its own checks failed. `code` travels as is: the
+// error_kind values 0..2 (value, index, type) keep their meaning; a front may define
+// codes >= 3 of its own (the Python front: NotImplementedError, RuntimeError).
+struct local_failure {
+  std::string message;
+  std::int64_t code = 0;
+};
+std::int64_t failure_code(error_kind kind) noexcept;
+
+// Thrown on the ranks whose own checks passed when another rank's failed: the message is
+// "<function>: failed on rank R: <R's message>"; kind() is R's error_kind (value for codes
+// of a front's own), code() R's code, rank() R (the lowest failing rank).
+class shard_failure : public error {
+ public:
+  shard_failure(const std::string& message, int rank, std::int64_t code);
+  int rank() const noexcept { return rank_; }
+  std::int64_t code() const noexcept { return code_; }
+
+ private:
+  int rank_;
+  std::int64_t code_;
+};
+
+// The agreement step (collective). `failure`: null when this rank's checks passed (then
+// `call` must have passed the core's validation: its arrays are read), else this rank's
+// failure (`call` is not read beyond its function and kind). Returns normally when every rank
+// passed and all agree, and on a failing rank (which then rethrows its own error); throws
+// softce::error (a shard_failure when some rank failed) with the same message on every other
+// rank.
+void agree(const transport& t, const call_description& call, const local_failure* failure = nullptr);
+
+// Runs `core` (one class_parallel:: call) with the agreement in front of its first
+// all_reduce, which then goes to t.all_reduce; a core that throws before it joins the
+// agreement with its failure (described by `describe_failure`, default: the what() of the
+// exception, code from softce::error's kind, else 0) and the exception is rethrown as is; a
+// core that makes no collective call still takes the agreement before returning.
+double run(const transport& t, const call_description& call,
+           const std::function<double(const class_shard&)>& core,
+           const std::function<local_failure(const std::exception&)>& describe_failure = {});
+
+// Collective: the shard of this rank from every rank's class count: class_offset = the counts
+// of the lower ranks summed, num_classes = all of them summed. A negative count anywhere is an
+// error on every rank ("<function>: local_classes: expected a count >= 0 on every rank, got
+// -3 on rank 2"); with `failure` (a rank whose own checks failed before it knew its count)
+// this is the agreement on failures alone, as in `agree`.
+struct shard_range {
+  std::int64_t class_offset = 0;
+  std::int64_t num_classes = 0;
+};
+shard_range shard_from_local_classes(const transport& t, std::string_view function,
+                                     std::int64_t local_classes,
+                                     const local_failure* failure = nullptr);
+
+// The 64-bit fingerprint the agreement compares: dtype, shape and element bits (in index
+// order, not memory order) of `count` arrays; an absent array (nullopt) has a marker of its
+// own. The same on every platform softce runs on (little-endian, 64-bit).
+std::uint64_t fingerprint(const std::optional<array_view>* arrays, std::size_t count);
+
+// The number of int64 facts one rank contributes to the agreement's all_gather.
+inline constexpr int agreement_facts = 25;
 }  // namespace class_parallel
 
 }  // namespace softce

@@ -7,16 +7,20 @@ targets, class weights and teacher logits are split the same way; index and top-
 hold global class ids and are identical on every rank. Every rank gets the global loss
 (bitwise the same on all ranks) and the gradient of its own classes (docs/distributed.md).
 
-One call on every rank:
-  1. local checks and conversions (no communication)
-  2. agreement: one all_gather of a small int64 record per rank (did its checks fail? row
-     shape, class count, options, fingerprints of the arrays that must be identical), from
-     which every rank makes the same decision: the class offsets, or the same error
-  3. the C++ core (_core.class_parallel_*), which validates its arguments and then calls
-     back for its all-reduce(s) of the row statistics (one; two for divergence jsd). Its
-     first callback starts with a go / no-go all_gather of one flag per rank; a rank whose
-     core call raised before that point joins the same all_gather from its except clause.
-     So an error on any rank becomes an error on every rank, never a hang.
+The protocol is the C++ core's (include/softce/class_parallel.hpp, the same code softce::mpi
+runs); this module is its transport over torch.distributed (_Transport) and the Python
+checks in front of it. One call on every rank:
+  1. local checks and conversions in Python (no communication)
+  2. the shard: one all_gather of (failed?, error code, class count) per rank
+     (_core.agreement_shard_from_local_classes): every rank learns its class offset, or the
+     same error when some rank's Python checks failed
+  3. the core call (_core.agreement_run around _core.class_parallel_*): the core validates its
+     arguments, then, in front of its first all-reduce of the row statistics, the core's
+     agreement: one all_gather of a fixed int64 record per rank (did its validation fail?
+     the call, shard, row shape, options, dtype, fingerprints of the arrays that must be
+     identical), from which every rank takes the same decision. A rank whose core call
+     raised joins the same all_gather from the core's catch handler. So an error on any
+     rank becomes an error on every rank, never a hang.
   4. the all-reduce itself: gloo has no user-defined reduction, so every rank all-gathers
      the records (ranks x rows x width doubles) and merges them in rank order in C++
      (_core.merge_records): the same data merged in the same order gives the same bits.
@@ -25,9 +29,9 @@ One call on every rank:
 from __future__ import annotations
 
 import functools
-import struct
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -49,75 +53,17 @@ __all__ = ["cross_entropy", "distillation_loss"]
 # all_gather_into_tensor is deprecated in favour of all_gather_single from torch 2.10 on
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-_MAX_ROW_DIMS = 8
-_MAX_OPTIONS = 8
-# failed, error kind, call kind, local classes, row ndim, row dims, option count, options,
-# target fingerprint, mask fingerprint
-_FACTS = 5 + _MAX_ROW_DIMS + 1 + _MAX_OPTIONS + 2
-_MESSAGE_BYTES = 1024
-
-_ERROR_KINDS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
-_CALL_NAMES = ("cross_entropy with class-index targets",
-               "cross_entropy with probability targets", "cross_entropy with top-k targets",
-               "distillation_loss with teacher logits", "distillation_loss with a top-k teacher")
-_REDUCTIONS = ("none", "mean", "sum", "batchmean")
-_DIVERGENCES = ("kl", "reverse_kl", "jsd")
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _error_kind(error: Optional[BaseException]) -> int:
-    for code, kind in enumerate(_ERROR_KINDS):
-        if code and isinstance(error, kind):
-            return code
-    return 0
-
-
-def _real_bits(value: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
-
-
-def _format_real(bits: int) -> str:
-    text = repr(struct.unpack("<d", struct.pack("<q", bits))[0])
-    return text[:-2] if text.endswith(".0") else text
-
-
-def _format_option(kind: str, value: int) -> str:
-    if kind == "real":
-        return _format_real(value)
-    if kind == "bool":
-        return "true" if value else "false"
-    if kind == "given":
-        return "given" if value else "None"
-    if kind in ("reduction", "divergence", "dtype"):
-        names = {"reduction": _REDUCTIONS, "divergence": _DIVERGENCES,
-                 "dtype": [str(t).replace("torch.", "") for t in _DTYPES]}[kind]
-        return repr(names[value]) if 0 <= value < len(names) else "another"
-    return str(value)
-
-
-def _code(name, names) -> int:
-    return names.index(name) if name in names else -1
-
-
-class _Option(NamedTuple):
-    name: str
-    value: int
-    kind: str  # how to print it: int, real, bool, given, reduction, divergence, dtype
-
 
 class _Call(NamedTuple):
-    """What the agreement step compares, and the core call to make afterwards."""
+    """One prepared call: its agreement description (_core.AgreementCall) and the core call."""
 
-    kind: int                  # index into _CALL_NAMES
     input: Tensor
-    options: list
-    target_fingerprint: int    # of the arrays that must be identical on every rank
-    mask_fingerprint: int
+    agreement: object          # _core.agreement_describe_*(...)
     core: object               # core(class_offset, num_classes, all_reduce, x, grad, losses)
 
 
 # ---------------------------------------------------------------------------------------
-# collectives
+# the transport (class_parallel.hpp) over torch.distributed
 
 
 def _group_info(function: str, group):
@@ -133,168 +79,56 @@ def _group_info(function: str, group):
     return rank, dist.get_world_size(group)
 
 
-def _all_gather(group, world: int, tensor: Tensor) -> Tensor:
-    """(world, *tensor.shape): every rank's tensor, in rank order."""
-    # the concatenated form of the output (gloo does not take the stacked one)
-    out = tensor.new_empty((world * tensor.numel(),))
-    _all_gather_single(out, tensor.contiguous().view(-1), group=group)
-    return out.view((world,) + tuple(tensor.shape))
+class _Transport:
+    """The collectives the core's protocol calls (on this thread, GIL held), over `group`."""
 
+    def __init__(self, group, rank: int, size: int):
+        self.group, self.rank, self.size = group, rank, size
 
-def _share_failures(function: str, group, world: int, failed: Tensor, kinds: Tensor,
-                    failure: Optional[BaseException]) -> None:
-    """Collective, taken by every rank once some rank's flag is set: the failing ranks'
-    messages go to every rank. Returns on a rank that failed itself (it re-raises its own
-    error); raises the first failing rank's error, naming it, on the others."""
-    message = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
-    if failure is not None:
-        text = str(failure).encode("utf-8")[:_MESSAGE_BYTES]
-        if text:
-            message[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-    messages = _all_gather(group, world, message)
-    if failure is not None:
-        return
-    r = int(failed.nonzero()[0, 0])
-    text = bytes(messages[r].tolist()).rstrip(b"\0").decode("utf-8", errors="replace")
-    raise _ERROR_KINDS[int(kinds[r])](f"{function}: failed on rank {r}: {text}")
+    def _gather(self, tensor: Tensor) -> Tensor:
+        """(size, *tensor.shape): every rank's tensor, in rank order."""
+        # the concatenated form of the output (gloo does not take the stacked one)
+        out = tensor.new_empty((self.size * tensor.numel(),))
+        _all_gather_single(out, tensor.contiguous().view(-1), group=self.group)
+        return out.view((self.size,) + tuple(tensor.shape))
 
+    def all_gather(self, mine: np.ndarray) -> np.ndarray:
+        # mine: int64 (count,) viewing the core's record; returns (size * count,)
+        return self._gather(torch.from_numpy(mine.copy())).view(-1).numpy()
 
-def _facts(call: Optional[_Call], failure: Optional[BaseException]) -> Tensor:
-    facts = torch.zeros(_FACTS, dtype=torch.int64)
-    if failure is not None:
-        facts[0] = 1
-        facts[1] = _error_kind(failure)
-        return facts  # the arguments may be invalid: read nothing else
-    shape = tuple(call.input.shape)
-    local_classes = shape[1] if len(shape) >= 2 else (shape[0] if shape else -1)
-    rows = shape[:1] + shape[2:] if len(shape) >= 2 else ()
-    values = [call.kind, local_classes, len(rows)] + list(rows[:_MAX_ROW_DIMS])
-    facts[2:2 + len(values)] = torch.tensor(values, dtype=torch.int64)
-    base = 5 + _MAX_ROW_DIMS
-    facts[base] = len(call.options)
-    for i, option in enumerate(call.options):
-        facts[base + 1 + i] = option.value
-    facts[-2] = call.target_fingerprint
-    facts[-1] = call.mask_fingerprint
-    return facts
+    def broadcast(self, data: np.ndarray, root: int) -> None:
+        # data: uint8 (count,) viewing the core's buffer, replaced in place by root's
+        dist.broadcast(torch.from_numpy(data), src=dist.get_global_rank(self.group, root),
+                       group=self.group)
 
-
-def _agree(function: str, input_arg: str, target_arg: str, group, rank: int, world: int,
-           call: Optional[_Call], failure: Optional[BaseException]):
-    """Collective. Returns (class_offset, num_classes) on every rank when all is well;
-    raises on every rank otherwise (returns on a rank whose own checks failed: it
-    re-raises its own error)."""
-    everyone = _all_gather(group, world, _facts(call, failure))
-    failed = everyone[:, 0]
-    if failed.any():
-        _share_failures(function, group, world, failed, everyone[:, 1], failure)
-        return None
-
-    def fail(what: str):
-        raise ValueError(f"{function}: {what}")
-
-    def pair(r, v0, v):
-        return f" (rank 0: {v0}, rank {r}: {v})"
-
-    first = everyone[0].tolist()
-    table = [f.tolist() for f in everyone]
-
-    def row_shape(f):
-        return tuple(f[5:5 + min(f[4], _MAX_ROW_DIMS)])
-
-    def rows(f):
-        n = 1
-        for d in row_shape(f):
-            n *= d
-        return n
-
-    for r, f in enumerate(table):
-        if f[2] != first[2]:
-            fail("ranks called different functions"
-                 + pair(r, _CALL_NAMES[first[2]], _CALL_NAMES[f[2]]))
-    for r, f in enumerate(table):
-        if rows(f) != rows(first):
-            fail(f"{input_arg}: rows differ across ranks" + pair(r, rows(first), rows(f)))
-        if f[4] != first[4] or row_shape(f) != row_shape(first):
-            fmt = (lambda s: "(" + ", ".join(map(str, s)) + ")")
-            fail(f"{input_arg}: row shape differs across ranks"
-                 + pair(r, fmt(row_shape(first)), fmt(row_shape(f))))
-    base = 5 + _MAX_ROW_DIMS
-    for i, option in enumerate(call.options):
-        for r, f in enumerate(table):
-            if f[base + 1 + i] != first[base + 1 + i]:
-                fail(f"{option.name} differs across ranks"
-                     + pair(r, _format_option(option.kind, first[base + 1 + i]),
-                            _format_option(option.kind, f[base + 1 + i])))
-    for r, f in enumerate(table):
-        if f[-2] != first[-2]:
-            fail(f"{target_arg}: differs between rank 0 and rank {r} (class indices and "
-                 "top-k entries are global and must be identical on every rank)")
-        if f[-1] != first[-1]:
-            fail(f"mask: differs between rank 0 and rank {r} (the row mask must be "
-                 "identical on every rank)")
-    counts = [f[3] for f in table]
-    return sum(counts[:rank]), sum(counts)
-
-
-class _Exchange:
-    """The all_reduce callback of one core call, and the go / no-go step in front of it."""
-
-    def __init__(self, function: str, group, world: int):
-        self.function = function
-        self.group = group
-        self.world = world
-        self.agreed = False
-
-    def go(self, failure: Optional[BaseException]) -> None:
-        flags = torch.tensor([0 if failure is None else 1, _error_kind(failure)],
-                             dtype=torch.int64)
-        everyone = _all_gather(self.group, self.world, flags)
-        if everyone[:, 0].any():
-            _share_failures(self.function, self.group, self.world, everyone[:, 0],
-                            everyone[:, 1], failure)
-
-    def all_reduce(self, records, merge) -> None:
-        # records: float64 NumPy (rows, width) over the core's buffer; merge: a capsule
-        if not self.agreed:
-            self.agreed = True
-            self.go(None)
+    def all_reduce(self, records: np.ndarray, merge) -> None:
+        # records: float64 (rows, width) over the core's buffer; merge: a capsule
         if records.size == 0:
             return  # every rank has the same row count: all skip
-        gathered = _all_gather(self.group, self.world, torch.from_numpy(records))
+        gathered = self._gather(torch.from_numpy(records))
         _core.merge_records(gathered.numpy(), merge, records)
 
-    def run(self, core):
-        try:
-            value = core(self.all_reduce)
-        except Exception as e:
-            if self.agreed:
-                raise  # past the go / no-go the error is everyone's (or the transport's)
-            self.agreed = True
-            self.go(e)
-            raise
-        if not self.agreed:  # the core made no collective call: still take the step
-            self.agreed = True
-            self.go(None)
-        return value
 
-
-def _run(function: str, input_arg: str, target_arg: str, group, prepare, reduction: str,
-         inplace_backward: bool, return_grad: bool):
+def _run(function: str, group, prepare, reduction: str, inplace_backward: bool,
+         return_grad: bool):
     rank, world = _group_info(function, group)
+    transport = _Transport(group, rank, world)
     call = failure = None
     try:
         call = prepare()
     except Exception as e:
         failure = e
-    shard = _agree(function, input_arg, target_arg, group, rank, world, call, failure)
+    local_classes = 0
+    if call is not None and call.input.dim() >= 1:
+        local_classes = call.input.shape[1 if call.input.dim() >= 2 else 0]
+    offset, num_classes = _core.agreement_shard_from_local_classes(
+        transport, function, local_classes, failure)
     if failure is not None:
         raise failure  # this rank's own error; the others got "failed on rank R: ..."
-    offset, num_classes = shard
 
     def run_core(x, grad, losses):
-        exchange = _Exchange(function, group, world)
-        return exchange.run(
+        return _core.agreement_run(
+            transport, call.agreement, offset, num_classes,
             lambda all_reduce: call.core(offset, num_classes, all_reduce, x, grad, losses))
 
     return _eager(function, call.input, reduction, True, run_core, inplace_backward,
@@ -309,14 +143,9 @@ def _check_input(function: str, name: str, input) -> None:
     _check_cpu(function, name, input)
 
 
-def _dtype_option(name: str, input: Tensor) -> _Option:
-    return _Option(f"{name} dtype", _code(input.dtype, _DTYPES), "dtype")
-
-
-def _fingerprint(*arrays) -> int:
-    # as a signed 64-bit value, to travel in an int64 tensor
-    h = _core.fingerprint([_dl(a) for a in arrays])
-    return h - (1 << 64) if h >= (1 << 63) else h
+def _detached(t):
+    """`t` as the agreement reads it (DLPack refuses tensors that require grad)."""
+    return None if t is None else t.detach()
 
 
 def _eager_only(fn):
@@ -358,21 +187,10 @@ def cross_entropy(input, target, weight, ignore_index: int, reduction: str,
         if inplace_backward and (return_grad or _wants_grad(input)):
             _check_inplace(fn, input, (("target", t), ("target.values", values),
                                        ("weight", w), ("mask", m)))
-        smoothing = float(label_smoothing)
-        options = [_Option("reduction", _code(reduction, _REDUCTIONS), "reduction"),
-                   _Option("label_smoothing", _real_bits(smoothing), "real"),
-                   _Option("weight", int(w is not None), "given"), _dtype_option("input", input)]
-        if values is not None:
-            kind = 2
-            options.append(_Option("target.tail", int(tail), "bool"))
-            fingerprint = _fingerprint(t, values)
-        elif t.dtype.is_floating_point:
-            kind, fingerprint = 1, 0  # probability targets are sharded like the logits
-        else:
-            kind = 0
-            options.append(_Option("ignore_index", int(ignore_index), "int"))
-            fingerprint = _fingerprint(t)
-        index = int(ignore_index)
+        smoothing, index = float(label_smoothing), int(ignore_index)
+        agreement = _core.agreement_describe_cross_entropy(
+            fn, _detached(input), _detached(t), _detached(values), tail, _detached(w), index,
+            reduction, smoothing, _detached(m))
         dt, dv, dw, dm = _dl(t), _dl(values), _dl(w), _dl(m)
         if values is None:
             def core(offset, classes, all_reduce, x, grad, losses):
@@ -384,10 +202,9 @@ def cross_entropy(input, target, weight, ignore_index: int, reduction: str,
                 return _core.class_parallel_cross_entropy_topk(
                     offset, classes, all_reduce, x, dt, dv, tail, dw, index, reduction,
                     smoothing, dm, grad, losses)
-        return _Call(kind, input, options, fingerprint, _fingerprint(m), core)
+        return _Call(input, agreement, core)
 
-    return _run(fn, "input", "target", process_group, prepare, reduction, inplace_backward,
-                return_grad)
+    return _run(fn, process_group, prepare, reduction, inplace_backward, return_grad)
 
 
 @_eager_only
@@ -407,31 +224,22 @@ def distillation_loss(student_logits, teacher, temperature: float, divergence: s
             _check_inplace(fn, student_logits, (("teacher", t), ("teacher.values", values),
                                                 ("mask", m)))
         T, b = float(temperature), float(beta)
-        options = [_Option("reduction", _code(reduction, _REDUCTIONS), "reduction"),
-                   _Option("divergence", _code(divergence, _DIVERGENCES), "divergence"),
-                   _Option("beta", _real_bits(b), "real"),
-                   _Option("temperature", _real_bits(T), "real"),
-                   _dtype_option("student_logits", student_logits)]
-        dt, dv, dm = _dl(t), _dl(values), _dl(m)
         # softce.distillation_loss has moved the class dimension to 1 (its dim=)
         core_dim = 1 if student_logits.dim() >= 3 else None
+        agreement = _core.agreement_describe_distillation(
+            fn, _detached(student_logits), _detached(t), _detached(values), tail, T,
+            divergence, b, reduction, _detached(m), core_dim)
+        dt, dv, dm = _dl(t), _dl(values), _dl(m)
         if values is None:
-            kind, fingerprint = 3, 0  # teacher logits are sharded like the student's
-
             def core(offset, classes, all_reduce, x, grad, losses):
                 return _core.class_parallel_distillation_loss(
                     offset, classes, all_reduce, x, dt, T, divergence, b, reduction, dm,
                     grad, losses, core_dim)
         else:
-            kind = 4
-            options.append(_Option("teacher.tail", int(tail), "bool"))
-            fingerprint = _fingerprint(t, values)
-
             def core(offset, classes, all_reduce, x, grad, losses):
                 return _core.class_parallel_distillation_loss_topk(
                     offset, classes, all_reduce, x, dt, dv, tail, T, divergence, b, reduction,
                     dm, grad, losses, core_dim)
-        return _Call(kind, student_logits, options, fingerprint, _fingerprint(m), core)
+        return _Call(student_logits, agreement, core)
 
-    return _run(fn, "student_logits", "teacher", process_group, prepare, reduction,
-                inplace_backward, return_grad)
+    return _run(fn, process_group, prepare, reduction, inplace_backward, return_grad)

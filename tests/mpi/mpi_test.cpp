@@ -6,7 +6,9 @@
 // shard to 1e-5 of the gradient's scale; the loss must be bitwise the same on every rank.
 // Then the all-reduce's merge order (with an exactly associative, non-commutative merge),
 // shard::from_local_classes, and the error cases: each must raise softce::error with the
-// expected message on EVERY rank (a hang is caught by the ctest timeout).
+// expected message on EVERY rank (a hang is caught by the ctest timeout). The disagreements
+// of tests/mpi/agreement_cases.txt are checked here and, with the same messages, on the
+// torch.distributed front (python/tests/_distributed_cases.py): both run the core's protocol.
 //
 // No GoogleTest: a failed check must not skip the collectives that follow it, so checks only
 // record; the ranks agree on the verdict at the end.
@@ -18,7 +20,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <functional>
 #include <limits>
+#include <map>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -832,6 +837,131 @@ void test_errors() {
   check(close(loss, std::log(static_cast<double>(C)), 1e-6), "loss " + num(loss));
 }
 
+// ---------------------------------------------------------------------------------------
+// the disagreements shared with the torch.distributed front (agreement_cases.txt)
+
+struct agreement_case {
+  std::string name, message;
+};
+
+std::vector<agreement_case> read_agreement_cases() {
+  std::ifstream in(SOFTCE_AGREEMENT_CASES);
+  std::vector<agreement_case> cases;
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    const auto tab = line.find('\t');
+    if (tab == std::string::npos) continue;
+    cases.push_back({line.substr(0, tab), line.substr(tab + 1)});
+  }
+  return cases;
+}
+
+std::string replace_all(std::string s, const std::string& from, const std::string& to) {
+  for (auto at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size())) s.replace(at, from.size(), to);
+  return s;
+}
+
+void test_shared_agreement_cases() {
+  const std::int64_t N = 8, C = 37;
+  const int P = g_size, last = P - 1;
+  const auto counts = split_counts(C, P, split_kind::even);
+  std::int64_t off = 0;
+  for (int r = 0; r < g_rank; ++r) off += counts[r];
+  const std::int64_t Cl = counts[g_rank];
+  const bool changes = g_rank == last;  // the last rank changes the one thing named
+  std::vector<float> x(static_cast<std::size_t>(N * Cl), 0.5f), probs(x.size(), 0.1f), w(static_cast<std::size_t>(Cl), 1.0f);
+  std::vector<double> xd(x.size(), 0.5);
+  std::vector<std::int64_t> y(N, 1), top(static_cast<std::size_t>(N * 2));
+  std::vector<float> topv(top.size(), 0.4f);
+  for (std::int64_t r = 0; r < N; ++r) top[2 * r] = 0, top[2 * r + 1] = C - 1;
+  bool mask[N] = {true, true, true, true, true, true, true, true};
+  const softce::mpi::shard sh(MPI_COMM_WORLD, off, C);
+  const array_view input = softce::view(x.data(), {N, Cl}), target = softce::view(y.data(), {N});
+  const array_view prob_target = softce::view(probs.data(), {N, Cl});
+  const std::string ce = "mpi::cross_entropy: ", kd = "mpi::distillation_loss: ";
+
+  // name -> (function prefix, the call on this rank)
+  std::map<std::string, std::pair<std::string, std::function<void()>>> impl;
+  impl["weight_on_one_rank"] = {ce, [&] {
+    softce::cross_entropy_options o;
+    if (!changes) o.weight = softce::view(w.data(), {Cl});
+    softce::mpi::cross_entropy(sh, input, target, o);
+  }};
+  impl["input_dtype"] = {ce, [&] {
+    softce::mpi::cross_entropy(sh, changes ? softce::view(xd.data(), {N, Cl}) : input, target);
+  }};
+  impl["student_dtype"] = {kd, [&] {
+    const array_view s = changes ? softce::view(xd.data(), {N, Cl}) : input;
+    softce::mpi::distillation_loss(sh, s, s);
+  }};
+  impl["rows"] = {ce, [&] {
+    const std::int64_t n = changes ? N - 1 : N;
+    softce::mpi::cross_entropy(sh, softce::view(x.data(), {n, Cl}), softce::view(y.data(), {n}));
+  }};
+  impl["label_smoothing"] = {ce, [&] {
+    softce::cross_entropy_options o;
+    o.label_smoothing = changes ? 0.0 : 0.1;
+    softce::mpi::cross_entropy(sh, input, target, o);
+  }};
+  impl["ignore_index"] = {ce, [&] {
+    softce::cross_entropy_options o;
+    o.ignore_index = changes ? 3 : -100;
+    softce::mpi::cross_entropy(sh, input, target, o);
+  }};
+  impl["reduction"] = {ce, [&] {
+    softce::cross_entropy_options o;
+    o.reduce = changes ? reduction::sum : reduction::mean;
+    softce::mpi::cross_entropy(sh, input, target, o);
+  }};
+  impl["temperature"] = {kd, [&] {
+    softce::distillation_options o;
+    o.temperature = changes ? 2.5 : 2.0;
+    softce::mpi::distillation_loss(sh, input, input, o);
+  }};
+  impl["divergence"] = {kd, [&] {
+    softce::distillation_options o;
+    o.kind = changes ? divergence::kl : divergence::jsd;
+    softce::mpi::distillation_loss(sh, input, input, o);
+  }};
+  impl["function"] = {ce, [&] { softce::mpi::cross_entropy(sh, input, changes ? prob_target : target); }};
+  impl["index_target"] = {ce, [&] {
+    std::vector<std::int64_t> y2 = y;
+    if (changes) y2[5] = 2;
+    softce::mpi::cross_entropy(sh, input, softce::view(y2.data(), {N}));
+  }};
+  impl["topk_teacher"] = {kd, [&] {
+    std::vector<std::int64_t> top2 = top;
+    if (changes) top2[2 * 4] = 1;
+    softce::mpi::distillation_loss(sh, input, softce::topk{softce::view(top2.data(), {N, 2}), softce::view(topv.data(), {N, 2}), false});
+  }};
+  impl["mask_on_one_rank"] = {ce, [&] {
+    softce::cross_entropy_options o;
+    if (!changes) o.mask = softce::view(mask, {N});
+    softce::mpi::cross_entropy(sh, input, prob_target, o);
+  }};
+  impl["mask_values"] = {ce, [&] {
+    bool m2[N];
+    std::copy(mask, mask + N, m2);
+    if (changes) m2[2] = false;
+    softce::cross_entropy_options o;
+    o.mask = softce::view(m2, {N});
+    softce::mpi::cross_entropy(sh, input, prob_target, o);
+  }};
+
+  const auto cases = read_agreement_cases();
+  g_case = "agreement_cases.txt";
+  check(cases.size() == impl.size(), "agreement_cases.txt has " + std::to_string(cases.size()) + " cases, this test " +
+                                         std::to_string(impl.size()));
+  for (const agreement_case& c : cases) {
+    const auto found = impl.find(c.name);
+    g_case = "shared agreement case " + c.name;
+    check(found != impl.end(), "not implemented here");
+    if (found == impl.end()) continue;
+    expect_error("shared agreement case " + c.name, found->second.second,
+                 found->second.first + replace_all(c.message, "{last}", std::to_string(last)));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -855,6 +985,7 @@ int main(int argc, char** argv) {
     cases += 2;
   }
   test_errors();
+  if (g_size > 1) test_shared_agreement_cases();
 
   int failures = g_failures, total_failures = 0, total_checks = 0;
   MPI_Allreduce(&failures, &total_failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);

@@ -625,6 +625,95 @@ def error_numpy_input_and_bad_group(ctx):
                  lambda: softce.cross_entropy(x_np, y, process_group=ctx.group))
 
 
+# The disagreements both fronts must reject with the same message (the core's protocol):
+# tests/mpi/agreement_cases.txt, also run by tests/mpi/mpi_test.cpp on softce::mpi. Each
+# name below does what the MPI test's case of that name does: every rank the same call,
+# the last rank changing the one thing named.
+AGREEMENT_CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests",
+                               "mpi", "agreement_cases.txt")
+
+
+def read_agreement_cases():
+    cases = []
+    with open(AGREEMENT_CASES) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line and not line.startswith("#") and "\t" in line:
+                cases.append(tuple(line.split("\t", 1)))
+    return cases
+
+
+def agreement_calls(ctx):
+    """name -> (function, the call on this rank)."""
+    xs, y = error_data(ctx)
+    changes = ctx.rank == ctx.world - 1
+    g = ctx.group
+    probs = torch.softmax(torch.zeros(8, xs.shape[1]), 1)
+    mask = torch.ones(8, dtype=torch.bool)
+    mask[0] = False
+    indices = torch.tensor([[0, C - 1]] * 8)
+    values = torch.full((8, 2), 0.4)
+    ce, kd = "cross_entropy", "distillation_loss"
+
+    def changed_indices():
+        i = indices.clone()
+        if changes:
+            i[4, 0] = 1
+        return softce.TopK(i, values)
+
+    def changed_mask():
+        m = mask.clone()
+        if changes:
+            m[2] = False
+        return m
+
+    x_or_double = xs.double() if changes else xs
+    return {
+        "weight_on_one_rank": (ce, lambda: softce.cross_entropy(
+            xs, y, None if changes else torch.ones(xs.shape[1]), process_group=g)),
+        "input_dtype": (ce, lambda: softce.cross_entropy(x_or_double, y, process_group=g)),
+        "student_dtype": (kd, lambda: softce.distillation_loss(x_or_double, x_or_double,
+                                                               process_group=g)),
+        "rows": (ce, lambda: softce.cross_entropy(xs[:7] if changes else xs,
+                                                  y[:7] if changes else y, process_group=g)),
+        "label_smoothing": (ce, lambda: softce.cross_entropy(
+            xs, y, label_smoothing=0.0 if changes else 0.1, process_group=g)),
+        "ignore_index": (ce, lambda: softce.cross_entropy(
+            xs, y, ignore_index=3 if changes else -100, process_group=g)),
+        "reduction": (ce, lambda: softce.cross_entropy(
+            xs, y, reduction="sum" if changes else "mean", process_group=g)),
+        "temperature": (kd, lambda: softce.distillation_loss(
+            xs, xs, temperature=2.5 if changes else 2.0, process_group=g)),
+        "divergence": (kd, lambda: softce.distillation_loss(
+            xs, xs, divergence="kl" if changes else "jsd", process_group=g)),
+        "function": (ce, lambda: softce.cross_entropy(xs, probs if changes else y,
+                                                      process_group=g)),
+        "index_target": (ce, lambda: softce.cross_entropy(
+            xs, torch.where(torch.arange(8) == 5, (y + 1) % C, y) if changes else y, process_group=g)),
+        "topk_teacher": (kd, lambda: softce.distillation_loss(xs, changed_indices(),
+                                                              process_group=g)),
+        "mask_on_one_rank": (ce, lambda: softce.cross_entropy(
+            xs, probs, mask=None if changes else mask, process_group=g)),
+        "mask_values": (ce, lambda: softce.cross_entropy(xs, probs, mask=changed_mask(),
+                                                         process_group=g)),
+    }
+
+
+@case(dtypes=False)
+def error_disagreements_shared_with_mpi(ctx):
+    calls = agreement_calls(ctx)
+    cases = read_agreement_cases()
+    assert sorted(name for name, _ in cases) == sorted(calls), \
+        "tests/mpi/agreement_cases.txt and agreement_calls() name different cases"
+    last = str(ctx.world - 1)
+    for name, message in cases:
+        function, call = calls[name]
+        try:
+            expect_error(ValueError, f"{function}: " + message.replace("{last}", last), call)
+        except AssertionError as e:
+            raise AssertionError(f"case {name}: {e}") from None
+
+
 @case(dtypes=False)
 def after_errors_the_group_still_works(ctx):
     g = generator(22)

@@ -116,8 +116,8 @@ struct call_description {
   distillation_options distillation;    // for the distillation kinds
 };
 
-// Descriptions of the four calls of class_parallel:: (the same arguments, targets and
-// teacher logits that are sharded are not needed: only their presence in the kind).
+// Descriptions of the four calls of class_parallel::, from the same arguments (sharded
+// probability targets and teacher logits are not compared: they only set the kind).
 call_description describe(std::string_view function, std::int64_t class_offset,
                           std::int64_t num_classes, const array_view& input,
                           const array_view& target, const cross_entropy_options& options);

@@ -476,6 +476,8 @@ double class_parallel_distillation_loss_topk(std::int64_t class_offset, std::int
 }  // namespace
 
 void bind_aggregate(nb::module_& m);  // aggregate_bindings.cpp
+void bind_agreement(nb::module_& m);  // agreement_bindings.cpp
+void bind_linear(nb::module_& m);     // linear_bindings.cpp
 NB_MODULE(_core, m) {
   m.doc() = "softce C++ core (nanobind bindings); use the softce package instead.";
 
@@ -554,4 +556,6 @@ NB_MODULE(_core, m) {
   m.def("get_num_threads", &softce::get_num_threads);
   m.def("simd_target", &softce::simd_target);
   bind_aggregate(m);
+  bind_agreement(m);
+  bind_linear(m);
 }

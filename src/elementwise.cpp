@@ -7,6 +7,7 @@
 // added in segment order, so the result does not depend on the thread count.
 #include <softce/softce.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -118,17 +119,20 @@ struct segment_writer {
   }
 };
 
-// Runs `kernel(x, t, w, pw, n, g, losses) -> Σ loss` over every segment.
-template <class T, class Kernel>
+// Runs `kernel(x, t, w, pw, n, g, losses) -> Σ loss` over every segment, and with `gt`
+// first `target_grad(x, t, w, pw, n, gt)` on the same segment (before an in-place gradient
+// overwrites x).
+template <class T, class Kernel, class TargetGrad>
 double run_segments(const array_view& input, const aligned_operand& x, const aligned_operand& t,
                     const aligned_operand* w, const aligned_operand* pw, const aligned_operand* g,
-                    const aligned_operand* losses, Kernel kernel) {
+                    const aligned_operand* losses, const aligned_operand* gt, Kernel kernel,
+                    TargetGrad target_grad) {
   const line_walker lw(input);
   const std::int64_t units = lw.lines * lw.segments_per_line;
   std::vector<double> partial(static_cast<std::size_t>(units), 0.0);
   parallel_for(units, grain_for(std::min(lw.line_length, kSegment)), [&](std::int64_t begin, std::int64_t end) {
     std::vector<T> bx, bt, bw, bpw;
-    segment_writer<T> gw{&lw, g, {}}, lw_out{&lw, losses, {}};
+    segment_writer<T> gw{&lw, g, {}}, lw_out{&lw, losses, {}}, gtw{&lw, gt, {}};
     for (std::int64_t u = begin; u < end; ++u) {
       const std::int64_t line = u / lw.segments_per_line;
       const std::int64_t start = (u % lw.segments_per_line) * kSegment;
@@ -137,6 +141,10 @@ double run_segments(const array_view& input, const aligned_operand& x, const ali
       const T* ts = read_segment<T>(lw, t, line, start, n, bt);
       const T* ws = w ? read_segment<T>(lw, *w, line, start, n, bw) : nullptr;
       const T* pws = pw ? read_segment<T>(lw, *pw, line, start, n, bpw) : nullptr;
+      if (gt) {
+        target_grad(xs, ts, ws, pws, n, gtw.begin(line, start, n));
+        gtw.commit();
+      }
       T* gs = g ? gw.begin(line, start, n) : nullptr;
       T* ls = losses ? lw_out.begin(line, start, n) : nullptr;
       partial[static_cast<std::size_t>(u)] = kernel(xs, ts, ws, pws, n, gs, ls);
@@ -169,14 +177,29 @@ double kl_div_impl(const array_view& input, const array_view& target, const kl_d
                                  : numel;
   const T coef = static_cast<T>(coef_for(opt.reduce, denominator));
   const aligned_operand x = align_same_shape(input), t = align_same_shape(target);
-  aligned_operand g, l;
+  aligned_operand g, l, gt;
   if (out.grad) g = align_same_shape(*out.grad);
   if (out.losses) l = align_same_shape(*out.losses);
+  if (out.grad_target) gt = align_same_shape(*out.grad_target);
   const bool log_target = opt.log_target;
   const double total = run_segments<T>(
       input, x, t, nullptr, nullptr, out.grad ? &g : nullptr, out.losses ? &l : nullptr,
+      out.grad_target ? &gt : nullptr,
       [&](const T* xs, const T* ts, const T*, const T*, std::int64_t n, T* gs, T* ls) {
         return kl_div_elements(xs, ts, n, log_target, coef, gs, ls);
+      },
+      // d/dt: log t + 1 - x (NaN at t = 0, as torch's xlogy(t, t)); log_target:
+      // e^t (t - x + 1), 0 at t = -inf
+      [&](const T* xs, const T* ts, const T*, const T*, std::int64_t n, T* gts) {
+        for (std::int64_t i = 0; i < n; ++i) {
+          const double xi = xs[i], ti = ts[i];
+          double d;
+          if (log_target)
+            d = ti == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(ti) * (ti - xi + 1.0);
+          else
+            d = ti == 0.0 ? std::numeric_limits<double>::quiet_NaN() : std::log(ti) + 1.0 - xi;
+          gts[i] = static_cast<T>(static_cast<double>(coef) * d);
+        }
       });
   return reduce_total(total, opt.reduce, denominator);
 }
@@ -190,13 +213,28 @@ double bce_impl(const array_view& input, const array_view& target, const bce_opt
   std::optional<aligned_operand> w, pw;
   if (opt.weight) w = align_broadcast(fn, "weight", *opt.weight, input);
   if (opt.pos_weight) pw = align_broadcast(fn, "pos_weight", *opt.pos_weight, input);
-  aligned_operand g, l;
+  aligned_operand g, l, gt;
   if (out.grad) g = align_same_shape(*out.grad);
   if (out.losses) l = align_same_shape(*out.losses);
+  if (out.grad_target) gt = align_same_shape(*out.grad_target);
   const double total = run_segments<T>(
       input, x, t, w ? &*w : nullptr, pw ? &*pw : nullptr, out.grad ? &g : nullptr, out.losses ? &l : nullptr,
+      out.grad_target ? &gt : nullptr,
       [&](const T* xs, const T* ts, const T* ws, const T* pws, std::int64_t n, T* gs, T* ls) {
         return bce_elements(xs, ts, ws, pws, n, coef, gs, ls);
+      },
+      // d/dt: w (-x + (pos_weight - 1) softplus(-x))
+      [&](const T* xs, const T*, const T* ws, const T* pws, std::int64_t n, T* gts) {
+        for (std::int64_t i = 0; i < n; ++i) {
+          const double xi = xs[i];
+          double d = -xi;
+          if (pws) {
+            const double softplus = std::max(-xi, 0.0) + std::log1p(std::exp(-std::fabs(xi)));
+            d += (static_cast<double>(pws[i]) - 1.0) * softplus;
+          }
+          if (ws) d *= static_cast<double>(ws[i]);
+          gts[i] = static_cast<T>(static_cast<double>(coef) * d);
+        }
       });
   return reduce_total(total, opt.reduce, numel);
 }
@@ -209,6 +247,7 @@ void check_elementwise(std::string_view fn, const array_view& input, const array
   check_same_shape(fn, "target", target, input, "input");
   check_outputs(fn, out, input, input.shape, input.ndim, r);
   check_aliasing(fn, out, {{"target", target}, {"weight", weight}, {"pos_weight", pos_weight}});
+  check_grad_target(fn, out, &target, "target");
 }
 
 }  // namespace

@@ -305,6 +305,28 @@ std::vector<T> class_weights(const std::optional<array_view>& weight) {
 // target that is not finite (NaN or infinite target or class weight: Σ w t' is not finite).
 bool ce_row_poisoned(const target_stats& st) { return std::isnan(st.sum) || !std::isfinite(st.a); }
 
+// The row's log-sum-exp from merged statistics (-inf for an all -inf row, NaN when poisoned).
+double ce_row_lse(const target_stats& st) {
+  if (st.sum == 0.0 || st.shift == -kInf) return std::isnan(st.sum) ? kNaN : -kInf;
+  return st.shift + std::log(st.sum);
+}
+
+// d loss / d t_c for a dense target row, t'_c = keep t_c + add, wt_c = w_c t'_c:
+// coef keep w_c (lse - x_c), and 0 where wt_c = 0 faces lse - x_c = +inf (x_c = -inf: the
+// 0 * (-inf) = 0 rule's class; the expression in python/softce/_reference.py agrees).
+template <class T>
+void target_gradient_row(const T* x, std::int64_t n, const target_desc<T>& t, double lse, double coef, T* gt) {
+  const T l = static_cast<T>(lse);
+  const T scale = static_cast<T>(coef) * t.keep;
+  for (std::int64_t c = 0; c < n; ++c) {
+    const T w = t.weight ? t.weight[c] : T(1);
+    const T wt = w * (t.keep * t.dense[c] + t.add);
+    T s = l - x[c];
+    if (wt == T(0) && s == std::numeric_limits<T>::infinity()) s = T(0);
+    gt[c] = scale * w * s;
+  }
+}
+
 // CE row loss from merged statistics: Σ w t' (lse - x) = a log(sum) - b.
 double ce_row_loss(const target_stats& st) {
   if (st.sum == 0.0 || st.shift == -kInf) return st.a > 0.0 ? kInf : 0.0;
@@ -334,8 +356,9 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
   const row_operand x_op = class_operand(space, call.input);
   const row_operand t_op = sparse ? row_operand{} : index_target ? row_shaped_operand(space, target)
                                                                  : class_operand(space, target);
-  std::optional<row_operand> g_op;
+  std::optional<row_operand> g_op, gt_op;
   if (call.out.grad) g_op = class_operand(space, *call.out.grad);
+  if (call.out.grad_target) gt_op = class_operand(space, *call.out.grad_target);  // dense targets only
   const auto mask = mask_operand(call.fn, opt.mask, space);
   const std::vector<T> weight = class_weights<T>(opt.weight);
   const std::int64_t C = space.classes;
@@ -364,7 +387,7 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
   std::vector<double> row_losses(static_cast<std::size_t>(space.rows), 0.0);
   struct context {
     row_reader<T> x, t;
-    std::optional<row_writer<T>> g;
+    std::optional<row_writer<T>> g, gt;
     const T* xr = nullptr;
     target_desc<T> desc;
     bool skip = false;
@@ -377,15 +400,17 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
   };
   // bfloat16 logits, probability targets and gradient, contiguous rows, no class weights,
   // one process: the kernels widen and round the 16-bit values in registers (no staging).
-  const bool direct_bf16 = std::is_same_v<T, float> && !index_target && !sparse && weight.empty() && !call.shard &&
+  const bool direct_bf16 = std::is_same_v<T, float> && !index_target && !sparse && weight.empty() && !call.shard && !gt_op &&
                            x_op.type == dtype::bfloat16 && x_op.contiguous_rows() && t_op.type == dtype::bfloat16 &&
                            t_op.contiguous_rows() && (!g_op || (g_op->type == dtype::bfloat16 && g_op->contiguous_rows()));
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), row_reader<T>(&t_op), std::nullopt, nullptr, {}, false, nullptr, {}, {}, nullptr, nullptr, {}};
+    context c{row_reader<T>(&x_op), row_reader<T>(&t_op), std::nullopt, std::nullopt, nullptr, {}, false, nullptr,
+              {}, {}, nullptr, nullptr, {}};
     c.shifts.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
     if (sparse) c.dense.resize(static_cast<std::size_t>(C));
     if (direct_bf16 && g_op) c.ecache = scratch_row<T>(static_cast<std::size_t>(C));
     if (g_op) c.g.emplace(&*g_op);
+    if (gt_op) c.gt.emplace(&*gt_op);
     return c;
   };
   // Sets up row r in the context (target descriptor, staged rows); returns the weight of
@@ -456,7 +481,8 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
         return ce_record{st, target_weight};
       }
     }
-    if (c.g && !call.shard) {
+    // (not with a target gradient: that needs the logits after the statistics pass)
+    if (c.g && !call.shard && !c.gt) {
       c.gr = c.g->begin(r);
       cache = exp_cache<T>{c.gr, c.shifts.data()};
     }
@@ -476,7 +502,13 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     const bool nothing_to_average = plan.mode == reduction::mean && plan.denominator == 0.0;
     if (c.skip || nothing_to_average) {
       if (c.g) c.g->zero_row(r);
+      if (c.gt) c.gt->zero_row(r);
       return 0.0;
+    }
+    // d loss / d target, before the gradient pass may overwrite the logits (in place)
+    if (c.gt) {
+      target_gradient_row(c.xr, C, c.desc, ce_row_lse(rec.st), coef, c.gt->begin(r));
+      c.gt->commit();
     }
     if (ce_row_poisoned(rec.st)) {
       if constexpr (std::is_same_v<T, float>) {
@@ -503,7 +535,7 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     }
     if (c.g) {
       const row_normaliser<T> norm = normaliser<T>(rec.st.shift, rec.st.sum);
-      if (call.shard) {
+      if (call.shard || c.gt) {
         T* g = c.g->begin(r);
         row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
           target_row_grad(c.xr + c0, len, desc_slice(c.desc, c0, len), norm, static_cast<T>(rec.st.a),
@@ -942,6 +974,41 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
 // ---------------------------------------------------------------------------------------
 // distillation with dense teacher logits
 
+// d loss / d z for a row of teacher logits z (student x), u = x / T, v = z / T,
+// log q = u - shift_x / T - log Σx, log p likewise, coef = the reduction's factor times T:
+//   kl:         coef p (log p - log q - KL(p || q))
+//   reverse_kl: coef (p - q)
+//   jsd:        coef beta p (log p - log m - KL(p || m)),  m = beta p + (1 - beta) q
+// (the derivatives of the expressions in python/softce/_reference.py). Scalar, in double:
+// only calls that ask for the teacher's gradient pay for it.
+struct teacher_gradient_row_args {
+  double inv_t, shift_x, log_sum_x, shift_z, log_sum_z;
+  int kind;
+  double beta, divergence, coef;  // divergence: KL(p || q) for kl, KL(p || m) for jsd
+};
+
+template <class T>
+void teacher_gradient_row(const T* x, const T* z, std::int64_t n, const teacher_gradient_row_args& a, T* gt) {
+  const double log_beta = std::log(a.beta), log_rest = std::log1p(-a.beta);
+  for (std::int64_t c = 0; c < n; ++c) {
+    const double log_q = (static_cast<double>(x[c]) - a.shift_x) * a.inv_t - a.log_sum_x;
+    const double log_p = (static_cast<double>(z[c]) - a.shift_z) * a.inv_t - a.log_sum_z;
+    const double p = std::exp(log_p);
+    double g;
+    if (a.kind == kGradKl) {
+      g = p == 0.0 ? 0.0 : p * (log_p - log_q - a.divergence);
+    } else if (a.kind == kGradReverseKl) {
+      g = p - std::exp(log_q);
+    } else {
+      const double u = log_beta + log_p, v = log_rest + log_q, m = std::max(u, v);
+      const double log_m = m == -kInf ? -kInf : m + std::log1p(std::exp(-std::fabs(u - v)));
+      g = p == 0.0 ? 0.0 : a.beta * p * (log_p - log_m - a.divergence);
+    }
+    gt[c] = static_cast<T>(a.coef * g);
+  }
+}
+
+
 template <class T>
 double distill_dense_impl(std::string_view fn, const array_view& student, const array_view& teacher,
                           const distillation_options& opt, const outputs& out, const class_shard* shard) {
@@ -950,8 +1017,9 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
   const std::int64_t total_classes = shard ? shard->num_classes : C;
   const auto mask = mask_operand(fn, opt.mask, space);
   const row_operand x_op = class_operand(space, student), z_op = class_operand(space, teacher);
-  std::optional<row_operand> g_op;
+  std::optional<row_operand> g_op, gt_op;
   if (out.grad) g_op = class_operand(space, *out.grad);
+  if (out.grad_target) gt_op = class_operand(space, *out.grad_target);
   const double T_ = opt.temperature, inv_t = 1.0 / T_, t2 = T_ * T_;
   // TRL's endpoints: beta = 0 is the forward KL, beta = 1 the reverse KL
   int kind = opt.kind == divergence::kl ? kGradKl : opt.kind == divergence::reverse_kl ? kGradReverseKl : kGradJsd;
@@ -969,7 +1037,7 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
 
   struct context {
     row_reader<T> x, z;
-    std::optional<row_writer<T>> g;
+    std::optional<row_writer<T>> g, gt;
     const T* xr = nullptr;
     const T* zr = nullptr;
     T* gr = nullptr;                         // gradient row, holding exp of the student
@@ -978,14 +1046,17 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
     scratch_row<T> ex;                       // exp of the student (scratch: reverse_kl, jsd)
   };
   // kl in one process: the statistics pass caches both exps, the gradient pass reuses them
-  const bool cached = out.grad && !shard && kind == kGradKl;
+  // (not with a teacher gradient: that needs the student's logits after the statistics pass)
+  const bool cached = out.grad && !shard && kind == kGradKl && !out.grad_target;
   // reverse_kl (with a gradient) and jsd in one process: the statistics pass caches both
   // exps in scratch rows (the logits stay intact: log q and log p are read from them), so
   // the JSD pass and the gradient pass need no exp per element (jsd: one log, of m).
   const bool scratch = !shard && ((out.grad && kind == kGradReverseKl) || kind == kGradJsd);
   auto make_context = [&] {
-    context c{row_reader<T>(&x_op), row_reader<T>(&z_op), std::nullopt, nullptr, nullptr, nullptr, {}, {}, {}, {}};
+    context c{row_reader<T>(&x_op), row_reader<T>(&z_op), std::nullopt, std::nullopt, nullptr, nullptr, nullptr, {}, {},
+              {}, {}};
     if (g_op) c.g.emplace(&*g_op);
+    if (gt_op) c.gt.emplace(&*gt_op);
     if (cached || scratch) {
       c.ez = scratch_row<T>(static_cast<std::size_t>(C));
       c.shifts_x.resize(static_cast<std::size_t>((C + kChunk - 1) / kChunk));
@@ -1041,12 +1112,14 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
   auto finish_fn = [&](context& c, std::int64_t r, const distill_stats& st) -> double {
     if (!row_kept(mask, r)) {
       if (c.g) c.g->zero_row(r);
+      if (c.gt) c.gt->zero_row(r);
       return 0.0;
     }
     // a NaN or +inf logit on either side, or a side that is all -inf (no softmax: torch's
     // log_softmax is NaN there)
     if (std::isnan(st.sum_x) || std::isnan(st.sum_z) || (C > 0 && (st.sum_x == 0.0 || st.sum_z == 0.0))) {
       if (c.g) c.g->fill_row(r, std::numeric_limits<T>::quiet_NaN());
+      if (c.gt) c.gt->fill_row(r, std::numeric_limits<T>::quiet_NaN());
       return kNaN;
     }
     // reverse KL with p = 0 where q > 0 (a finite student logit against a -inf teacher
@@ -1054,16 +1127,18 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
     // k is then +inf, or NaN where q underflowed in float (0 * inf).
     if (kind == kGradReverseKl && !(st.k < kInf)) {
       if (c.g) c.g->fill_row(r, std::numeric_limits<T>::quiet_NaN());
+      if (c.gt) c.gt->fill_row(r, std::numeric_limits<T>::quiet_NaN());
       return kInf;
     }
     if (shard) stage(c, r);
     const double lsx = st.sum_x > 0.0 ? std::log(st.sum_x) : -kInf;
     const double lsz = st.sum_z > 0.0 ? std::log(st.sum_z) : -kInf;
-    double divergence_value = 0.0, r_value = 0.0;
+    double divergence_value = 0.0, r_value = 0.0, teacher_value = 0.0;
     if (kind == kGradKl) {
       // q = 0 where p > 0 (a -inf student logit against a finite teacher logit): KL = +inf,
       // with the ordinary gradient T (q - p); k is +inf, or NaN where p underflowed
       divergence_value = !(st.k < kInf) ? kInf : st.sum_z > 0.0 ? st.k / st.sum_z - lsz + lsx : 0.0;
+      teacher_value = divergence_value;
     } else if (kind == kGradReverseKl) {
       divergence_value = st.sum_x > 0.0 ? st.k / st.sum_x - lsx + lsz : 0.0;
       r_value = divergence_value;
@@ -1071,6 +1146,12 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
       const jsd_stats js = shard ? jsd[static_cast<std::size_t>(r)] : jsd_of(c, st);
       divergence_value = beta * js.kl_pm + (1.0 - beta) * js.kl_qm;
       r_value = js.kl_qm;
+      teacher_value = js.kl_pm;
+    }
+    if (c.gt) {  // before the gradient pass may overwrite the student's logits (in place)
+      const teacher_gradient_row_args a{inv_t, st.shift_x, lsx, st.shift_z, lsz, kind, beta, teacher_value, coef};
+      teacher_gradient_row(c.xr, c.zr, C, a, c.gt->begin(r));
+      c.gt->commit();
     }
     if (c.g && cached) {
       const exp_cache<T> cx{c.gr, c.shifts_x.data()}, cz{c.ez.data(), c.shifts_z.data()};
@@ -1161,6 +1242,7 @@ double cross_entropy_entry(const array_view& input, const array_view& target, co
   if (opt.weight) check_class_vector(fn, "weight", *opt.weight, space.classes);
   check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
   check_aliasing(fn, out, {{"target", target}, {"weight", opt.weight}, {"mask", opt.mask}});
+  check_grad_target(fn, out, index_target ? nullptr : &target, "target", "with class-index targets (no gradient)");
   const ce_call call{fn, input, opt, out, shard};
   return computes_in_double(input) ? cross_entropy_dense_impl<double>(call, space, target, index_target)
                                    : cross_entropy_dense_impl<float>(call, space, target, index_target);
@@ -1177,6 +1259,7 @@ double cross_entropy_topk_entry(const array_view& input, const topk& target, con
   check_outputs(fn, out, input, space.dims, space.ndim, opt.reduce);
   check_aliasing(fn, out, {{"target.indices", target.indices}, {"target.values", target.values},
                            {"weight", opt.weight}, {"mask", opt.mask}});
+  check_grad_target(fn, out, nullptr, "target", "with top-k targets (only dense probability targets have one)");
   if (target.tail && (opt.weight || opt.label_smoothing != 0.0))
     fail(fn, "target.tail", "expected no class weight and no label smoothing with a tail bucket");
   if (opt.weight || opt.label_smoothing != 0.0) {
@@ -1215,6 +1298,7 @@ double distillation_entry(const array_view& student_logits, const array_view& te
   check_same_shape(fn, "teacher", teacher, student, "student");
   check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
   check_aliasing(fn, out, {{"teacher", teacher}, {"mask", opt.mask}});
+  check_grad_target(fn, out, &teacher, "teacher");
   return computes_in_double(student) ? distill_dense_impl<double>(fn, student, teacher, opt, out, shard)
                                      : distill_dense_impl<float>(fn, student, teacher, opt, out, shard);
 }
@@ -1234,6 +1318,7 @@ double distillation_topk_entry(const array_view& student_logits, const topk& tea
                             "' (a top-k teacher supports 'kl' only)");
   check_outputs(fn, out, student, space.dims, space.ndim, opt.reduce);
   check_aliasing(fn, out, {{"teacher.indices", teacher.indices}, {"teacher.values", teacher.values}, {"mask", opt.mask}});
+  check_grad_target(fn, out, nullptr, "teacher", "with a top-k teacher (no teacher logits)");
   return computes_in_double(student)
              ? topk_impl<double>(fn, student, teacher, opt.mask, opt.reduce, out, shard, opt.temperature, true)
              : topk_impl<float>(fn, student, teacher, opt.mask, opt.reduce, out, shard, opt.temperature, true);

@@ -351,6 +351,14 @@ void check_outputs_apart(std::string_view function, const outputs& out, const ar
     fail_overlap(function, "losses", "grad");
   if (out.grad && overlap_of(*out.grad, input) == overlap::partial) fail_overlap(function, "grad", "input");
   if (out.losses && overlap_of(*out.losses, input) != overlap::none) fail_overlap(function, "losses", "input");
+  if (out.grad_target) {
+    check_not_self_overlapping(function, "grad_target", *out.grad_target);
+    if (overlap_of(*out.grad_target, input) != overlap::none) fail_overlap(function, "grad_target", "input");
+    if (out.grad && overlap_of(*out.grad_target, *out.grad) != overlap::none)
+      fail_overlap(function, "grad_target", "grad");
+    if (out.losses && overlap_of(*out.grad_target, *out.losses) != overlap::none)
+      fail_overlap(function, "grad_target", "losses");
+  }
 }
 
 }  // namespace
@@ -422,7 +430,17 @@ void check_aliasing(std::string_view function, const outputs& out, std::initiali
     if (out.grad && overlap_of(*out.grad, *other.view) != overlap::none) fail_overlap(function, "grad", other.name);
     if (out.losses && overlap_of(*out.losses, *other.view) != overlap::none)
       fail_overlap(function, "losses", other.name);
+    if (out.grad_target && overlap_of(*out.grad_target, *other.view) != overlap::none)
+      fail_overlap(function, "grad_target", other.name);
   }
+}
+
+void check_grad_target(std::string_view function, const outputs& out, const array_view* target,
+                       std::string_view target_name, std::string_view unsupported) {
+  if (!out.grad_target) return;
+  if (!target) fail(function, "grad_target", "expected no grad_target " + std::string(unsupported));
+  check_float(function, "grad_target", *out.grad_target);
+  check_same_shape(function, "grad_target", *out.grad_target, *target, target_name);
 }
 
 void check_outputs(std::string_view function, const outputs& out, const array_view& input,
@@ -475,6 +493,11 @@ class_first_views distillation_layout(std::string_view function, const distillat
   // The same shape before the move, so that errors show the caller's shapes.
   if (teacher) check_same_shape(function, "teacher", *teacher, student, "student");
   if (out.grad) check_same_shape(function, "grad", *out.grad, student, "input");
+  if (out.grad_target) {
+    if (!teacher) fail(function, "grad_target", "expected no grad_target with a top-k teacher (no teacher logits)");
+    check_float(function, "grad_target", *out.grad_target);
+    check_same_shape(function, "grad_target", *out.grad_target, *teacher, "teacher");
+  }
   // (d0, ..., d_dim, ...) -> (first row dim, d_dim, the other row dims in order)
   int order[max_dims], n = 0;
   for (int i = 0; i < ndim; ++i)
@@ -488,6 +511,7 @@ class_first_views distillation_layout(std::string_view function, const distillat
   permute(views.student);
   if (teacher) permute(views.teacher);
   if (out.grad) permute(*views.out.grad);
+  if (out.grad_target) permute(*views.out.grad_target);
   return views;
 }
 

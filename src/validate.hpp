@@ -116,6 +116,10 @@ struct named_array {
 // Inputs that are only read may overlap each other. O(ndim) per pair; call after
 // check_outputs, with every array the call reads besides the input.
 void check_aliasing(std::string_view function, const outputs& out, std::initializer_list<named_array> others);
+// outputs.grad_target: a float array of the target's shape (`target` null: the call has no
+// differentiable target, and `unsupported` says why, e.g. "with class-index targets").
+void check_grad_target(std::string_view function, const outputs& out, const array_view* target,
+                       std::string_view target_name, std::string_view unsupported = {});
 
 // ---------------------------------------------------------------------------------------
 // distillation_loss's class dimension

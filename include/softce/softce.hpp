@@ -160,11 +160,22 @@ std::string_view divergence_name(divergence d) noexcept;
 //          dtype or any float dtype.
 //  losses: with reduction::none, the unreduced losses (per row, or per element for kl_div
 //          and binary_cross_entropy_with_logits). Any float dtype, any strides.
-// With reduction::none the gradient written is that of the SUM of the unreduced losses,
+//  grad_target: d loss / d target, same shape as the target, computed in the same pass:
+//          probability targets of cross_entropy (and cross_entropy_with_probs), the target
+//          of kl_div and of binary_cross_entropy_with_logits, the teacher logits of
+//          distillation_loss (so that both branches of a symmetric KL train). Any float
+//          dtype, any strides; it overlaps nothing (no input, no other output). Asking for
+//          it with class-index or top-k targets is an error. It is the exact derivative of
+//          the documented loss (docs/semantics.md, "Target gradients"): it depends on the
+//          logits, weights and the other side, so a NaN there makes it NaN; a NaN target
+//          makes the loss NaN while this derivative, not a function of that value, may stay
+//          finite (as in PyTorch).
+// With reduction::none the gradients written are those of the SUM of the unreduced losses,
 // and the function returns that sum.
 struct outputs {
   std::optional<mutable_array_view> grad;
   std::optional<mutable_array_view> losses;
+  std::optional<mutable_array_view> grad_target;
 };
 
 // Sparse top-k targets: for each row, K class indices (int32 or int64, shape (..., K) with

@@ -597,34 +597,6 @@ TEST(NaN, UnusedClassWeightDoesNotReachTheRows) {
 
 // Two shards in two threads; all_reduce merges shard 0's records with shard 1's (in shard
 // order) and hands both the result.
-struct two_shards {
-  std::barrier<> sync{2};
-  std::vector<double> parts[2];
-  softce::class_shard shard(int which, std::int64_t offset, std::int64_t classes) {
-    softce::class_shard s;
-    s.class_offset = offset;
-    s.num_classes = classes;
-    s.all_reduce = [this, which](double* stats, std::int64_t count, int width, softce::row_stats_merge_fn merge) {
-      const std::size_t n = static_cast<std::size_t>(count * width);
-      parts[which].assign(stats, stats + n);
-      sync.arrive_and_wait();
-      std::vector<double> merged = parts[0];
-      merge(merged.data(), parts[1].data(), count);
-      std::memcpy(stats, merged.data(), n * sizeof(double));
-      sync.arrive_and_wait();  // both have read the parts before the next call overwrites them
-    };
-    return s;
-  }
-};
-
-// Column slice [begin, end) of a row-major (N, C) matrix.
-std::vector<double> columns(const std::vector<double>& m, std::int64_t C, std::int64_t begin, std::int64_t end) {
-  std::vector<double> out;
-  for (std::size_t r = 0; r < m.size() / static_cast<std::size_t>(C); ++r)
-    for (std::int64_t c = begin; c < end; ++c) out.push_back(m[r * static_cast<std::size_t>(C) + static_cast<std::size_t>(c)]);
-  return out;
-}
-
 TEST(NaN, ClassParallelShardsKeepAPoisonedRowPoisoned) {
   const std::int64_t N = 4, C = 40, split = 17;
   std::mt19937_64 rng(5);

@@ -3,6 +3,7 @@
 // with the reference oracle (tests/oracle/reference.hpp) on separate copies of the same inputs.
 #pragma once
 
+#include <softce/class_parallel.hpp>
 #include <softce/softce.hpp>
 
 #include "reference.hpp"
@@ -10,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -732,6 +734,37 @@ inline void expect_gradient_matches_finite_differences(
     EXPECT_NEAR(grad_fast[i], fd_fast, tol) << "fast gradient vs its own finite difference at " << i;
     EXPECT_NEAR(grad_fast[i], fd_ref, tol) << "fast gradient vs reference finite difference at " << i;
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// class-parallel: two shards in one process (two threads), exchanging through memory
+
+struct two_shards {
+  std::barrier<> sync{2};
+  std::vector<double> parts[2];
+  softce::class_shard shard(int which, std::int64_t offset, std::int64_t classes) {
+    softce::class_shard s;
+    s.class_offset = offset;
+    s.num_classes = classes;
+    s.all_reduce = [this, which](double* stats, std::int64_t count, int width, softce::row_stats_merge_fn merge) {
+      const std::size_t n = static_cast<std::size_t>(count * width);
+      parts[which].assign(stats, stats + n);
+      sync.arrive_and_wait();
+      std::vector<double> merged = parts[0];
+      merge(merged.data(), parts[1].data(), count);
+      std::memcpy(stats, merged.data(), n * sizeof(double));
+      sync.arrive_and_wait();  // both have read the parts before the next call overwrites them
+    };
+    return s;
+  }
+};
+
+// Column slice [begin, end) of a row-major (N, C) matrix.
+inline std::vector<double> columns(const std::vector<double>& m, std::int64_t C, std::int64_t begin, std::int64_t end) {
+  std::vector<double> out;
+  for (std::size_t r = 0; r < m.size() / static_cast<std::size_t>(C); ++r)
+    for (std::int64_t c = begin; c < end; ++c) out.push_back(m[r * static_cast<std::size_t>(C) + static_cast<std::size_t>(c)]);
+  return out;
 }
 
 }  // namespace softce_test

@@ -427,8 +427,12 @@ double cross_entropy_impl(const array_view& input, const ce_target& target,
   const bool no_rows = mean && (kept_rows == 0 || denominator.value() == 0);
   const double coef = mean ? (no_rows ? 0.0 : 1.0 / denominator.value()) : 1.0;
 
-  std::optional<class_addressing> grad_at;
+  std::optional<class_addressing> grad_at, grad_target_at;
   if (out.grad) grad_at.emplace(*out.grad);
+  // d loss / d t_c (probability targets): coef (1 - eps) w_c (lse - x_c), 0 where a zero
+  // weighted target meets lse - x_c = +inf; NaN where lse has none (NaN or +inf logit)
+  const bool target_gradient = out.grad_target && target.kind == target_kind::probabilities;
+  if (target_gradient) grad_target_at.emplace(*out.grad_target);
   std::optional<row_addressing> losses_at;
   const bool write_losses = out.losses && options.reduce == reduction::none;
   if (write_losses) losses_at.emplace(*out.losses, g);
@@ -441,6 +445,7 @@ double cross_entropy_impl(const array_view& input, const ce_target& target,
     double row_loss = 0;
     if (!keep[r] || no_rows) {
       if (out.grad) write_zero_row(*out.grad, *grad_at, g, r);
+      if (target_gradient) write_zero_row(*out.grad_target, *grad_target_at, g, r);
     } else {
       const std::vector<double> x = read_row(input, input_at, g, r);
       tail_term tail;
@@ -487,6 +492,16 @@ double cross_entropy_impl(const array_view& input, const ce_target& target,
           }
           break;
         }
+      }
+      if (target_gradient) {
+        const double lse = any_nan_or_positive_inf(x) ? not_a_number : log_sum_exp(x);
+        std::vector<double> row(static_cast<std::size_t>(C));
+        for (std::int64_t c = 0; c < C; ++c) {
+          double d = lse - x[c];
+          if (weighted_target[c] == 0 && d == infinity) d = 0;
+          row[c] = coef * (1 - eps) * w[c] * d;
+        }
+        write_row(*out.grad_target, *grad_target_at, g, r, row);
       }
       if (out.grad) grad_row.assign(static_cast<std::size_t>(C), 0.0);
       row_loss = cross_entropy_row(x, weighted_target, tail, coef, out.grad ? &grad_row : nullptr);
@@ -561,14 +576,24 @@ student_row student_of(const std::vector<double>& x, double T) {
 }
 
 // Row loss T^2 D and gradient coef * T * dD/du for teacher logits z.
+// With `grad_teacher`, also d loss / d z (coef T times):
+//   kl: p (log p - log q - KL(p||q));  reverse_kl: p - q;
+//   jsd: beta p (log p - log m - KL(p||m));  a term with p = 0 being 0.
 double distillation_row(const std::vector<double>& x, const std::vector<double>& z,
-                        const distillation_options& o, double coef, std::vector<double>* grad) {
-  if (any_nan_or_positive_inf(x) || any_nan_or_positive_inf(z)) return poisoned_row(grad);
+                        const distillation_options& o, double coef, std::vector<double>* grad,
+                        std::vector<double>* grad_teacher) {
+  if (any_nan_or_positive_inf(x) || any_nan_or_positive_inf(z)) {
+    poisoned_row(grad_teacher);
+    return poisoned_row(grad);
+  }
   // a side with every logit -inf has no softmax (torch's log_softmax is NaN there)
   auto all_minus_inf = [](const std::vector<double>& v) {
     return !v.empty() && std::all_of(v.begin(), v.end(), [](double e) { return e == -infinity; });
   };
-  if (all_minus_inf(x) || all_minus_inf(z)) return poisoned_row(grad);
+  if (all_minus_inf(x) || all_minus_inf(z)) {
+    poisoned_row(grad_teacher);
+    return poisoned_row(grad);
+  }
   const double T = o.temperature;
   const std::size_t C = x.size();
   const student_row s = student_of(x, T);
@@ -592,6 +617,11 @@ double distillation_row(const std::vector<double>& x, const std::vector<double>&
         if (p[c] != 0) D.add(p[c] * (log_p[c] - log_q[c]));
       if (grad)
         for (std::size_t c = 0; c < C; ++c) (*grad)[c] = coef * T * (q[c] - p[c]);
+      if (grad_teacher) {
+        const double kl = D.value();
+        for (std::size_t c = 0; c < C; ++c)
+          (*grad_teacher)[c] = p[c] == 0 ? 0.0 : coef * T * p[c] * (log_p[c] - log_q[c] - kl);
+      }
       break;
     case divergence::reverse_kl: {
       // p = 0 where q > 0 (x finite, z = -inf): KL(q || p) = +inf and no gradient (NaN),
@@ -599,6 +629,7 @@ double distillation_row(const std::vector<double>& x, const std::vector<double>&
       for (std::size_t c = 0; c < C; ++c)
         if (x[c] != -infinity && z[c] == -infinity) {
           if (grad) std::fill(grad->begin(), grad->end(), not_a_number);
+          if (grad_teacher) std::fill(grad_teacher->begin(), grad_teacher->end(), not_a_number);
           return infinity;
         }
       for (std::size_t c = 0; c < C; ++c)
@@ -607,6 +638,8 @@ double distillation_row(const std::vector<double>& x, const std::vector<double>&
       if (grad)
         for (std::size_t c = 0; c < C; ++c)
           (*grad)[c] = q[c] == 0 ? 0.0 : coef * T * q[c] * (log_q[c] - log_p[c] - R);
+      if (grad_teacher)
+        for (std::size_t c = 0; c < C; ++c) (*grad_teacher)[c] = coef * T * (p[c] - q[c]);
       break;
     }
     case divergence::jsd: {
@@ -626,6 +659,11 @@ double distillation_row(const std::vector<double>& x, const std::vector<double>&
         for (std::size_t c = 0; c < C; ++c)
           (*grad)[c] =
               q[c] == 0 ? 0.0 : coef * T * (1 - beta) * q[c] * (log_q[c] - log_m[c] - kl_q);
+      if (grad_teacher) {
+        const double kl_p = kl_pm.value();
+        for (std::size_t c = 0; c < C; ++c)
+          (*grad_teacher)[c] = p[c] == 0 ? 0.0 : coef * T * beta * p[c] * (log_p[c] - log_m[c] - kl_p);
+      }
       break;
     }
   }
@@ -681,26 +719,31 @@ double distillation_impl(const array_view& student, const array_view* teacher_lo
   const double coef = averaged ? 1.0 / denominator : 1.0;
 
   const class_addressing student_at(student);
-  std::optional<class_addressing> teacher_at, grad_at;
+  std::optional<class_addressing> teacher_at, grad_at, grad_teacher_at;
   if (teacher_logits) teacher_at.emplace(*teacher_logits);
   if (out.grad) grad_at.emplace(*out.grad);
+  const bool teacher_gradient = out.grad_target && teacher_logits;
+  if (teacher_gradient) grad_teacher_at.emplace(*out.grad_target);
   std::optional<row_addressing> losses_at;
   const bool write_losses = out.losses && o.reduce == reduction::none;
   if (write_losses) losses_at.emplace(*out.losses, g);
 
   accurate_sum total;
-  std::vector<double> grad_row;
+  std::vector<double> grad_row, grad_teacher_row;
   for (std::int64_t r = 0; r < g.rows; ++r) {
     double row_loss = 0;
     if (!keep[r] || no_rows) {
       if (out.grad) write_zero_row(*out.grad, *grad_at, g, r);
+      if (teacher_gradient) write_zero_row(*out.grad_target, *grad_teacher_at, g, r);
     } else {
       const std::vector<double> x = read_row(student, student_at, g, r);
       if (out.grad) grad_row.assign(static_cast<std::size_t>(C), 0.0);
       std::vector<double>* grad = out.grad ? &grad_row : nullptr;
       if (teacher_logits) {
         const std::vector<double> z = read_row(*teacher_logits, *teacher_at, g, r);
-        row_loss = distillation_row(x, z, o, coef, grad);
+        grad_teacher_row.assign(static_cast<std::size_t>(C), 0.0);
+        row_loss = distillation_row(x, z, o, coef, grad, teacher_gradient ? &grad_teacher_row : nullptr);
+        if (teacher_gradient) write_row(*out.grad_target, *grad_teacher_at, g, r, grad_teacher_row);
       } else {
         const topk& k = *teacher_topk;
         const row_addressing i_at(k.indices, g), v_at(k.values, g);
@@ -785,14 +828,17 @@ double kl_div(const array_view& input, const array_view& target, const kl_div_op
     walk.unravel(i);
     const double x = load(input, walk.index);
     const double t = load(target, walk.index);
-    double loss, grad;
+    double loss, grad, grad_target;  // d/dt as torch's own expression differentiates it
     if (options.log_target) {
       loss = t == -infinity ? 0.0 : std::exp(t) * (t - x);
       grad = -std::exp(t);
+      grad_target = t == -infinity ? 0.0 : std::exp(t) * (t - x + 1);
     } else {
       loss = t == 0 ? 0.0 : t * (std::log(t) - x);
       grad = -t;
+      grad_target = t == 0 ? not_a_number : std::log(t) + 1 - x;  // xlogy(t, t)' is 0/0 at 0
     }
+    if (out.grad_target) store(*out.grad_target, walk.index, coef * grad_target);
     if (std::isnan(x)) loss = grad = not_a_number;  // the formulas above never look at x there
     total.add(loss);
     if (out.grad) store(*out.grad, walk.index, coef * grad);
@@ -832,6 +878,9 @@ double binary_cross_entropy_with_logits(const array_view& input, const array_vie
     // sigmoid(x) - 1 = -sigmoid(-x), computed without cancellation
     const double sigmoid_minus_one = x >= 0 ? -std::exp(-x) / (1 + std::exp(-x)) : -1 / (1 + std::exp(x));
     const double grad = w * ((1 - t) + lw * sigmoid_minus_one);
+    if (out.grad_target)  // d/dt = w (-x + (pos_weight - 1) softplus(-x))
+      store(*out.grad_target, walk.index,
+            coef * w * (-x + (options.pos_weight ? (pos_weight - 1) * softplus_minus_x : 0.0)));
     total.add(loss);
     if (out.grad) store(*out.grad, walk.index, coef * grad);
     if (write_losses) store(*out.losses, walk.index, loss);

@@ -149,11 +149,12 @@ def _check_inplace(function: str, input: Tensor, others=()) -> None:
 
 
 def _forward(call, input: Tensor, reduction: str, per_row: bool, compute_grad: bool,
-             inplace: bool = False, cached: bool = False):
-    """Runs call(x, grad, losses) -> float on DLPack capsules of the input and of the output
-    buffers allocated here; returns (loss tensor, grad tensor or None). `cached`: the
-    gradient may come from the cache of released buffers (eager autograd only: a custom
-    operator's outputs are left to the compiler's own allocation)."""
+             inplace: bool = False, cached: bool = False, target: Optional[Tensor] = None):
+    """Runs call(x, grad, losses[, grad_target]) -> float on DLPack capsules of the input
+    and of the output buffers allocated here; returns (loss tensor, grad tensor or None,
+    target gradient or None). `cached`: the gradient may come from the cache of released
+    buffers (eager autograd only: a custom operator's outputs are left to the compiler's
+    own allocation). `target`: also compute d loss / d target in the same pass."""
     x = input.detach()
     # a fresh gradient comes from the cache of released buffers (no page faults on reuse)
     if not compute_grad:
@@ -165,9 +166,14 @@ def _forward(call, input: Tensor, reduction: str, per_row: bool, compute_grad: b
     losses = None
     if reduction == "none":
         losses = x.new_empty(row_shape(x.shape) if per_row else x.shape)
-    value = call(_dl(x), _dl(grad), _dl(losses))
+    if target is None:
+        grad_target = None
+        value = call(_dl(x), _dl(grad), _dl(losses))
+    else:
+        grad_target = torch.empty_like(target.detach())
+        value = call(_dl(x), _dl(grad), _dl(losses), _dl(grad_target))
     loss = losses if losses is not None else torch.tensor(value, dtype=x.dtype)
-    return loss, grad
+    return loss, grad, grad_target
 
 
 def _scale(grad: Tensor, grad_loss: Tensor, per_row: bool, eager: bool) -> Tensor:
@@ -186,31 +192,39 @@ def _scale(grad: Tensor, grad_loss: Tensor, per_row: bool, eager: bool) -> Tenso
 class _FusedLoss(torch.autograd.Function):
     """Eager autograd: forward runs the fused kernel (loss and gradient), backward scales.
 
-    apply(input, run, meta, *args): `run()` -> (loss, grad) runs the kernel; `meta` =
-    (function name, per_row, reference, inplace), reference(input, *args) being the loss as
-    a differentiable torch expression (None where there is none); `args` are the call's
-    other tensors (targets, teacher, TopK values, weights), which get gradients from the
-    reference when they require grad."""
+    apply(input, run, meta, *args): `run()` -> (loss, grad, grad_target) runs the kernel
+    (grad_target: d loss / d args[0] from the same pass, or None); `meta` = (function name,
+    per_row, reference, inplace), reference(input, *args) being the loss as a
+    differentiable torch expression (None where there is none); `args` are the call's
+    other tensors (targets, teacher, TopK values, weights). First order, the input and
+    args[0] take the kernel's gradients; every other case (another argument, or
+    create_graph=True) differentiates the reference."""
 
     @staticmethod
     def forward(ctx, input, run, meta, *args):
-        loss, grad = run()
+        loss, grad, grad_target = run()
         ctx.meta = meta
         # With inplace_backward the input now holds the gradient: not saved (backward
         # refuses what would need it).
-        ctx.save_for_backward(grad, None if meta[3] else input, *args)
+        ctx.save_for_backward(grad, None if meta[3] else input, grad_target, *args)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if not torch.is_grad_enabled() and not any(ctx.needs_input_grad[3:]):
-            # the fast path: only the input, first order
-            grad = ctx.saved_tensors[0]
-            return _scale(grad, grad_loss, ctx.meta[1], eager=True), None, None, *(
-                (None,) * (len(ctx.needs_input_grad) - 3))
+        needs = ctx.needs_input_grad  # (input, run, meta, *args)
         saved = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[3:])
-        grads = _reference_backward(ctx.meta, saved[0], saved[1], saved[2:], grad_loss, needs)
+        grad_target = saved[2]
+        if (not torch.is_grad_enabled() and not any(needs[4:])
+                and (len(needs) < 4 or not needs[3] or grad_target is not None)):
+            # the fast path, first order: the kernel's gradients of the input and target
+            per_row = ctx.meta[1]
+            g_input = _scale(saved[0], grad_loss, per_row, eager=True) if needs[0] else None
+            g_target = (_scale(grad_target, grad_loss, per_row, eager=True)
+                        if len(needs) > 3 and needs[3] else None)
+            rest = (g_target,) + (None,) * (len(needs) - 4) if len(needs) > 3 else ()
+            return g_input, None, None, *rest
+        wanted = (needs[0],) + tuple(needs[3:])
+        grads = _reference_backward(ctx.meta, saved[0], saved[1], saved[3:], grad_loss, wanted)
         return grads[0], None, None, *grads[1:]
 
 
@@ -262,27 +276,32 @@ def _reference_backward(meta, grad, input, args, grad_loss, needs):
 
 def _eager(function: str, input: Tensor, reduction: str, per_row: bool, call,
            inplace_backward: bool, return_grad: bool, reference=None, args=(),
-           names=(), others=()):
+           names=(), others=(), fused_target: bool = False):
     """The eager call. `args` (with their `names`, for messages) are the other tensors of
     the call, which the reference differentiates when they require grad; `others` (name,
-    tensor) pairs are only checked for overlap with an in-place gradient."""
+    tensor) pairs are only checked for overlap with an in-place gradient. `fused_target`:
+    `call` also computes d loss / d args[0] (a dense target or teacher), used when args[0]
+    requires grad."""
     grad_mode = torch.is_grad_enabled()
     wants_input = input.requires_grad and grad_mode
     compute_grad = return_grad or wants_input
     inplace = inplace_backward and compute_grad
     if inplace:
         _check_inplace(function, input, list(zip(names, args)) + list(others))
+    target = args[0] if fused_target and grad_mode and args and args[0] is not None \
+        and args[0].requires_grad else None
 
     def run():
-        loss, grad = _forward(call, input, reduction, per_row, compute_grad, inplace, cached=True)
+        loss, grad, grad_target = _forward(call, input, reduction, per_row, compute_grad,
+                                           inplace, cached=True, target=target)
         if inplace:
             # The logits now hold the gradient: bump their version so that autograd
             # reports any other use of them in backward instead of silently using it.
             torch.autograd.graph.increment_version(input)
-        return loss, grad
+        return loss, grad, grad_target
 
     if return_grad:
-        loss, grad = run()
+        loss, grad, _ = run()
         return loss, grad
     if not wants_input and (not grad_mode or not any(
             a is not None and a.requires_grad for a in args)):
@@ -374,8 +393,9 @@ def _op_result(loss: Tensor, grad: Optional[Tensor], input: Tensor):
 def _ce_call(target, topk_values, tail, weight, ignore_index, reduction, label_smoothing,
              mask):
     if topk_values is None:
-        return lambda x, grad, losses: _core.cross_entropy(
-            x, target, weight, ignore_index, reduction, label_smoothing, mask, grad, losses)
+        return lambda x, grad, losses, grad_target=None: _core.cross_entropy(
+            x, target, weight, ignore_index, reduction, label_smoothing, mask, grad, losses,
+            grad_target)
     return lambda x, grad, losses: _core.cross_entropy_topk(
         x, target, topk_values, tail, weight, ignore_index, reduction, label_smoothing, mask,
         grad, losses)
@@ -388,7 +408,7 @@ def _cross_entropy_op(input: Tensor, target: Tensor, topk_values: Optional[Tenso
                       compute_grad: bool) -> tuple[Tensor, Tensor]:
     call = _ce_call(_dl(target), _dl(topk_values), tail, _dl(weight), ignore_index,
                     reduction, label_smoothing, _dl(mask))
-    return _op_result(*_forward(call, input, reduction, True, compute_grad), input)
+    return _op_result(*_forward(call, input, reduction, True, compute_grad)[:2], input)
 
 
 @_cross_entropy_op.register_fake
@@ -402,15 +422,15 @@ _register_autograd(_cross_entropy_op, per_row=True, num_args=10,
 
 
 def _cewp_call(target, weight, reduction):
-    return lambda x, grad, losses: _core.cross_entropy_with_probs(
-        x, target, weight, reduction, grad, losses)
+    return lambda x, grad, losses, grad_target=None: _core.cross_entropy_with_probs(
+        x, target, weight, reduction, grad, losses, grad_target)
 
 
 @torch.library.custom_op("softce::cross_entropy_with_probs", mutates_args=())
 def _cross_entropy_with_probs_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
                                  reduction: str, compute_grad: bool) -> tuple[Tensor, Tensor]:
     call = _cewp_call(_dl(target), _dl(weight), reduction)
-    return _op_result(*_forward(call, input, reduction, True, compute_grad), input)
+    return _op_result(*_forward(call, input, reduction, True, compute_grad)[:2], input)
 
 
 @_cross_entropy_with_probs_op.register_fake
@@ -423,14 +443,15 @@ _register_autograd(_cross_entropy_with_probs_op, per_row=True, num_args=5,
 
 
 def _kl_call(target, reduction, log_target):
-    return lambda x, grad, losses: _core.kl_div(x, target, reduction, log_target, grad, losses)
+    return lambda x, grad, losses, grad_target=None: _core.kl_div(
+        x, target, reduction, log_target, grad, losses, grad_target)
 
 
 @torch.library.custom_op("softce::kl_div", mutates_args=())
 def _kl_div_op(input: Tensor, target: Tensor, reduction: str, log_target: bool,
                compute_grad: bool) -> tuple[Tensor, Tensor]:
     call = _kl_call(_dl(target), reduction, log_target)
-    return _op_result(*_forward(call, input, reduction, False, compute_grad), input)
+    return _op_result(*_forward(call, input, reduction, False, compute_grad)[:2], input)
 
 
 @_kl_div_op.register_fake
@@ -442,8 +463,8 @@ _register_autograd(_kl_div_op, per_row=False, num_args=5, reference=_reference.k
 
 
 def _bce_call(target, weight, pos_weight, reduction):
-    return lambda x, grad, losses: _core.binary_cross_entropy_with_logits(
-        x, target, weight, pos_weight, reduction, grad, losses)
+    return lambda x, grad, losses, grad_target=None: _core.binary_cross_entropy_with_logits(
+        x, target, weight, pos_weight, reduction, grad, losses, grad_target)
 
 
 @torch.library.custom_op("softce::binary_cross_entropy_with_logits", mutates_args=())
@@ -451,7 +472,7 @@ def _bce_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
             pos_weight: Optional[Tensor], reduction: str,
             compute_grad: bool) -> tuple[Tensor, Tensor]:
     call = _bce_call(_dl(target), _dl(weight), _dl(pos_weight), reduction)
-    return _op_result(*_forward(call, input, reduction, False, compute_grad), input)
+    return _op_result(*_forward(call, input, reduction, False, compute_grad)[:2], input)
 
 
 @_bce_op.register_fake
@@ -469,8 +490,9 @@ def _distill_call(teacher, topk_values, tail, temperature, divergence, beta, red
     # the core needs it said from 3 dimensions on
     dim = 1 if ndim >= 3 else None
     if topk_values is None:
-        return lambda x, grad, losses: _core.distillation_loss(
-            x, teacher, temperature, divergence, beta, reduction, mask, grad, losses, dim)
+        return lambda x, grad, losses, grad_target=None: _core.distillation_loss(
+            x, teacher, temperature, divergence, beta, reduction, mask, grad, losses, dim,
+            grad_target)
     return lambda x, grad, losses: _core.distillation_loss_topk(
         x, teacher, topk_values, tail, temperature, divergence, beta, reduction, mask, grad,
         losses, dim)
@@ -483,7 +505,7 @@ def _distillation_op(student_logits: Tensor, teacher: Tensor, topk_values: Optio
                      compute_grad: bool) -> tuple[Tensor, Tensor]:
     call = _distill_call(_dl(teacher), _dl(topk_values), tail, temperature, divergence, beta,
                          reduction, _dl(mask), student_logits.dim())
-    return _op_result(*_forward(call, student_logits, reduction, True, compute_grad),
+    return _op_result(*_forward(call, student_logits, reduction, True, compute_grad)[:2],
                       student_logits)
 
 
@@ -543,7 +565,8 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
     names = ("target.indices" if values is not None else "target", "target.values",
              "weight")
     return _eager(fn, input, reduction, True, call, inplace_backward, return_grad,
-                  reference, (target, values, weight), names, (("mask", mask),))
+                  reference, (target, values, weight), names, (("mask", mask),),
+                  fused_target=values is None and target.is_floating_point())
 
 
 def cross_entropy_with_probs(input, target, weight, reduction, inplace_backward, return_grad):
@@ -562,7 +585,7 @@ def cross_entropy_with_probs(input, target, weight, reduction, inplace_backward,
         return _reference.cross_entropy_with_probs(x, target, weight, reduction)
 
     return _eager(fn, input, reduction, True, call, inplace_backward, return_grad,
-                  reference, (target, weight), ("target", "weight"))
+                  reference, (target, weight), ("target", "weight"), fused_target=True)
 
 
 def kl_div(input, target, reduction, log_target, inplace_backward, return_grad):
@@ -578,7 +601,7 @@ def kl_div(input, target, reduction, log_target, inplace_backward, return_grad):
         return _reference.kl_div(x, target, reduction, log_target)
 
     return _eager(fn, input, reduction, False, call, inplace_backward, return_grad,
-                  reference, (target,), ("target",))
+                  reference, (target,), ("target",), fused_target=True)
 
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
@@ -599,7 +622,8 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
                                                             reduction)
 
     return _eager(fn, input, reduction, False, call, inplace_backward, return_grad,
-                  reference, (target, weight, pos_weight), ("target", "weight", "pos_weight"))
+                  reference, (target, weight, pos_weight), ("target", "weight", "pos_weight"),
+                  fused_target=True)
 
 
 def distillation_loss(student_logits, teacher, temperature, divergence, beta, reduction, mask,
@@ -622,4 +646,5 @@ def distillation_loss(student_logits, teacher, temperature, divergence, beta, re
 
     names = ("teacher.indices" if values is not None else "teacher", "teacher.values")
     return _eager(fn, student_logits, reduction, True, call, inplace_backward, return_grad,
-                  reference, (teacher, values), names, (("mask", mask),))
+                  reference, (teacher, values), names, (("mask", mask),),
+                  fused_target=values is None)

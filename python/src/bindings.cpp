@@ -123,18 +123,21 @@ std::optional<softce::array_view> in_view(const std::optional<input_array>& a,
   return in_view(*a, fn, name);
 }
 softce::outputs out_views(const std::optional<output_array>& grad,
-                          const std::optional<output_array>& losses, std::string_view fn) {
+                          const std::optional<output_array>& losses, std::string_view fn,
+                          const std::optional<output_array>& grad_target = std::nullopt) {
   softce::outputs out;
   if (grad) out.grad = make_view<softce::mutable_array_view>(*grad, fn, "grad");
   if (losses) out.losses = make_view<softce::mutable_array_view>(*losses, fn, "losses");
+  if (grad_target) out.grad_target = make_view<softce::mutable_array_view>(*grad_target, fn, "grad_target");
   return out;
 }
 
+// `name`: the argument the top-k stands for ("target", or "teacher" for distillation).
 softce::topk make_topk(const input_array& indices, const input_array& values, bool tail,
-                       std::string_view fn) {
+                       std::string_view fn, std::string_view name) {
   softce::topk t;
-  t.indices = in_view(indices, fn, "target.indices");
-  t.values = in_view(values, fn, "target.values");
+  t.indices = in_view(indices, fn, std::string(name) + ".indices");
+  t.values = in_view(values, fn, std::string(name) + ".values");
   t.tail = tail;
   return t;
 }
@@ -161,12 +164,13 @@ double cross_entropy(const input_array& input, const input_array& target,
                      std::string_view reduction, double label_smoothing,
                      const std::optional<input_array>& mask,
                      const std::optional<output_array>& grad,
-                     const std::optional<output_array>& losses) {
+                     const std::optional<output_array>& losses,
+                     const std::optional<output_array>& grad_target) {
   constexpr std::string_view fn = "cross_entropy";
   const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
   const auto x = in_view(input, fn, "input");
   const auto t = in_view(target, fn, "target");
-  const auto out = out_views(grad, losses, fn);
+  const auto out = out_views(grad, losses, fn, grad_target);
   nb::gil_scoped_release release;
   return softce::cross_entropy(x, t, options, out);
 }
@@ -181,7 +185,7 @@ double cross_entropy_topk(const input_array& input, const input_array& indices,
   constexpr std::string_view fn = "cross_entropy";
   const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
   const auto x = in_view(input, fn, "input");
-  const auto t = make_topk(indices, values, tail, fn);
+  const auto t = make_topk(indices, values, tail, fn, "target");
   const auto out = out_views(grad, losses, fn);
   nb::gil_scoped_release release;
   return softce::cross_entropy(x, t, options, out);
@@ -191,27 +195,29 @@ double cross_entropy_with_probs(const input_array& input, const input_array& tar
                                 const std::optional<input_array>& weight,
                                 std::string_view reduction,
                                 const std::optional<output_array>& grad,
-                                const std::optional<output_array>& losses) {
+                                const std::optional<output_array>& losses,
+                                const std::optional<output_array>& grad_target) {
   constexpr std::string_view fn = "cross_entropy_with_probs";
   const auto reduce = softce::parse_reduction(reduction);
   const auto w = in_view(weight, fn, "weight");
   const auto x = in_view(input, fn, "input");
   const auto t = in_view(target, fn, "target");
-  const auto out = out_views(grad, losses, fn);
+  const auto out = out_views(grad, losses, fn, grad_target);
   nb::gil_scoped_release release;
   return softce::cross_entropy_with_probs(x, t, w, reduce, out);
 }
 
 double kl_div(const input_array& input, const input_array& target, std::string_view reduction,
               bool log_target, const std::optional<output_array>& grad,
-              const std::optional<output_array>& losses) {
+              const std::optional<output_array>& losses,
+              const std::optional<output_array>& grad_target) {
   constexpr std::string_view fn = "kl_div";
   softce::kl_div_options options;
   options.reduce = softce::parse_reduction(reduction);
   options.log_target = log_target;
   const auto x = in_view(input, fn, "input");
   const auto t = in_view(target, fn, "target");
-  const auto out = out_views(grad, losses, fn);
+  const auto out = out_views(grad, losses, fn, grad_target);
   nb::gil_scoped_release release;
   return softce::kl_div(x, t, options, out);
 }
@@ -221,7 +227,8 @@ double binary_cross_entropy_with_logits(const input_array& input, const input_ar
                                         const std::optional<input_array>& pos_weight,
                                         std::string_view reduction,
                                         const std::optional<output_array>& grad,
-                                        const std::optional<output_array>& losses) {
+                                        const std::optional<output_array>& losses,
+                                        const std::optional<output_array>& grad_target) {
   constexpr std::string_view fn = "binary_cross_entropy_with_logits";
   softce::bce_options options;
   options.weight = in_view(weight, fn, "weight");
@@ -229,7 +236,7 @@ double binary_cross_entropy_with_logits(const input_array& input, const input_ar
   options.reduce = softce::parse_reduction(reduction);
   const auto x = in_view(input, fn, "input");
   const auto t = in_view(target, fn, "target");
-  const auto out = out_views(grad, losses, fn);
+  const auto out = out_views(grad, losses, fn, grad_target);
   nb::gil_scoped_release release;
   return softce::binary_cross_entropy_with_logits(x, t, options, out);
 }
@@ -256,12 +263,13 @@ double distillation_loss(const input_array& student, const input_array& teacher,
                          std::string_view reduction, const std::optional<input_array>& mask,
                          const std::optional<output_array>& grad,
                          const std::optional<output_array>& losses,
-                         std::optional<int> dim) {
+                         std::optional<int> dim,
+                         const std::optional<output_array>& grad_target) {
   constexpr std::string_view fn = "distillation_loss";
   const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
   const auto x = in_view(student, fn, "student_logits");
   const auto t = in_view(teacher, fn, "teacher");
-  const auto out = out_views(grad, losses, fn);
+  const auto out = out_views(grad, losses, fn, grad_target);
   nb::gil_scoped_release release;
   return softce::distillation_loss(x, t, options, out);
 }
@@ -277,7 +285,7 @@ double distillation_loss_topk(const input_array& student, const input_array& ind
   constexpr std::string_view fn = "distillation_loss";
   const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
   const auto x = in_view(student, fn, "student_logits");
-  const auto t = make_topk(indices, values, tail, fn);
+  const auto t = make_topk(indices, values, tail, fn, "teacher");
   const auto out = out_views(grad, losses, fn);
   nb::gil_scoped_release release;
   return softce::distillation_loss(x, t, options, out);
@@ -351,51 +359,6 @@ void merge_records(const gathered_records& gathered, const nb::capsule& merge,
     merge_fn(result, in + r * block, static_cast<std::int64_t>(count));
 }
 
-// A 64-bit fingerprint of arrays' dtypes, shapes and element bits (in index order): the
-// agreement step compares those of the arrays that must be identical on every rank
-// (index / top-k targets, masks). None contributes a marker of its own.
-std::uint64_t fingerprint(const std::vector<std::optional<input_array>>& arrays) {
-  std::vector<softce::array_view> views;
-  std::vector<bool> present;
-  for (const auto& a : arrays) {
-    present.push_back(a.has_value());
-    if (a) views.push_back(in_view(*a, "fingerprint", "array"));
-  }
-  nb::gil_scoped_release release;
-  std::uint64_t h = 0x9e3779b97f4a7c15ull;
-  auto add = [&h](std::uint64_t v) {
-    h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
-    h *= 0xff51afd7ed558ccdull;
-    h ^= h >> 33;
-  };
-  std::size_t next = 0;
-  for (bool p : present) {
-    add(p ? 1 : 2);
-    if (!p) continue;
-    const softce::array_view& v = views[next++];
-    add(static_cast<std::uint64_t>(v.type));
-    add(static_cast<std::uint64_t>(v.ndim));
-    for (int i = 0; i < v.ndim; ++i) add(static_cast<std::uint64_t>(v.shape[i]));
-    const std::int64_t n = v.numel();
-    if (n == 0) continue;
-    const auto size = static_cast<std::int64_t>(softce::dtype_size(v.type));
-    const char* base = static_cast<const char*>(v.data);
-    std::int64_t index[softce::max_dims] = {};
-    for (std::int64_t e = 0; e < n; ++e) {
-      std::int64_t offset = 0;
-      for (int i = 0; i < v.ndim; ++i) offset += index[i] * v.strides[i];
-      std::uint64_t bits = 0;
-      std::memcpy(&bits, base + offset * size, static_cast<std::size_t>(size));
-      add(bits);
-      for (int i = v.ndim - 1; i >= 0; --i) {
-        if (++index[i] < v.shape[i]) break;
-        index[i] = 0;
-      }
-    }
-  }
-  return h;
-}
-
 double class_parallel_cross_entropy(std::int64_t class_offset, std::int64_t num_classes,
                                     nb::callable all_reduce, const input_array& input,
                                     const input_array& target,
@@ -428,7 +391,7 @@ double class_parallel_cross_entropy_topk(std::int64_t class_offset, std::int64_t
   const auto shard = python_shard(class_offset, num_classes, all_reduce);
   const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
   const auto x = in_view(input, fn, "input");
-  const auto t = make_topk(indices, values, tail, fn);
+  const auto t = make_topk(indices, values, tail, fn, "target");
   const auto out = out_views(grad, losses, fn);
   nb::gil_scoped_release release;
   return softce::class_parallel::cross_entropy(shard, x, t, options, out);
@@ -467,7 +430,7 @@ double class_parallel_distillation_loss_topk(std::int64_t class_offset, std::int
   const auto shard = python_shard(class_offset, num_classes, all_reduce);
   const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
   const auto x = in_view(student, fn, "student_logits");
-  const auto t = make_topk(indices, values, tail, fn);
+  const auto t = make_topk(indices, values, tail, fn, "teacher");
   const auto out = out_views(grad, losses, fn);
   nb::gil_scoped_release release;
   return softce::class_parallel::distillation_loss(shard, x, t, options, out);
@@ -496,7 +459,7 @@ NB_MODULE(_core, m) {
   m.def("cross_entropy", &cross_entropy, "input"_a.noconvert(), "target"_a.noconvert(),
         "weight"_a.noconvert().none(), "ignore_index"_a, "reduction"_a, "label_smoothing"_a,
         "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none());
+        "losses"_a.noconvert().none(), "grad_target"_a.noconvert().none() = nb::none());
   m.def("cross_entropy_topk", &cross_entropy_topk, "input"_a.noconvert(),
         "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a,
         "weight"_a.noconvert().none(), "ignore_index"_a, "reduction"_a, "label_smoothing"_a,
@@ -504,17 +467,20 @@ NB_MODULE(_core, m) {
         "losses"_a.noconvert().none());
   m.def("cross_entropy_with_probs", &cross_entropy_with_probs, "input"_a.noconvert(),
         "target"_a.noconvert(), "weight"_a.noconvert().none(), "reduction"_a,
-        "grad"_a.noconvert().none(), "losses"_a.noconvert().none());
+        "grad"_a.noconvert().none(), "losses"_a.noconvert().none(),
+        "grad_target"_a.noconvert().none() = nb::none());
   m.def("kl_div", &kl_div, "input"_a.noconvert(), "target"_a.noconvert(), "reduction"_a,
-        "log_target"_a, "grad"_a.noconvert().none(), "losses"_a.noconvert().none());
+        "log_target"_a, "grad"_a.noconvert().none(), "losses"_a.noconvert().none(),
+        "grad_target"_a.noconvert().none() = nb::none());
   m.def("binary_cross_entropy_with_logits", &binary_cross_entropy_with_logits,
         "input"_a.noconvert(), "target"_a.noconvert(), "weight"_a.noconvert().none(),
         "pos_weight"_a.noconvert().none(), "reduction"_a, "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none());
+        "losses"_a.noconvert().none(), "grad_target"_a.noconvert().none() = nb::none());
   m.def("distillation_loss", &distillation_loss, "student_logits"_a.noconvert(),
         "teacher"_a.noconvert(), "temperature"_a, "divergence"_a, "beta"_a, "reduction"_a,
         "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none(), "dim"_a.none() = nb::none());
+        "losses"_a.noconvert().none(), "dim"_a.none() = nb::none(),
+        "grad_target"_a.noconvert().none() = nb::none());
   m.def("distillation_loss_topk", &distillation_loss_topk, "student_logits"_a.noconvert(),
         "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a, "temperature"_a,
         "divergence"_a, "beta"_a, "reduction"_a, "mask"_a.noconvert().none(),
@@ -544,7 +510,6 @@ NB_MODULE(_core, m) {
         "grad"_a.noconvert().none(), "losses"_a.noconvert().none(), "dim"_a.none() = nb::none());
   m.def("merge_records", &merge_records, "gathered"_a.noconvert(), "merge"_a,
         "out"_a.noconvert());
-  m.def("fingerprint", &fingerprint, "arrays"_a);
 
   m.def("parse_reduction", [](std::string_view name) {
     return std::string(softce::reduction_name(softce::parse_reduction(name)));

@@ -195,6 +195,54 @@ def test_fast_path_is_used_without_create_graph():
     assert_close(grad2, stored)
 
 
+# cases whose second argument is a dense target or teacher: the kernel computes its
+# gradient in the same pass (outputs.grad_target)
+FUSED_TARGET_CASES = sorted(name for name, (_, args) in CASES.items()
+                            if len(args) == 2 and "topk" not in name and "index" not in name)
+
+
+@pytest.mark.parametrize("name", FUSED_TARGET_CASES)
+def test_first_order_target_gradient_comes_from_the_kernel(name, monkeypatch):
+    """First order, the input's and the target's gradients are the kernel's: with every
+    reference expression made to fail, backward still works, and it equals the reference's
+    gradient (create_graph=True goes through the expression)."""
+    fn, args = CASES[name]
+    a = leaves(args)
+    expected = torch.autograd.grad(fn(*a).sum(), a, create_graph=True)
+    from softce import _reference
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the reference expression was used")
+
+    for function in ("cross_entropy", "cross_entropy_with_probs", "kl_div",
+                     "binary_cross_entropy_with_logits", "distillation_loss"):
+        monkeypatch.setattr(_reference, function, refuse)
+    got = torch.autograd.grad(fn(*a).sum(), a)
+    for x, y in zip(got, expected):
+        assert_close(x, y.detach(), rtol=1e-12, atol=1e-14)
+    assert got[1].abs().sum() > 0
+    # only the target requiring grad
+    t = args[1].detach().clone().requires_grad_()
+    (only,) = torch.autograd.grad(fn(args[0], t).sum(), t)
+    assert_close(only, expected[1].detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_target_gradient_float32_matches_torch():
+    """float32 target gradient as accurate as torch's own (-log q near the max class)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 3, 5, generator=gen) * 8
+    t = torch.softmax(torch.randn(64, 3, 5, generator=gen), 1)
+    w = torch.randn(3, generator=gen)
+    grads = []
+    for fn, dtype in ((softce.cross_entropy, torch.float32), (F.cross_entropy, torch.float32),
+                      (F.cross_entropy, torch.float64)):
+        tt = t.to(dtype).requires_grad_()
+        (gt,) = torch.autograd.grad(fn(x.to(dtype), tt, w.to(dtype), reduction="sum"), tt)
+        grads.append(gt.double())
+    ours, theirs, exact = grads
+    assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 1e-7
+
+
 def test_create_graph_after_inplace_backward_is_refused():
     x = X.clone().requires_grad_()
     logits = x * 1

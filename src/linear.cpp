@@ -793,6 +793,7 @@ double ce_entry(const array_view& hidden, const array_view& weight, const std::o
     call.denominator = static_cast<double>(kept_rows(call));
   }
   finish_validation(call);
+  if (linear.validate_only) return std::numeric_limits<double>::quiet_NaN();
   return dispatch(call);
 }
 
@@ -851,6 +852,7 @@ double distill_entry(const array_view& hidden, const array_view& weight, const s
   if (call.reduce == reduction::batchmean) call.denominator = static_cast<double>(kept_rows(call));
   if (call.reduce == reduction::mean) call.denominator = static_cast<double>(kept_rows(call)) * static_cast<double>(call.V);
   finish_validation(call);
+  if (linear.validate_only) return std::numeric_limits<double>::quiet_NaN();
   return dispatch(call);
 }
 

@@ -38,6 +38,10 @@ struct linear_options {
   // float staging of a block of hidden states; the N x V-shaped memory never exceeds it.
   // Too small for a block of one row and min(V, 16) classes: an error.
   std::size_t memory_budget = std::size_t{64} << 20;
+  // Check every argument (as a call would, values included) and return NaN without
+  // computing or writing anything: for fronts that run the products themselves (the Python
+  // front runs them through torch's matmul) and want the same validation and messages.
+  bool validate_only = false;
 };
 
 // Every output is optional.

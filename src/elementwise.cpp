@@ -171,6 +171,7 @@ double coef_for(reduction r, double denominator) {
 template <class T>
 double kl_div_impl(const array_view& input, const array_view& target, const kl_div_options& opt,
                    const outputs& out) {
+  const kernel_table<T>& kern = kernels_for<T>();
   const double numel = static_cast<double>(input.numel());
   const double denominator = opt.reduce == reduction::batchmean
                                  ? (input.ndim == 0 ? 1.0 : static_cast<double>(input.shape[0]))
@@ -186,7 +187,7 @@ double kl_div_impl(const array_view& input, const array_view& target, const kl_d
       input, x, t, nullptr, nullptr, out.grad ? &g : nullptr, out.losses ? &l : nullptr,
       out.grad_target ? &gt : nullptr,
       [&](const T* xs, const T* ts, const T*, const T*, std::int64_t n, T* gs, T* ls) {
-        return kl_div_elements(xs, ts, n, log_target, coef, gs, ls);
+        return kern.kl_div_elements(xs, ts, n, log_target, coef, gs, ls);
       },
       // d/dt: log t + 1 - x (NaN at t = 0, as torch's xlogy(t, t)); log_target:
       // e^t (t - x + 1), 0 at t = -inf
@@ -206,6 +207,7 @@ double kl_div_impl(const array_view& input, const array_view& target, const kl_d
 
 template <class T>
 double bce_impl(const array_view& input, const array_view& target, const bce_options& opt, const outputs& out) {
+  const kernel_table<T>& kern = kernels_for<T>();
   constexpr std::string_view fn = "binary_cross_entropy_with_logits";
   const double numel = static_cast<double>(input.numel());
   const T coef = static_cast<T>(coef_for(opt.reduce, numel));
@@ -221,7 +223,7 @@ double bce_impl(const array_view& input, const array_view& target, const bce_opt
       input, x, t, w ? &*w : nullptr, pw ? &*pw : nullptr, out.grad ? &g : nullptr, out.losses ? &l : nullptr,
       out.grad_target ? &gt : nullptr,
       [&](const T* xs, const T* ts, const T* ws, const T* pws, std::int64_t n, T* gs, T* ls) {
-        return bce_elements(xs, ts, ws, pws, n, coef, gs, ls);
+        return kern.bce_elements(xs, ts, ws, pws, n, coef, gs, ls);
       },
       // d/dt: w (-x + (pos_weight - 1) softplus(-x))
       [&](const T* xs, const T*, const T* ws, const T* pws, std::int64_t n, T* gts) {

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace softce::detail {
 
@@ -76,77 +77,112 @@ struct exp_cache {
   T* shifts = nullptr;  // ceil(n / kChunk) entries
 };
 
-#define SOFTCE_DECLARE_KERNELS(T)                                                          \
-  /* with a cache: e = exp((x - shift_c) * inv_t) and the chunk shifts, for the gradient */ \
-  softmax_stats softmax_row_stats(const T* x, std::int64_t n, T inv_temperature,          \
-                                  exp_cache<T> cache);                                     \
-  /* g = scale * q from a softmax_row_stats cache (g may be cache.e) */                    \
-  void softmax_row_grad_cached(exp_cache<T> cache, std::int64_t n, T inv_temperature,      \
-                               row_normaliser<T> norm, T scale, T* g);                     \
-  /* out = factor * in (out may be in) */                                                   \
-  void scale_row(const T* in, std::int64_t n, T factor, T* out);                           \
-  /* max over n <= kChunk elements, exactly the max softmax_row_stats takes of a chunk */  \
-  T chunk_max(const T* x, std::int64_t n);                                                 \
-  /* Σ exp((x - shift) * inv_t) over the slice except the (sorted) excluded indices */      \
-  double exp_sum_excluding(const T* x, std::int64_t n, T inv_temperature, T shift,           \
-                           const std::int64_t* excluded, std::int64_t excluded_count);       \
-  /* g = scale * exp((x - shift) * inv_t - log_sum) */                                     \
-  void softmax_row_grad(const T* x, std::int64_t n, T inv_temperature,                     \
-                        row_normaliser<T> norm, T scale, T* g);                            \
-  target_stats target_row_stats(const T* x, std::int64_t n, const target_desc<T>& t,       \
-                                exp_cache<T> cache);                                       \
-  /* the gradient from a cache: q = e * exp(shift_c - norm.shift - norm.log_sum) */        \
-  void target_row_grad_cached(exp_cache<T> cache, std::int64_t n, const target_desc<T>& t, \
-                              row_normaliser<T> norm, T a, T coef, T* g);                  \
-  /* g = coef * (q * a - w * t') */                                                        \
-  void target_row_grad(const T* x, std::int64_t n, const target_desc<T>& t,                \
-                       row_normaliser<T> norm, T a, T coef, T* g);                         \
-  distill_stats distill_row_stats(const T* x, const T* z, std::int64_t n, T inv_temperature, \
-                                  distill_kind kind, exp_cache<T> cx, exp_cache<T> cz);    \
-  /* kl gradient from caches: g = coef (q - p) */                                          \
-  void distill_row_grad_kl_cached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n,        \
-                                  T inv_temperature, row_normaliser<T> nx,                 \
-                                  row_normaliser<T> nz, T coef, T* g);                     \
-  jsd_stats jsd_row_stats(const T* x, const T* z, std::int64_t n, T inv_temperature,       \
-                          row_normaliser<T> nx, row_normaliser<T> nz, T beta);             \
-  /* jsd's second pass from exp caches (one log per element); writes log m (may be cz.e) */ \
-  jsd_stats jsd_row_stats_cached(const T* x, const T* z, exp_cache<T> cx, exp_cache<T> cz, \
-                                 std::int64_t n, T inv_temperature, row_normaliser<T> nx,  \
-                                 row_normaliser<T> nz, T beta, T* log_m);                  \
-  /* reverse_kl (log_m null: log p from z) / jsd (log m given) gradient from the student's \
-     exp cache: g = coef q (log q - log ref - r), no exp per element; g may be x */         \
-  void distill_row_grad_log_cached(const T* x, const T* z, const T* log_m, exp_cache<T> cx, \
-                                   std::int64_t n, T inv_temperature, row_normaliser<T> nx, \
-                                   row_normaliser<T> nz, T r, T coef, T* g);               \
-  /* kl: g = coef (q - p); reverse_kl: g = coef q (log q - log p - r);                     \
-     jsd: g = coef q (log q - log m - r), m = beta p + (1 - beta) q */                     \
-  void distill_row_grad(const T* x, const T* z, std::int64_t n, T inv_temperature,        \
-                        row_normaliser<T> nx, row_normaliser<T> nz, int kind, T beta, T r,  \
-                        T coef, T* g);                                                     \
-  /* element-wise: return Σ loss over the slice; write grad (coef * dloss) and the        \
-     element losses where the pointers are non-null */                                     \
-  double kl_div_elements(const T* x, const T* t, std::int64_t n, bool log_target, T coef,  \
-                         T* g, T* losses);                                                 \
-  double bce_elements(const T* x, const T* t, const T* w, const T* pos_w, std::int64_t n,  \
-                      T coef, T* g, T* losses);
+// The gradient kernels' divergence: kl = KL(p || q), reverse_kl = KL(q || p), jsd = the
+// generalised JSD with mixture m = beta p + (1 - beta) q.
+enum class grad_kind { kl, reverse_kl, jsd };
 
-// Dense cross-entropy statistics and cached gradient reading bfloat16 logits and targets
-// in place (no class weights): wt = keep * t + add; the gradient is written as bfloat16.
-target_stats target_row_stats_bf16(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep,
-                                   float add, exp_cache<float> cache);
-void target_row_grad_cached_bf16(exp_cache<float> cache, const std::uint16_t* t, std::int64_t n, float keep,
-                                 float add, row_normaliser<float> norm, float a, float coef, std::uint16_t* g);
+// ---------------------------------------------------------------------------------------
+// The kernel table: one function pointer per kernel, for one SIMD target. A driver fetches
+// it once per call (kernels_for<T>()) and calls through it row after row; the bodies live in
+// the -inl.h files (Highway's pattern), compiled once per target by kernels.cpp. Adding a
+// kernel: its body in an -inl.h file, and its entry here plus its line in kernels.cpp's
+// table (the compiler rejects a table that misses an entry).
+template <class T>
+struct kernel_table {
+  // softmax statistics; with a cache: e = exp((x - shift_c) * inv_t) and the chunk shifts
+  softmax_stats (*softmax_row_stats)(const T* x, std::int64_t n, T inv_temperature, exp_cache<T> cache);
+  // g = scale * q from a softmax_row_stats cache (g may be cache.e)
+  void (*softmax_row_grad_cached)(exp_cache<T> cache, std::int64_t n, T inv_temperature, row_normaliser<T> norm,
+                                  T scale, T* g);
+  // g = scale * exp((x - shift) * inv_t - log_sum)
+  void (*softmax_row_grad)(const T* x, std::int64_t n, T inv_temperature, row_normaliser<T> norm, T scale, T* g);
+  // out = factor * in (out may be in)
+  void (*scale_row)(const T* in, std::int64_t n, T factor, T* out);
+  // max over n <= kChunk elements, exactly the max softmax_row_stats takes of a chunk
+  T (*chunk_max)(const T* x, std::int64_t n);
+  // Σ exp((x - shift) * inv_t) over the slice except the (sorted) excluded indices
+  double (*exp_sum_excluding)(const T* x, std::int64_t n, T inv_temperature, T shift, const std::int64_t* excluded,
+                              std::int64_t excluded_count);
 
-SOFTCE_DECLARE_KERNELS(float)
-SOFTCE_DECLARE_KERNELS(double)
-#undef SOFTCE_DECLARE_KERNELS
+  // probability / one-hot targets
+  target_stats (*target_row_stats)(const T* x, std::int64_t n, const target_desc<T>& t, exp_cache<T> cache);
+  // g = coef * (q * a - w * t')
+  void (*target_row_grad)(const T* x, std::int64_t n, const target_desc<T>& t, row_normaliser<T> norm, T a, T coef,
+                          T* g);
+  // the same from a cache: q = e * exp(shift_c - norm.shift - norm.log_sum)
+  void (*target_row_grad_cached)(exp_cache<T> cache, std::int64_t n, const target_desc<T>& t, row_normaliser<T> norm,
+                                 T a, T coef, T* g);
 
-// 16-bit float conversion of contiguous arrays (round to nearest even on the way down).
-void half_to_float(const std::uint16_t* in, bool bfloat, std::int64_t n, float* out);
-void float_to_half(const float* in, bool bfloat, std::int64_t n, std::uint16_t* out);
+  // distillation (dense teacher logits)
+  distill_stats (*distill_row_stats)(const T* x, const T* z, std::int64_t n, T inv_temperature, distill_kind kind,
+                                     exp_cache<T> cx, exp_cache<T> cz);
+  // kl gradient from caches: g = coef (q - p)
+  void (*distill_row_grad_kl_cached)(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T inv_temperature,
+                                     row_normaliser<T> nx, row_normaliser<T> nz, T coef, T* g);
+  jsd_stats (*jsd_row_stats)(const T* x, const T* z, std::int64_t n, T inv_temperature, row_normaliser<T> nx,
+                             row_normaliser<T> nz, T beta);
+  // jsd's second pass from exp caches (one log per element); writes log m (may be cz.e)
+  jsd_stats (*jsd_row_stats_cached)(const T* x, const T* z, exp_cache<T> cx, exp_cache<T> cz, std::int64_t n,
+                                    T inv_temperature, row_normaliser<T> nx, row_normaliser<T> nz, T beta, T* log_m);
+  // reverse_kl (log_m null: log p from z) / jsd (log m given) gradient from the student's
+  // exp cache: g = coef q (log q - log ref - r), no exp per element; g may be x
+  void (*distill_row_grad_log_cached)(const T* x, const T* z, const T* log_m, exp_cache<T> cx, std::int64_t n,
+                                      T inv_temperature, row_normaliser<T> nx, row_normaliser<T> nz, T r, T coef,
+                                      T* g);
+  // kl: g = coef (q - p); reverse_kl: g = coef q (log q - log p - r);
+  // jsd: g = coef q (log q - log m - r), m = beta p + (1 - beta) q
+  void (*distill_row_grad)(const T* x, const T* z, std::int64_t n, T inv_temperature, row_normaliser<T> nx,
+                           row_normaliser<T> nz, grad_kind kind, T beta, T r, T coef, T* g);
 
-// distill_row_grad kinds
-inline constexpr int kGradKl = 0, kGradReverseKl = 1, kGradJsd = 2;
+  // element-wise: return Σ loss over the slice; write grad (coef * dloss) and the element
+  // losses where the pointers are non-null
+  double (*kl_div_elements)(const T* x, const T* t, std::int64_t n, bool log_target, T coef, T* g, T* losses);
+  double (*bce_elements)(const T* x, const T* t, const T* w, const T* pos_w, std::int64_t n, T coef, T* g,
+                         T* losses);
+};
+
+// 16-bit kernels: bfloat16 rows read in place, and 16-bit float conversion.
+struct half_kernel_table {
+  // dense cross-entropy statistics and cached gradient reading bfloat16 logits and targets
+  // in place (no class weights): wt = keep * t + add; the gradient is written as bfloat16
+  target_stats (*target_row_stats_bf16)(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep,
+                                        float add, exp_cache<float> cache);
+  void (*target_row_grad_cached_bf16)(exp_cache<float> cache, const std::uint16_t* t, std::int64_t n, float keep,
+                                      float add, row_normaliser<float> norm, float a, float coef, std::uint16_t* g);
+  // conversion of contiguous arrays (round to nearest even on the way down)
+  void (*half_to_float)(const std::uint16_t* in, bool bfloat, std::int64_t n, float* out);
+  void (*float_to_half)(const float* in, bool bfloat, std::int64_t n, std::uint16_t* out);
+};
+
+// Every kernel of one SIMD target.
+struct kernel_set {
+  kernel_table<float> f32;
+  kernel_table<double> f64;
+  half_kernel_table half;
+  const char* (*target_name)();
+};
+
+// The kernels of the SIMD target the dispatcher picks now (Highway's runtime dispatch: the
+// best target this CPU runs, or the one a test forced). Fetch once per call, not per row.
+const kernel_set& kernels();
+
+template <class T>
+inline const kernel_table<T>& kernels_for() {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+  if constexpr (std::is_same_v<T, float>)
+    return kernels().f32;
+  else
+    return kernels().f64;
+}
+
+// 16-bit float conversion of contiguous arrays through the current target's kernels (for
+// callers outside a driver's call; drivers use kernels().half).
+inline void half_to_float(const std::uint16_t* in, bool bfloat, std::int64_t n, float* out) {
+  kernels().half.half_to_float(in, bfloat, n, out);
+}
+inline void float_to_half(const float* in, bool bfloat, std::int64_t n, std::uint16_t* out) {
+  kernels().half.float_to_half(in, bfloat, n, out);
+}
 
 // Name of the SIMD target the dispatcher picked.
 std::string simd_target_name();

@@ -358,6 +358,8 @@ struct ce_call {
 template <class T>
 double cross_entropy_dense_impl(const ce_call& call, const row_space& space, const array_view& target,
                                 bool index_target, const topk_operands* sparse = nullptr) {
+  const kernel_table<T>& kern = kernels_for<T>();
+  [[maybe_unused]] const half_kernel_table& half = kernels().half;
   const auto& opt = call.options;
   const row_operand x_op = class_operand(space, call.input);
   const row_operand t_op = sparse ? row_operand{} : index_target ? row_shaped_operand(space, target)
@@ -481,7 +483,7 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
         const target_stats st = row_stats_in_pieces<target_stats>(
             C,
             [&](std::int64_t c0, std::int64_t len) {
-              return target_row_stats_bf16(c.x16 + c0, c.t16 + c0, len, c.desc.keep, c.desc.add, cache_from(cache, c0));
+              return half.target_row_stats_bf16(c.x16 + c0, c.t16 + c0, len, c.desc.keep, c.desc.add, cache_from(cache, c0));
             },
             merge_target);
         return ce_record{st, target_weight};
@@ -495,7 +497,7 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
     const target_stats st = row_stats_in_pieces<target_stats>(
         C,
         [&](std::int64_t c0, std::int64_t len) {
-          return target_row_stats(c.xr + c0, len, desc_slice(c.desc, c0, len), cache_from(cache, c0));
+          return kern.target_row_stats(c.xr + c0, len, desc_slice(c.desc, c0, len), cache_from(cache, c0));
         },
         merge_target);
     return ce_record{st, target_weight};
@@ -533,7 +535,7 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
         const exp_cache<T> cache{c.ecache.data(), c.shifts.data()};
         const row_normaliser<T> norm = normaliser<T>(rec.st.shift, rec.st.sum);
         row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
-          target_row_grad_cached_bf16(cache_from(cache, c0), c.t16 + c0, len, c.desc.keep, c.desc.add, norm,
+          half.target_row_grad_cached_bf16(cache_from(cache, c0), c.t16 + c0, len, c.desc.keep, c.desc.add, norm,
                                       static_cast<T>(rec.st.a), static_cast<T>(coef), g16 + c0);
         });
         return ce_row_loss(rec.st);
@@ -544,13 +546,13 @@ double cross_entropy_dense_impl(const ce_call& call, const row_space& space, con
       if (call.shard || c.gt) {
         T* g = c.g->begin(r);
         row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
-          target_row_grad(c.xr + c0, len, desc_slice(c.desc, c0, len), norm, static_cast<T>(rec.st.a),
+          kern.target_row_grad(c.xr + c0, len, desc_slice(c.desc, c0, len), norm, static_cast<T>(rec.st.a),
                           static_cast<T>(coef), g + c0);
         });
       } else {
         const exp_cache<T> cache{c.gr, c.shifts.data()};
         row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
-          target_row_grad_cached(cache_from(cache, c0), len, desc_slice(c.desc, c0, len), norm,
+          kern.target_row_grad_cached(cache_from(cache, c0), len, desc_slice(c.desc, c0, len), norm,
                                  static_cast<T>(rec.st.a), static_cast<T>(coef), c.gr + c0);
         });
       }
@@ -642,6 +644,7 @@ template <class T>
 double topk_impl(std::string_view fn, const array_view& input, const topk& target,
                  const std::optional<array_view>& mask_view, reduction mode, const outputs& out,
                  const class_shard* shard, double temperature, bool entropy_term) {
+  const kernel_table<T>& kern = kernels_for<T>();
   const row_space space = logits_space(fn, input);
   const std::int64_t C = space.classes;
   const std::int64_t offset = shard ? shard->class_offset : 0;
@@ -714,7 +717,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     }
     rec.tail_shift = tail_max;
     rec.e_tail = tail_max == -kInf ? 0.0
-                                   : exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(tail_max),
+                                   : kern.exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(tail_max),
                                                        c.local_top.data(), static_cast<std::int64_t>(c.local_top.size()));
   };
   // Cached rows with a tail: the statistics pass runs over the tail alone, chunk by chunk:
@@ -746,7 +749,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
         const std::size_t first = next;  // the chunk's top-k entries: local_top[first, next)
         while (next < c.local_top.size() && c.local_top[next] < c0 + len) ++next;
         if (first == next) {  // no top-k entry: the chunk is all tail
-          merge_into(tail, softmax_row_stats(c.xr + c0, len, it, chunk_cache), static_cast<double>(it));
+          merge_into(tail, kern.softmax_row_stats(c.xr + c0, len, it, chunk_cache), static_cast<double>(it));
           continue;
         }
         // The statistics straight from x, then the top-k entries' cached exps taken out of
@@ -770,11 +773,11 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
           const T* xc = c.xr + c0;
           for (std::int64_t i = 0; i < std::min<std::int64_t>(len, 64); ++i)
             if (xc[i] > top_max) return true;
-          return chunk_max(xc, len) > top_max;
+          return kern.chunk_max(xc, len) > top_max;
         };
         const bool in_place = c.gr == c.xr;
         if (!in_place || tail_above_top()) {
-          softmax_stats st = softmax_row_stats(c.xr + c0, len, it, chunk_cache);
+          softmax_stats st = kern.softmax_row_stats(c.xr + c0, len, it, chunk_cache);
           if (in_place || !top_is_max(st.shift)) {
             for (std::size_t j = first; j < next; ++j) st.sum -= static_cast<double>(c.gr[c.local_top[j]]);
             merge_into(tail, st, static_cast<double>(it));  // a NaN sum stays NaN
@@ -783,7 +786,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
           std::copy(c.xr + c0, c.xr + c0 + len, c.gr + c0);
         }
         for (std::size_t j = first; j < next; ++j) c.gr[c.local_top[j]] = -std::numeric_limits<T>::infinity();
-        merge_into(tail, softmax_row_stats(c.gr + c0, len, it, chunk_cache), static_cast<double>(it));
+        merge_into(tail, kern.softmax_row_stats(c.gr + c0, len, it, chunk_cache), static_cast<double>(it));
       }
       return tail;
     };
@@ -826,7 +829,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
         double factor = empty ? 0.0 : rec.a * std::exp((std::min(s, rec.shift) - rec.shift) * inv_t - log_sum);
         if (!empty && tail_active && rec.e_tail > 0.0)
           factor -= tau * Q * std::exp((std::min(s, rec.tail_shift) - rec.tail_shift) * inv_t) / rec.e_tail;
-        scale_row(c.gr + c0, std::min<std::int64_t>(kChunk, p0 + plen - c0), static_cast<T>(coef * factor), c.gr + c0);
+        kern.scale_row(c.gr + c0, std::min<std::int64_t>(kChunk, p0 + plen - c0), static_cast<T>(coef * factor), c.gr + c0);
       }
     });
   };
@@ -843,7 +846,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     const softmax_stats sm = row_stats_in_pieces<softmax_stats>(
         C,
         [&](std::int64_t c0, std::int64_t len) {
-          return softmax_row_stats(c.xr + c0, len, static_cast<T>(inv_t), cache_from(cache, c0));
+          return kern.softmax_row_stats(c.xr + c0, len, static_cast<T>(inv_t), cache_from(cache, c0));
         },
         [&](softmax_stats& acc, const softmax_stats& part) { merge_into(acc, part, static_cast<double>(static_cast<T>(inv_t))); });
     topk_record rec{sm.shift, sm.sum, 0.0, 0.0, 0.0, 0.0, sm.shift};
@@ -862,7 +865,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     }
     if (has_tail) {  // not cached: the row is still there to be read again
       std::sort(c.local_top.begin(), c.local_top.end());
-      rec.e_tail = exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(shift), c.local_top.data(),
+      rec.e_tail = kern.exp_sum_excluding(c.xr, C, static_cast<T>(inv_t), static_cast<T>(shift), c.local_top.data(),
                                      static_cast<std::int64_t>(c.local_top.size()));
       if (rec.e_tail < kTailRescale) resum_tail(c, rec);
     }
@@ -886,7 +889,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
     const row_normaliser<T> norm = normaliser<T>(rec.shift, rec.sum);
     const row_normaliser<T> folded{norm.shift, static_cast<T>(static_cast<double>(norm.log_sum) - log_factor)};
     row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
-      softmax_row_grad(x + c0, len, static_cast<T>(inv_t), sign == 0.0 ? norm : folded, static_cast<T>(sign), g + c0);
+      kern.softmax_row_grad(x + c0, len, static_cast<T>(inv_t), sign == 0.0 ? norm : folded, static_cast<T>(sign), g + c0);
     });
   };
   auto finish_fn = [&](context& c, std::int64_t r, const topk_record& rec) -> double {
@@ -938,7 +941,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
         g = c.gr;
         const exp_cache<T> cache{c.gr, c.shifts.data()};
         row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
-          softmax_row_grad_cached(cache_from(cache, c0), len, static_cast<T>(inv_t), norm, scale, g + c0);
+          kern.softmax_row_grad_cached(cache_from(cache, c0), len, static_cast<T>(inv_t), norm, scale, g + c0);
         });
       } else {
         if (!cached) {  // class-parallel: the passes ran apart, read the row again
@@ -950,7 +953,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
           rescaled_tail_grad(c.xr, rec, tau, log_tail, g);
         else
           row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
-            softmax_row_grad(c.xr + c0, len, static_cast<T>(inv_t), norm, scale, g + c0);
+            kern.softmax_row_grad(c.xr + c0, len, static_cast<T>(inv_t), norm, scale, g + c0);
           });
       }
       const double ls = static_cast<double>(norm.log_sum), sh = static_cast<double>(norm.shift);
@@ -989,7 +992,7 @@ double topk_impl(std::string_view fn, const array_view& input, const topk& targe
 // only calls that ask for the teacher's gradient pay for it.
 struct teacher_gradient_row_args {
   double inv_t, shift_x, log_sum_x, shift_z, log_sum_z;
-  int kind;
+  grad_kind kind;
   double beta, divergence, coef;  // divergence: KL(p || q) for kl, KL(p || m) for jsd
 };
 
@@ -1001,9 +1004,9 @@ void teacher_gradient_row(const T* x, const T* z, std::int64_t n, const teacher_
     const double log_p = (static_cast<double>(z[c]) - a.shift_z) * a.inv_t - a.log_sum_z;
     const double p = std::exp(log_p);
     double g;
-    if (a.kind == kGradKl) {
+    if (a.kind == grad_kind::kl) {
       g = p == 0.0 ? 0.0 : p * (log_p - log_q - a.divergence);
-    } else if (a.kind == kGradReverseKl) {
+    } else if (a.kind == grad_kind::reverse_kl) {
       g = p - std::exp(log_q);
     } else {
       const double u = log_beta + log_p, v = log_rest + log_q, m = std::max(u, v);
@@ -1018,6 +1021,7 @@ void teacher_gradient_row(const T* x, const T* z, std::int64_t n, const teacher_
 template <class T>
 double distill_dense_impl(std::string_view fn, const array_view& student, const array_view& teacher,
                           const distillation_options& opt, const outputs& out, const class_shard* shard) {
+  const kernel_table<T>& kern = kernels_for<T>();
   const row_space space = logits_space(fn, student);
   const std::int64_t C = space.classes;
   const std::int64_t total_classes = shard ? shard->num_classes : C;
@@ -1028,11 +1032,11 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
   if (out.grad_target) gt_op = class_operand(space, *out.grad_target);
   const double T_ = opt.temperature, inv_t = 1.0 / T_, t2 = T_ * T_;
   // TRL's endpoints: beta = 0 is the forward KL, beta = 1 the reverse KL
-  int kind = opt.kind == divergence::kl ? kGradKl : opt.kind == divergence::reverse_kl ? kGradReverseKl : kGradJsd;
-  if (kind == kGradJsd && opt.beta == 0.0) kind = kGradKl;
-  if (kind == kGradJsd && opt.beta == 1.0) kind = kGradReverseKl;
+  grad_kind kind = opt.kind == divergence::kl ? grad_kind::kl : opt.kind == divergence::reverse_kl ? grad_kind::reverse_kl : grad_kind::jsd;
+  if (kind == grad_kind::jsd && opt.beta == 0.0) kind = grad_kind::kl;
+  if (kind == grad_kind::jsd && opt.beta == 1.0) kind = grad_kind::reverse_kl;
   const double beta = opt.beta;
-  const distill_kind stats_kind = kind == kGradReverseKl ? distill_kind::reverse_kl : distill_kind::kl;
+  const distill_kind stats_kind = kind == grad_kind::reverse_kl ? distill_kind::reverse_kl : distill_kind::kl;
 
   reduce_plan plan{opt.reduce, 1.0};
   if (opt.reduce == reduction::mean || opt.reduce == reduction::batchmean) {
@@ -1053,11 +1057,11 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
   };
   // kl in one process: the statistics pass caches both exps, the gradient pass reuses them
   // (not with a teacher gradient: that needs the student's logits after the statistics pass)
-  const bool cached = out.grad && !shard && kind == kGradKl && !out.grad_target;
+  const bool cached = out.grad && !shard && kind == grad_kind::kl && !out.grad_target;
   // reverse_kl (with a gradient) and jsd in one process: the statistics pass caches both
   // exps in scratch rows (the logits stay intact: log q and log p are read from them), so
   // the JSD pass and the gradient pass need no exp per element (jsd: one log, of m).
-  const bool scratch = !shard && ((out.grad && kind == kGradReverseKl) || kind == kGradJsd);
+  const bool scratch = !shard && ((out.grad && kind == grad_kind::reverse_kl) || kind == grad_kind::jsd);
   auto make_context = [&] {
     context c{row_reader<T>(&x_op), row_reader<T>(&z_op), std::nullopt, std::nullopt, nullptr, nullptr, nullptr, {}, {},
               {}, {}};
@@ -1090,7 +1094,7 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
     return row_stats_in_pieces<distill_stats>(
         C,
         [&](std::int64_t c0, std::int64_t len) {
-          return distill_row_stats(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), stats_kind, cache_from(cx, c0),
+          return kern.distill_row_stats(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), stats_kind, cache_from(cx, c0),
                                    cache_from(cz, c0));
         },
         [&](distill_stats& acc, const distill_stats& part) {
@@ -1106,9 +1110,9 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
         C,
         [&](std::int64_t c0, std::int64_t len) {
           if (scratch)  // log m replaces the teacher's exps, for the gradient pass
-            return jsd_row_stats_cached(c.xr + c0, c.zr + c0, cache_from(cx, c0), cache_from(cz, c0), len,
+            return kern.jsd_row_stats_cached(c.xr + c0, c.zr + c0, cache_from(cx, c0), cache_from(cz, c0), len,
                                         static_cast<T>(inv_t), nx, nz, static_cast<T>(beta), c.ez.data() + c0);
-          return jsd_row_stats(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), nx, nz, static_cast<T>(beta));
+          return kern.jsd_row_stats(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), nx, nz, static_cast<T>(beta));
         },
         [](jsd_stats& acc, const jsd_stats& part) {
           acc.kl_pm += part.kl_pm;
@@ -1131,7 +1135,7 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
     // reverse KL with p = 0 where q > 0 (a finite student logit against a -inf teacher
     // logit): KL(q || p) = +inf, and its gradient has no value (torch: inf and NaN mixed).
     // k is then +inf, or NaN where q underflowed in float (0 * inf).
-    if (kind == kGradReverseKl && !(st.k < kInf)) {
+    if (kind == grad_kind::reverse_kl && !(st.k < kInf)) {
       if (c.g) c.g->fill_row(r, std::numeric_limits<T>::quiet_NaN());
       if (c.gt) c.gt->fill_row(r, std::numeric_limits<T>::quiet_NaN());
       return kInf;
@@ -1140,12 +1144,12 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
     const double lsx = st.sum_x > 0.0 ? std::log(st.sum_x) : -kInf;
     const double lsz = st.sum_z > 0.0 ? std::log(st.sum_z) : -kInf;
     double divergence_value = 0.0, r_value = 0.0, teacher_value = 0.0;
-    if (kind == kGradKl) {
+    if (kind == grad_kind::kl) {
       // q = 0 where p > 0 (a -inf student logit against a finite teacher logit): KL = +inf,
       // with the ordinary gradient T (q - p); k is +inf, or NaN where p underflowed
       divergence_value = !(st.k < kInf) ? kInf : st.sum_z > 0.0 ? st.k / st.sum_z - lsz + lsx : 0.0;
       teacher_value = divergence_value;
-    } else if (kind == kGradReverseKl) {
+    } else if (kind == grad_kind::reverse_kl) {
       divergence_value = st.sum_x > 0.0 ? st.k / st.sum_x - lsx + lsz : 0.0;
       r_value = divergence_value;
     } else {
@@ -1163,22 +1167,22 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
       const exp_cache<T> cx{c.gr, c.shifts_x.data()}, cz{c.ez.data(), c.shifts_z.data()};
       const row_normaliser<T> nx = normaliser<T>(st.shift_x, st.sum_x), nz = normaliser<T>(st.shift_z, st.sum_z);
       row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
-        distill_row_grad_kl_cached(cache_from(cx, c0), cache_from(cz, c0), len, static_cast<T>(inv_t), nx, nz,
+        kern.distill_row_grad_kl_cached(cache_from(cx, c0), cache_from(cz, c0), len, static_cast<T>(inv_t), nx, nz,
                                    static_cast<T>(coef), c.gr + c0);
       });
       c.g->commit();
     } else if (c.g) {
       T* g = c.g->begin(r);
-      const double row_coef = kind == kGradJsd ? coef * (1.0 - beta) : coef;
+      const double row_coef = kind == grad_kind::jsd ? coef * (1.0 - beta) : coef;
       const row_normaliser<T> nx = normaliser<T>(st.shift_x, st.sum_x), nz = normaliser<T>(st.shift_z, st.sum_z);
       const exp_cache<T> cx{c.ex.data(), c.shifts_x.data()};
       row_in_pieces(C, [&](std::int64_t c0, std::int64_t len) {
         if (scratch)
-          distill_row_grad_log_cached(c.xr + c0, c.zr + c0, kind == kGradJsd ? c.ez.data() + c0 : nullptr,
+          kern.distill_row_grad_log_cached(c.xr + c0, c.zr + c0, kind == grad_kind::jsd ? c.ez.data() + c0 : nullptr,
                                       cache_from(cx, c0), len, static_cast<T>(inv_t), nx, nz,
                                       static_cast<T>(r_value), static_cast<T>(row_coef), g + c0);
         else
-          distill_row_grad(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), nx, nz, kind, static_cast<T>(beta),
+          kern.distill_row_grad(c.xr + c0, c.zr + c0, len, static_cast<T>(inv_t), nx, nz, kind, static_cast<T>(beta),
                            static_cast<T>(r_value), static_cast<T>(row_coef), g + c0);
       });
       c.g->commit();
@@ -1188,7 +1192,7 @@ double distill_dense_impl(std::string_view fn, const array_view& student, const 
   auto exchange = [&](std::vector<distill_stats>& records) {
     all_reduce_records(*shard, records, stats_kind == distill_kind::kl ? merge_distill_kl : merge_distill_reverse,
                        {0, 2}, inv_t);
-    if (kind != kGradJsd) return;
+    if (kind != grad_kind::jsd) return;
     jsd.assign(records.size(), jsd_stats{});
     parallel_for(space.rows, grain_for(C), [&](std::int64_t begin, std::int64_t end) {
       auto c = make_context();

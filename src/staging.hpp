@@ -98,12 +98,14 @@ inline std::int64_t load_index(const char* base, dtype type, std::int64_t offset
 }
 
 // Copies `count` elements at base + offset + i * stride into out (converted to T).
+// `half`: the 16-bit conversion kernels, fetched once by the caller (or here when null).
 template <class T>
 void gather(const char* base, dtype type, std::int64_t offset, std::int64_t stride,
-            std::int64_t count, T* out) {
+            std::int64_t count, T* out, const half_kernel_table* half = nullptr) {
   if constexpr (std::is_same_v<T, float>) {
     if (stride == 1 && (type == dtype::bfloat16 || type == dtype::float16)) {
-      half_to_float(reinterpret_cast<const std::uint16_t*>(base) + offset, type == dtype::bfloat16, count, out);
+      (half ? *half : kernels().half)
+          .half_to_float(reinterpret_cast<const std::uint16_t*>(base) + offset, type == dtype::bfloat16, count, out);
       return;
     }
   }
@@ -139,10 +141,11 @@ void gather(const char* base, dtype type, std::int64_t offset, std::int64_t stri
 
 template <class T>
 void scatter(const T* in, std::int64_t count, char* base, dtype type, std::int64_t offset,
-             std::int64_t stride) {
+             std::int64_t stride, const half_kernel_table* half = nullptr) {
   if constexpr (std::is_same_v<T, float>) {
     if (stride == 1 && (type == dtype::bfloat16 || type == dtype::float16)) {
-      float_to_half(in, type == dtype::bfloat16, count, reinterpret_cast<std::uint16_t*>(base) + offset);
+      (half ? *half : kernels().half)
+          .float_to_half(in, type == dtype::bfloat16, count, reinterpret_cast<std::uint16_t*>(base) + offset);
       return;
     }
   }
@@ -228,13 +231,15 @@ class row_reader {
     const std::int64_t off = op_->row_offset(r);
     if (op_->type == dtype_of<T>() && op_->contiguous_rows()) return op_->template ptr<T>(off);
     buffer_.resize(static_cast<std::size_t>(op_->inner));
-    gather<T>(op_->base, op_->type, off, op_->class_stride, op_->inner, buffer_.data());
+    if (!half_) half_ = &kernels().half;  // once per reader, not per row
+    gather<T>(op_->base, op_->type, off, op_->class_stride, op_->inner, buffer_.data(), half_);
     return buffer_.data();
   }
 
  private:
   const row_operand* op_;
   std::vector<T> buffer_;
+  const half_kernel_table* half_ = nullptr;
 };
 
 // Hands out a contiguous T row to write, and copies it to the operand on commit().
@@ -250,9 +255,10 @@ class row_writer {
     return buffer_.data();
   }
   void commit() {
-    if (!direct_)
-      scatter<T>(buffer_.data(), op_->inner, const_cast<char*>(op_->base), op_->type, offset_,
-                 op_->class_stride);
+    if (direct_) return;
+    if (!half_) half_ = &kernels().half;  // once per writer, not per row
+    scatter<T>(buffer_.data(), op_->inner, const_cast<char*>(op_->base), op_->type, offset_, op_->class_stride,
+               half_);
   }
   void zero_row(std::int64_t r) { fill_row(r, T(0)); }
   void fill_row(std::int64_t r, T value) {
@@ -266,6 +272,7 @@ class row_writer {
   std::vector<T> buffer_;
   std::int64_t offset_ = 0;
   bool direct_ = false;
+  const half_kernel_table* half_ = nullptr;
 };
 
 

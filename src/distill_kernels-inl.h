@@ -1,0 +1,281 @@
+// Distillation row kernels (dense teacher logits): the joint statistics pass, the JSD's
+// second pass, and the kl / reverse_kl / jsd gradient passes.
+//
+// Highway's pattern (hwy/examples/skeleton-inl.h): kernels.cpp includes this file once per
+// SIMD target (foreach_target.h re-includes kernels.cpp), so the guard below toggles with
+// HWY_TARGET_TOGGLE instead of being a plain include guard. Bodies only: the table in
+// kernels.cpp points at them, drivers reach them through kernels_for<T>() (kernels.hpp).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "kernels.hpp"
+#include "row_stats.hpp"
+
+#if defined(SOFTCE_SRC_DISTILL_KERNELS_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef SOFTCE_SRC_DISTILL_KERNELS_INL_H_
+#undef SOFTCE_SRC_DISTILL_KERNELS_INL_H_
+#else
+#define SOFTCE_SRC_DISTILL_KERNELS_INL_H_
+#endif
+
+#include "simd-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace softce::detail {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// ---------------------------------------------------------------------------------------
+// distillation (dense teacher logits)
+
+template <class T>
+distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, distill_kind kind, exp_cache<T> cx,
+                              exp_cache<T> cz) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  distill_stats acc{-kInf, 0.0, -kInf, 0.0, 0.0};
+  const auto vt = hn::Set(d, inv_t), vneg_inf = hn::Set(d, kNegInf<T>);
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const T* xc = x + c0;
+    const T* zc = z + c0;
+    const T mx = ChunkMax(d, xc, len), mz = ChunkMax(d, zc, len);
+    const auto vsx = hn::Set(d, FiniteShift(mx)), vsz = hn::Set(d, FiniteShift(mz));
+    const auto zero = hn::Zero(d);
+    if (cx.shifts) cx.shifts[c0 / kChunk] = FiniteShift(mx);
+    if (cz.shifts) cz.shifts[c0 / kChunk] = FiniteShift(mz);
+    V<decltype(d)> sx = zero, sz = zero, vk = zero;
+    for (size_t i = 0; i < len; i += N) {
+      const bool full = i + N <= len;
+      PrefetchNextChunk(xc + i);
+      PrefetchNextChunk(zc + i);
+      const auto xv = full ? hn::LoadU(d, xc + i) : LoadPart(d, xc + i, len - i, kNegInf<T>);
+      const auto zv = full ? hn::LoadU(d, zc + i) : LoadPart(d, zc + i, len - i, kNegInf<T>);
+      const auto dx = hn::Mul(hn::Sub(xv, vsx), vt), dz = hn::Mul(hn::Sub(zv, vsz), vt);
+      const auto ex = ExpNonPositive(d, dx), ez = ExpNonPositive(d, dz);
+      sx = hn::Add(sx, ex);
+      sz = hn::Add(sz, ez);
+      if (cx.e) {
+        if (full) {
+          hn::StoreU(ex, d, cx.e + c0 + i);
+          hn::StoreU(ez, d, cz.e + c0 + i);
+        } else {
+          StorePart(ex, d, cx.e + c0 + i, len - i);
+          StorePart(ez, d, cz.e + c0 + i, len - i);
+        }
+      }
+      // p = 0 only at z = -inf: a p that underflowed in float against q = 0 gives
+      // 0 * inf = NaN, which the driver reads as KL = +inf (likewise for q in reverse KL)
+      if (kind == distill_kind::kl)
+        vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(zv, vneg_inf), hn::Mul(ez, hn::Sub(dz, dx))));
+      else
+        vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(xv, vneg_inf), hn::Mul(ex, hn::Sub(dx, dz))));
+    }
+    merge_into(acc,
+               distill_stats{static_cast<double>(mx), Total(d, sx), static_cast<double>(mz),
+                             Total(d, sz), Total(d, vk)},
+               static_cast<double>(inv_t), kind);
+  }
+  return acc;
+}
+
+// log m for m = beta p + (1 - beta) q, from log p and log q (logaddexp): stays finite where
+// beta p or (1 - beta) q underflow although p or q is still positive.
+template <class D>
+HWY_INLINE V<D> LogMixture(D d, V<D> lp, V<D> lq, V<D> log_beta, V<D> log_beta1) {
+  const auto a = hn::Add(lp, log_beta), b = hn::Add(lq, log_beta1);
+  const auto hi = hn::Max(a, b);
+  const auto lo = hn::Min(a, b);
+  // hi = -inf (both zero): -inf; otherwise hi + log1p(exp(lo - hi))
+  const auto tail = hn::Log1p(d, ExpNonPositive(d, hn::Sub(lo, hi)));
+  return hn::IfThenElse(hn::Eq(hi, hn::Set(d, kNegInf<hn::TFromD<D>>)), hi, hn::Add(hi, tail));
+}
+
+template <class T>
+jsd_stats JsdRowStats(const T* x, const T* z, std::int64_t n, T inv_t, row_normaliser<T> nx,
+                      row_normaliser<T> nz, T beta) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vt = hn::Set(d, inv_t);
+  const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
+  const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
+  const auto vlbeta = hn::Set(d, std::log(beta)), vlbeta1 = hn::Set(d, std::log1p(-beta));
+  const auto zero = hn::Zero(d);
+  jsd_stats acc;
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    V<decltype(d)> kp = zero, kq = zero;
+    for (size_t i = 0; i < len; i += N) {
+      const bool full = i + N <= len;
+      const T* xp = x + c0 + i;
+      const T* zp = z + c0 + i;
+      const auto xv = full ? hn::LoadU(d, xp) : LoadPart(d, xp, len - i, kNegInf<T>);
+      const auto zv = full ? hn::LoadU(d, zp) : LoadPart(d, zp, len - i, kNegInf<T>);
+      const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
+      const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
+      const auto q = ExpNonPositive(d, lq), p = ExpNonPositive(d, lp);
+      const auto lm = LogMixture(d, lp, lq, vlbeta, vlbeta1);
+      kp = hn::Add(kp, hn::IfThenZeroElse(hn::Eq(p, zero), hn::Mul(p, hn::Sub(lp, lm))));
+      kq = hn::Add(kq, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(lq, lm))));
+    }
+    acc.kl_pm += Total(d, kp);
+    acc.kl_qm += Total(d, kq);
+  }
+  return acc;
+}
+
+template <class T>
+void DistillRowGrad(const T* x, const T* z, std::int64_t n, T inv_t, row_normaliser<T> nx,
+                    row_normaliser<T> nz, grad_kind kind, T beta, T r, T coef, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vt = hn::Set(d, inv_t);
+  const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
+  const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
+  // log beta and log(1 - beta); only jsd (0 < beta < 1) uses them
+  const auto vlbeta = hn::Set(d, kind == grad_kind::jsd ? std::log(beta) : T(0));
+  const auto vlbeta1 = hn::Set(d, kind == grad_kind::jsd ? std::log1p(-beta) : T(0));
+  const auto vr = hn::Set(d, r), vcoef = hn::Set(d, coef);
+  const auto zero = hn::Zero(d);
+  const size_t len = static_cast<size_t>(n);
+  for (size_t i = 0; i < len; i += N) {
+    const bool full = i + N <= len;
+    const auto xv = full ? hn::LoadU(d, x + i) : LoadPart(d, x + i, len - i, kNegInf<T>);
+    const auto zv = full ? hn::LoadU(d, z + i) : LoadPart(d, z + i, len - i, kNegInf<T>);
+    const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
+    const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
+    const auto q = ExpNonPositive(d, lq);
+    V<decltype(d)> gv;
+    if (kind == grad_kind::kl) {
+      gv = hn::Sub(q, ExpNonPositive(d, lp));
+    } else {
+      const auto lref = kind == grad_kind::reverse_kl ? lp : LogMixture(d, lp, lq, vlbeta, vlbeta1);
+      gv = hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(hn::Sub(lq, lref), vr)));
+    }
+    gv = hn::Mul(gv, vcoef);
+    if (full)
+      hn::StoreU(gv, d, g + i);
+    else
+      StorePart(gv, d, g + i, len - i);
+  }
+}
+
+template <class T>
+void DistillRowGradKlCached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T inv_t, row_normaliser<T> nx,
+                            row_normaliser<T> nz, T coef, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vcoef = hn::Set(d, coef);
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const auto fx = hn::Set(d, ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
+    const auto fz = hn::Set(d, ChunkFactor(cz.shifts[c0 / kChunk], nz, inv_t));
+    for (size_t i = 0; i < len; i += N) {
+      const size_t at = static_cast<size_t>(c0) + i;
+      if (i + N <= len) {
+        const auto q = hn::Mul(hn::LoadU(d, cx.e + at), fx);
+        hn::StoreU(hn::Mul(vcoef, hn::NegMulAdd(hn::LoadU(d, cz.e + at), fz, q)), d, g + at);
+      } else {
+        const auto q = hn::Mul(LoadPart(d, cx.e + at, len - i, T(0)), fx);
+        StorePart(hn::Mul(vcoef, hn::NegMulAdd(LoadPart(d, cz.e + at, len - i, T(0)), fz, q)), d, g + at, len - i);
+      }
+    }
+  }
+}
+
+// JSD's second pass from the statistics pass's exp caches (no exp per element): p and q
+// are the cached exps times their chunk factors, log p and log q come from the logits, and
+// log m = log(beta p + (1 - beta) q) is one log per element. Where m is below the smallest
+// normal float (beta p and (1 - beta) q underflowing while p or q is positive) the vector
+// takes LogMixture's log-space path instead, so log m stays finite and exact there.
+// Writes log m to `log_m` (for the gradient pass; it may be cz.e: each ez is read first).
+template <class T>
+jsd_stats JsdRowStatsCached(const T* x, const T* z, exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T inv_t,
+                            row_normaliser<T> nx, row_normaliser<T> nz, T beta, T* log_m) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vt = hn::Set(d, inv_t);
+  const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
+  const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
+  const auto vbeta = hn::Set(d, beta), vbeta1 = hn::Set(d, T(1) - beta);
+  const auto vlbeta = hn::Set(d, std::log(beta)), vlbeta1 = hn::Set(d, std::log1p(-beta));
+  const auto smallest = hn::Set(d, std::numeric_limits<T>::min());
+  const auto zero = hn::Zero(d);
+  jsd_stats acc;
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const auto fx = hn::Set(d, ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
+    const auto fz = hn::Set(d, ChunkFactor(cz.shifts[c0 / kChunk], nz, inv_t));
+    V<decltype(d)> kp = zero, kq = zero;
+    for (size_t i = 0; i < len; i += N) {
+      const size_t at = static_cast<size_t>(c0) + i;
+      const bool full = i + N <= len;
+      const auto xv = full ? hn::LoadU(d, x + at) : LoadPart(d, x + at, len - i, kNegInf<T>);
+      const auto zv = full ? hn::LoadU(d, z + at) : LoadPart(d, z + at, len - i, kNegInf<T>);
+      const auto q = hn::Mul(full ? hn::LoadU(d, cx.e + at) : LoadPart(d, cx.e + at, len - i, T(0)), fx);
+      const auto p = hn::Mul(full ? hn::LoadU(d, cz.e + at) : LoadPart(d, cz.e + at, len - i, T(0)), fz);
+      const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
+      const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
+      const auto m = hn::MulAdd(vbeta, p, hn::Mul(vbeta1, q));
+      const auto small = hn::Lt(m, smallest);
+      auto lm = hn::Log(d, hn::Max(m, smallest));
+      if (!hn::AllFalse(d, small)) lm = hn::IfThenElse(small, LogMixture(d, lp, lq, vlbeta, vlbeta1), lm);
+      kp = hn::Add(kp, hn::IfThenZeroElse(hn::Eq(p, zero), hn::Mul(p, hn::Sub(lp, lm))));
+      kq = hn::Add(kq, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(lq, lm))));
+      if (full)
+        hn::StoreU(lm, d, log_m + at);
+      else
+        StorePart(lm, d, log_m + at, len - i);
+    }
+    acc.kl_pm += Total(d, kp);
+    acc.kl_qm += Total(d, kq);
+  }
+  return acc;
+}
+
+// reverse_kl / jsd gradient from the student's exp cache (no exp per element):
+// g = coef q (log q - log ref - r), q = cached exp times its chunk factor, log q from x,
+// log ref = log p from z (reverse_kl, log_m null) or the JSD pass's log m. g may be x.
+template <class T>
+void DistillRowGradLogCached(const T* x, const T* z, const T* log_m, exp_cache<T> cx, std::int64_t n, T inv_t,
+                             row_normaliser<T> nx, row_normaliser<T> nz, T r, T coef, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto vt = hn::Set(d, inv_t);
+  const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
+  const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
+  const auto vr = hn::Set(d, r), vcoef = hn::Set(d, coef);
+  const auto zero = hn::Zero(d);
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const auto fx = hn::Set(d, ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
+    for (size_t i = 0; i < len; i += N) {
+      const size_t at = static_cast<size_t>(c0) + i;
+      const bool full = i + N <= len;
+      const auto xv = full ? hn::LoadU(d, x + at) : LoadPart(d, x + at, len - i, kNegInf<T>);
+      const auto q = hn::Mul(full ? hn::LoadU(d, cx.e + at) : LoadPart(d, cx.e + at, len - i, T(0)), fx);
+      const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
+      V<decltype(d)> lref;
+      if (log_m) {
+        lref = full ? hn::LoadU(d, log_m + at) : LoadPart(d, log_m + at, len - i, T(0));
+      } else {
+        const auto zv = full ? hn::LoadU(d, z + at) : LoadPart(d, z + at, len - i, kNegInf<T>);
+        lref = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
+      }
+      const auto gv = hn::Mul(vcoef, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(hn::Sub(lq, lref), vr))));
+      if (full)
+        hn::StoreU(gv, d, g + at);
+      else
+        StorePart(gv, d, g + at, len - i);
+    }
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace softce::detail
+HWY_AFTER_NAMESPACE();
+
+#endif  // SOFTCE_SRC_DISTILL_KERNELS_INL_H_

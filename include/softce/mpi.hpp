@@ -12,8 +12,9 @@
 // the rank that saw it throws its own message, the others
 //   "mpi::<function>: failed on rank R: <message>".
 // Arguments that must agree across ranks and are checked: the row shape, num_classes, that
-// the shards tile [0, num_classes) in rank order, the options, and the contents of index
-// targets, top-k targets and masks.
+// the shards tile [0, num_classes) in rank order, the options, whether a class weight and a
+// mask are given, the dtype, and the contents of index targets, top-k targets and masks (the
+// core's agreement protocol, softce::class_parallel::agree, as the torch.distributed front).
 //
 // Requires MPI to be initialised by the caller (any thread level; the collectives run on the
 // calling thread). Link with softce::mpi.

@@ -29,7 +29,8 @@ from .functional import (
 )
 
 from . import aggregate  # soft labels from noisy votes (NumPy): softce.aggregate.*
-__version__ = "0.1.0"
+from . import _core as _core_module
+__version__ = _core_module.version  # the one version: CMakeLists.txt's project()
 
 __all__ = [
     "TopK",

@@ -443,6 +443,7 @@ void bind_agreement(nb::module_& m);  // agreement_bindings.cpp
 void bind_linear(nb::module_& m);     // linear_bindings.cpp
 NB_MODULE(_core, m) {
   m.doc() = "softce C++ core (nanobind bindings); use the softce package instead.";
+  m.attr("version") = SOFTCE_VERSION;  // CMakeLists.txt's project() version
 
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {

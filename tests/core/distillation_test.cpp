@@ -219,3 +219,68 @@ TEST(Distillation, JsdEndpointsAreKlAndReverseKl) {
 
 }  // namespace
 }  // namespace softce_test
+
+namespace softce_test {
+namespace {
+
+// dim: every class dimension of a 3-d input, fast against the oracle (which moves the class
+// dimension itself), with the gradient, the teacher's gradient and per-row losses; dim = -1
+// on (B, S, V) equals dim = 1 on the same numbers laid out as (B, V, S).
+TEST(Distillation, EveryClassDimensionMatchesTheOracle) {
+  std::mt19937_64 rng(77);
+  const shape_t shape{2, 3, 5};
+  const std::vector<double> x = normal_values(rng, 30, 2.0), z = normal_values(rng, 30, 2.0);
+  for (int dim : {-1, 0, 1, 2}) {
+    for (divergence kind : {divergence::kl, divergence::reverse_kl, divergence::jsd}) {
+      SCOPED_TRACE(std::to_string(dim) + " " + divergence_text(kind));
+      softce::distillation_options o;
+      o.dim = dim;
+      o.kind = kind;
+      o.beta = 0.3;
+      o.temperature = 1.5;
+      o.reduce = reduction::none;
+      const int d = dim < 0 ? dim + 3 : dim;
+      shape_t rows;
+      for (int i = 0; i < 3; ++i)
+        if (i != d) rows.push_back(shape[i]);
+      const tensor xt = make_tensor(shape, dtype::float64, x), zt = make_tensor(shape, dtype::float64, z);
+      auto run = [&](bool oracle) {
+        tensor g(shape, dtype::float64), gt(shape, dtype::float64), l(rows, dtype::float64);
+        softce::outputs out;
+        out.grad = g.mutable_view();
+        out.grad_target = gt.mutable_view();
+        out.losses = l.mutable_view();
+        const double loss = oracle ? softce::reference::distillation_loss(xt.view(), zt.view(), o, out)
+                                   : softce::distillation_loss(xt.view(), zt.view(), o, out);
+        return std::make_tuple(loss, g.values(), gt.values(), l.values());
+      };
+      const auto [fl, fg, fgt, fls] = run(false);
+      const auto [rl, rg, rgt, rls] = run(true);
+      const tolerance tol = array_tolerance(dtype::float64, dtype::float64);
+      EXPECT_TRUE(loss_near(fl, rl, loss_tolerance(dtype::float64)));
+      EXPECT_TRUE(values_near(fg, rg, tol, "grad"));
+      EXPECT_TRUE(values_near(fgt, rgt, tol, "grad_target"));
+      EXPECT_TRUE(values_near(fls, rls, tol, "losses"));
+      if (dim == -1) {  // the same numbers as (B, V, S) with dim = 1
+        std::vector<double> xs(30), zs(30);
+        for (int b = 0; b < 2; ++b)
+          for (int s = 0; s < 3; ++s)
+            for (int v = 0; v < 5; ++v) {
+              xs[b * 15 + v * 3 + s] = x[b * 15 + s * 5 + v];
+              zs[b * 15 + v * 3 + s] = z[b * 15 + s * 5 + v];
+            }
+        softce::distillation_options o1 = o;
+        o1.dim = 1;
+        tensor l1(rows, dtype::float64);
+        softce::outputs out1;
+        out1.losses = l1.mutable_view();
+        softce::reference::distillation_loss(make_tensor({2, 5, 3}, dtype::float64, xs).view(),
+                                             make_tensor({2, 5, 3}, dtype::float64, zs).view(), o1, out1);
+        EXPECT_TRUE(values_near(l1.values(), rls, tol, "dim=-1 vs the (B, V, S) layout"));
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace softce_test

@@ -888,14 +888,45 @@ double binary_cross_entropy_with_logits(const array_view& input, const array_vie
   return reduce_elementwise(total, options.reduce, denominator);
 }
 
+// distillation_loss's `dim`: the class dimension moved to index 1, the row dimensions kept
+// in their order, in every class-shaped array (student, teacher, grad, grad_target); the
+// mask, per-row losses and top-k arrays are row-shaped already.
+template <class View>
+View class_dim_first(View v, std::optional<int> dim) {
+  if (!dim || v.ndim < 3) return v;  // 1-d and 2-d: the last dimension, as without dim
+  const int d = *dim < 0 ? *dim + v.ndim : *dim;
+  View moved = v;
+  int next = 0;
+  for (int i = 0; i < v.ndim; ++i) {
+    if (i == d) continue;
+    const int to = next == 0 ? 0 : next + 1;  // index 1 is the class dimension's
+    moved.shape[to] = v.shape[i];
+    moved.strides[to] = v.strides[i];
+    ++next;
+  }
+  moved.shape[1] = v.shape[d];
+  moved.strides[1] = v.strides[d];
+  return moved;
+}
+
+outputs class_dim_first(const outputs& out, std::optional<int> dim) {
+  outputs moved = out;
+  if (out.grad) moved.grad = class_dim_first(*out.grad, dim);
+  if (out.grad_target) moved.grad_target = class_dim_first(*out.grad_target, dim);
+  return moved;
+}
+
 double distillation_loss(const array_view& student_logits, const array_view& teacher_logits,
                          const distillation_options& options, const outputs& out) {
-  return distillation_impl(student_logits, &teacher_logits, nullptr, options, out);
+  const array_view teacher = class_dim_first(teacher_logits, options.dim);
+  return distillation_impl(class_dim_first(student_logits, options.dim), &teacher, nullptr, options,
+                           class_dim_first(out, options.dim));
 }
 
 double distillation_loss(const array_view& student_logits, const topk& teacher,
                          const distillation_options& options, const outputs& out) {
-  return distillation_impl(student_logits, nullptr, &teacher, options, out);
+  return distillation_impl(class_dim_first(student_logits, options.dim), nullptr, &teacher, options,
+                           class_dim_first(out, options.dim));
 }
 
 }  // namespace softce::reference

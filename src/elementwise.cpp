@@ -4,7 +4,8 @@
 //
 // The input is walked as lines along its last dimension, each cut into segments of at most
 // kSegment elements: a segment is the unit of threading and of the partial sums, which are
-// added in segment order, so the result does not depend on the thread count.
+// added in segment order, so the result does not depend on the thread count. The reduction
+// (reduce_plan, gradient_coef, reduce_total) is the row driver's (row_driver.hpp).
 #include <softce/softce.hpp>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "kernels.hpp"
+#include "row_driver.hpp"
 #include "staging.hpp"
 #include "threading.hpp"
 #include "validate.hpp"
@@ -89,12 +91,12 @@ struct line_walker {
 // Segment reader: a direct pointer when the operand is contiguous in the compute type.
 template <class T>
 const T* read_segment(const line_walker& lw, const aligned_operand& op, std::int64_t line, std::int64_t start,
-                      std::int64_t count, std::vector<T>& buffer) {
+                      std::int64_t count, std::vector<T>& buffer, const half_kernel_table* half) {
   const std::int64_t stride = lw.inner_stride(op);
   const std::int64_t off = lw.offset(op, line) + start * stride;
   if (op.type == dtype_of<T>() && stride == 1) return reinterpret_cast<const T*>(op.base) + off;
   buffer.resize(static_cast<std::size_t>(count));
-  gather<T>(op.base, op.type, off, stride, count, buffer.data());
+  gather<T>(op.base, op.type, off, stride, count, buffer.data(), half);
   return buffer.data();
 }
 
@@ -102,6 +104,7 @@ template <class T>
 struct segment_writer {
   const line_walker* lw;
   const aligned_operand* op;
+  const half_kernel_table* half;
   std::vector<T> buffer;
   std::int64_t off = 0, stride = 0, count = 0;
   bool direct = false;
@@ -115,7 +118,7 @@ struct segment_writer {
     return buffer.data();
   }
   void commit() {
-    if (!direct) scatter<T>(buffer.data(), count, const_cast<char*>(op->base), op->type, off, stride);
+    if (!direct) scatter<T>(buffer.data(), count, const_cast<char*>(op->base), op->type, off, stride, half);
   }
 };
 
@@ -130,17 +133,18 @@ double run_segments(const array_view& input, const aligned_operand& x, const ali
   const line_walker lw(input);
   const std::int64_t units = lw.lines * lw.segments_per_line;
   std::vector<double> partial(static_cast<std::size_t>(units), 0.0);
+  const half_kernel_table* half = &kernels().half;  // once per call, not per segment
   parallel_for(units, grain_for(std::min(lw.line_length, kSegment)), [&](std::int64_t begin, std::int64_t end) {
     std::vector<T> bx, bt, bw, bpw;
-    segment_writer<T> gw{&lw, g, {}}, lw_out{&lw, losses, {}}, gtw{&lw, gt, {}};
+    segment_writer<T> gw{&lw, g, half, {}}, lw_out{&lw, losses, half, {}}, gtw{&lw, gt, half, {}};
     for (std::int64_t u = begin; u < end; ++u) {
       const std::int64_t line = u / lw.segments_per_line;
       const std::int64_t start = (u % lw.segments_per_line) * kSegment;
       const std::int64_t n = std::min(kSegment, lw.line_length - start);
-      const T* xs = read_segment<T>(lw, x, line, start, n, bx);
-      const T* ts = read_segment<T>(lw, t, line, start, n, bt);
-      const T* ws = w ? read_segment<T>(lw, *w, line, start, n, bw) : nullptr;
-      const T* pws = pw ? read_segment<T>(lw, *pw, line, start, n, bpw) : nullptr;
+      const T* xs = read_segment<T>(lw, x, line, start, n, bx, half);
+      const T* ts = read_segment<T>(lw, t, line, start, n, bt, half);
+      const T* ws = w ? read_segment<T>(lw, *w, line, start, n, bw, half) : nullptr;
+      const T* pws = pw ? read_segment<T>(lw, *pw, line, start, n, bpw, half) : nullptr;
       if (gt) {
         target_grad(xs, ts, ws, pws, n, gtw.begin(line, start, n));
         gtw.commit();
@@ -157,26 +161,15 @@ double run_segments(const array_view& input, const aligned_operand& x, const ali
   return total;
 }
 
-double reduce_total(double total, reduction r, double denominator) {
-  if (r == reduction::mean || r == reduction::batchmean)
-    return denominator == 0.0 ? std::numeric_limits<double>::quiet_NaN() : total / denominator;
-  return total;
-}
-
-double coef_for(reduction r, double denominator) {
-  if (r == reduction::mean || r == reduction::batchmean) return denominator == 0.0 ? 0.0 : 1.0 / denominator;
-  return 1.0;
-}
-
 template <class T>
 double kl_div_impl(const array_view& input, const array_view& target, const kl_div_options& opt,
                    const outputs& out) {
   const kernel_table<T>& kern = kernels_for<T>();
   const double numel = static_cast<double>(input.numel());
-  const double denominator = opt.reduce == reduction::batchmean
-                                 ? (input.ndim == 0 ? 1.0 : static_cast<double>(input.shape[0]))
-                                 : numel;
-  const T coef = static_cast<T>(coef_for(opt.reduce, denominator));
+  const reduce_plan plan{opt.reduce, opt.reduce == reduction::batchmean
+                                         ? (input.ndim == 0 ? 1.0 : static_cast<double>(input.shape[0]))
+                                         : numel};
+  const T coef = static_cast<T>(gradient_coef(plan));
   const aligned_operand x = align_same_shape(input), t = align_same_shape(target);
   aligned_operand g, l, gt;
   if (out.grad) g = align_same_shape(*out.grad);
@@ -202,15 +195,15 @@ double kl_div_impl(const array_view& input, const array_view& target, const kl_d
           gts[i] = static_cast<T>(static_cast<double>(coef) * d);
         }
       });
-  return reduce_total(total, opt.reduce, denominator);
+  return reduce_total(total, plan);
 }
 
 template <class T>
 double bce_impl(const array_view& input, const array_view& target, const bce_options& opt, const outputs& out) {
   const kernel_table<T>& kern = kernels_for<T>();
   constexpr std::string_view fn = "binary_cross_entropy_with_logits";
-  const double numel = static_cast<double>(input.numel());
-  const T coef = static_cast<T>(coef_for(opt.reduce, numel));
+  const reduce_plan plan{opt.reduce, static_cast<double>(input.numel())};
+  const T coef = static_cast<T>(gradient_coef(plan));
   const aligned_operand x = align_same_shape(input), t = align_same_shape(target);
   std::optional<aligned_operand> w, pw;
   if (opt.weight) w = align_broadcast(fn, "weight", *opt.weight, input);
@@ -238,7 +231,7 @@ double bce_impl(const array_view& input, const array_view& target, const bce_opt
           gts[i] = static_cast<T>(static_cast<double>(coef) * d);
         }
       });
-  return reduce_total(total, opt.reduce, numel);
+  return reduce_total(total, plan);
 }
 
 void check_elementwise(std::string_view fn, const array_view& input, const array_view& target, const outputs& out,

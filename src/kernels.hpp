@@ -1,4 +1,6 @@
-// The fused row kernels (SIMD, Highway runtime dispatch), seen from the driver.
+// The fused row kernels (SIMD, Highway runtime dispatch), seen from the driver: the data
+// they exchange with it, and the kernel table (kernel_table, kernels_for<T>()) through which
+// a driver calls them. The bodies are in the -inl.h files listed in kernels.cpp.
 //
 // Every kernel works on ONE contiguous row slice of T = float or double (the driver stages
 // strided or 16-bit rows into contiguous buffers first) and returns partial row statistics

@@ -28,29 +28,24 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _core, _gradient_cache
-from . import _reference
-from .functional import TopK, row_shape
+from . import _gradient_cache, _reference
+from ._common import ARRAY, LOSSES, Loss, TopK, check_cpu, core_call, row_shape
+
+# The names softce.distributed uses (this module's internal API); the rest is private.
+__all__ = ["as_tensor", "check_inplace", "check_no_grad", "dl", "eager", "prepare_args",
+           "prepare_target", "run", "wants_grad"]
 
 # ---------------------------------------------------------------------------------------
 # argument checks and conversion
 
 
-def _as_tensor(x, like: Tensor):
+def as_tensor(x, like: Tensor):
     if x is None or isinstance(x, Tensor):
         return x
     return torch.as_tensor(x, device=like.device)
 
 
-def _check_cpu(function: str, name: str, t: Optional[Tensor]) -> None:
-    if t is not None and t.device.type != "cpu":
-        raise TypeError(
-            f"{function}: {name}: expected a CPU tensor, got a tensor on '{t.device}'; "
-            "softce has no GPU kernels in this build (move the tensors to the CPU with .cpu())"
-        )
-
-
-def _check_no_grad(function: str, name: str, t: Optional[Tensor]) -> None:
+def check_no_grad(function: str, name: str, t: Optional[Tensor]) -> None:
     """The class-parallel losses (process_group=) differentiate the input only."""
     if t is not None and t.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
@@ -65,13 +60,13 @@ def _check_no_grad(function: str, name: str, t: Optional[Tensor]) -> None:
 _to_dlpack = getattr(torch.utils.dlpack, "to_dlpack", None) or (lambda t: t.__dlpack__())
 
 
-def _dl(t: Optional[Tensor]):
+def dl(t: Optional[Tensor]):
     """A zero-copy DLPack capsule of `t` for softce._core (consumed by one call)."""
     # detach(): DLPack export refuses tensors that require grad; it is a free alias.
     return None if t is None else _to_dlpack(t.detach())
 
 
-def _wants_grad(input: Tensor) -> bool:
+def wants_grad(input: Tensor) -> bool:
     return input.requires_grad and torch.is_grad_enabled()
 
 
@@ -108,7 +103,7 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _check_inplace(function: str, input: Tensor, others=()) -> None:
+def check_inplace(function: str, input: Tensor, others=()) -> None:
     """inplace_backward=True overwrites `input` with the gradient: refuse it where that
     would destroy something autograd or the caller still needs. `others`: (name, tensor)
     of the other arguments of the call."""
@@ -168,10 +163,10 @@ def _forward(call, input: Tensor, reduction: str, per_row: bool, compute_grad: b
         losses = x.new_empty(row_shape(x.shape) if per_row else x.shape)
     if target is None:
         grad_target = None
-        value = call(_dl(x), _dl(grad), _dl(losses))
+        value = call(dl(x), dl(grad), dl(losses))
     else:
         grad_target = torch.empty_like(target.detach())
-        value = call(_dl(x), _dl(grad), _dl(losses), _dl(grad_target))
+        value = call(dl(x), dl(grad), dl(losses), dl(grad_target))
     loss = losses if losses is not None else torch.tensor(value, dtype=x.dtype)
     return loss, grad, grad_target
 
@@ -274,7 +269,7 @@ def _reference_backward(meta, grad, input, args, grad_loss, needs):
     return result
 
 
-def _eager(function: str, input: Tensor, reduction: str, per_row: bool, call,
+def eager(function: str, input: Tensor, reduction: str, per_row: bool, call,
            inplace_backward: bool, return_grad: bool, reference=None, args=(),
            names=(), others=(), fused_target: bool = False):
     """The eager call. `args` (with their `names`, for messages) are the other tensors of
@@ -287,7 +282,7 @@ def _eager(function: str, input: Tensor, reduction: str, per_row: bool, call,
     compute_grad = return_grad or wants_input
     inplace = inplace_backward and compute_grad
     if inplace:
-        _check_inplace(function, input, list(zip(names, args)) + list(others))
+        check_inplace(function, input, list(zip(names, args)) + list(others))
     target = args[0] if fused_target and grad_mode and args and args[0] is not None \
         and args[0].requires_grad else None
 
@@ -310,7 +305,7 @@ def _eager(function: str, input: Tensor, reduction: str, per_row: bool, call,
 
 
 def _compiled(op, input: Tensor, args: tuple, return_grad: bool):
-    loss, grad = op(input, *args, return_grad or _wants_grad(input))
+    loss, grad = op(input, *args, return_grad or wants_grad(input))
     return (loss, grad.detach()) if return_grad else loss
 
 
@@ -319,7 +314,8 @@ def _is_compiling() -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# custom operators for torch.compile
+# custom operators for torch.compile: one softce::<name> per loss, defined from its schema
+# (softce._common): (input, target, [topk_values, tail,] *args, compute_grad) -> (loss, grad)
 
 
 def _fake(input: Tensor, reduction: str, per_row: bool, compute_grad: bool):
@@ -386,265 +382,131 @@ def _register_autograd(op, per_row: bool, num_args: int, reference):
     op.register_autograd(backward, setup_context=setup_context)
 
 
-def _op_result(loss: Tensor, grad: Optional[Tensor], input: Tensor):
-    return loss, (grad if grad is not None else input.new_empty(0))
+_SCHEMA_TYPES = {int: "SymInt", float: "float", bool: "bool", str: "str"}
 
 
-def _ce_call(target, topk_values, tail, weight, ignore_index, reduction, label_smoothing,
-             mask):
-    if topk_values is None:
-        return lambda x, grad, losses, grad_target=None: _core.cross_entropy(
-            x, target, weight, ignore_index, reduction, label_smoothing, mask, grad, losses,
-            grad_target)
-    return lambda x, grad, losses: _core.cross_entropy_topk(
-        x, target, topk_values, tail, weight, ignore_index, reduction, label_smoothing, mask,
-        grad, losses)
+def _op_schema(loss: Loss) -> str:
+    """The torch.library schema of softce::<loss.name>, e.g. "(Tensor input, Tensor target,
+    Tensor? topk_values, bool tail, Tensor? weight, SymInt ignore_index, ...) -> ..."."""
+    parameters = [f"Tensor {loss.input}", f"Tensor {loss.target}"]
+    if loss.topk:
+        parameters += ["Tensor? topk_values", "bool tail"]
+    parameters += [f"Tensor? {a.name}" if a.kind == ARRAY else f"{_SCHEMA_TYPES[a.type]} {a.name}"
+                   for a in loss.args]
+    parameters.append("bool compute_grad")
+    return f"({', '.join(parameters)}) -> (Tensor, Tensor)"
 
 
-@torch.library.custom_op("softce::cross_entropy", mutates_args=())
-def _cross_entropy_op(input: Tensor, target: Tensor, topk_values: Optional[Tensor],
-                      tail: bool, weight: Optional[Tensor], ignore_index: int,
-                      reduction: str, label_smoothing: float, mask: Optional[Tensor],
-                      compute_grad: bool) -> tuple[Tensor, Tensor]:
-    call = _ce_call(_dl(target), _dl(topk_values), tail, _dl(weight), ignore_index,
-                    reduction, label_smoothing, _dl(mask))
-    return _op_result(*_forward(call, input, reduction, True, compute_grad)[:2], input)
+def _split(loss: Loss, call_args) -> tuple:
+    """(target, topk values or None, tail, args) of Loss.call_args(...)."""
+    if loss.topk:
+        return call_args[0], call_args[1], call_args[2], tuple(call_args[3:])
+    return call_args[0], None, False, tuple(call_args[1:])
 
 
-@_cross_entropy_op.register_fake
-def _(input, target, topk_values, tail, weight, ignore_index, reduction, label_smoothing,
-      mask, compute_grad):
-    return _fake(input, reduction, True, compute_grad)
+def _dl_args(loss: Loss, args) -> tuple:
+    return tuple(dl(v) if a.kind == ARRAY else v for a, v in zip(loss.args, args))
 
 
-_register_autograd(_cross_entropy_op, per_row=True, num_args=10,
-                   reference=_reference.cross_entropy)
+def _define_op(loss: Loss):
+    reduction_at = loss.index("reduction")
+
+    def impl(input: Tensor, *rest):
+        *call_args, compute_grad = rest
+        target, values, tail, args = _split(loss, call_args)
+        call = core_call(loss, dl(target), dl(values), tail, _dl_args(loss, args),
+                         loss.core_dim(input.dim()))
+        result, grad, _ = _forward(call, input, args[reduction_at], loss.per_row, compute_grad)
+        return result, (grad if grad is not None else input.new_empty(0))
+
+    def fake(input: Tensor, *rest):
+        *call_args, compute_grad = rest
+        args = _split(loss, call_args)[3]
+        return _fake(input, args[reduction_at], loss.per_row, compute_grad)
+
+    def reference(*call_args):
+        # looked up at each use, as in the eager path
+        return getattr(_reference, loss.name)(*call_args)
+
+    op = torch.library.custom_op(f"softce::{loss.name}", impl, mutates_args=(),
+                                 schema=_op_schema(loss))
+    op.register_fake(fake)
+    num_args = 3 + (2 if loss.topk else 0) + len(loss.args)
+    _register_autograd(op, loss.per_row, num_args, reference)
+    return op
 
 
-def _cewp_call(target, weight, reduction):
-    return lambda x, grad, losses, grad_target=None: _core.cross_entropy_with_probs(
-        x, target, weight, reduction, grad, losses, grad_target)
-
-
-@torch.library.custom_op("softce::cross_entropy_with_probs", mutates_args=())
-def _cross_entropy_with_probs_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
-                                 reduction: str, compute_grad: bool) -> tuple[Tensor, Tensor]:
-    call = _cewp_call(_dl(target), _dl(weight), reduction)
-    return _op_result(*_forward(call, input, reduction, True, compute_grad)[:2], input)
-
-
-@_cross_entropy_with_probs_op.register_fake
-def _(input, target, weight, reduction, compute_grad):
-    return _fake(input, reduction, True, compute_grad)
-
-
-_register_autograd(_cross_entropy_with_probs_op, per_row=True, num_args=5,
-                   reference=_reference.cross_entropy_with_probs)
-
-
-def _kl_call(target, reduction, log_target):
-    return lambda x, grad, losses, grad_target=None: _core.kl_div(
-        x, target, reduction, log_target, grad, losses, grad_target)
-
-
-@torch.library.custom_op("softce::kl_div", mutates_args=())
-def _kl_div_op(input: Tensor, target: Tensor, reduction: str, log_target: bool,
-               compute_grad: bool) -> tuple[Tensor, Tensor]:
-    call = _kl_call(_dl(target), reduction, log_target)
-    return _op_result(*_forward(call, input, reduction, False, compute_grad)[:2], input)
-
-
-@_kl_div_op.register_fake
-def _(input, target, reduction, log_target, compute_grad):
-    return _fake(input, reduction, False, compute_grad)
-
-
-_register_autograd(_kl_div_op, per_row=False, num_args=5, reference=_reference.kl_div)
-
-
-def _bce_call(target, weight, pos_weight, reduction):
-    return lambda x, grad, losses, grad_target=None: _core.binary_cross_entropy_with_logits(
-        x, target, weight, pos_weight, reduction, grad, losses, grad_target)
-
-
-@torch.library.custom_op("softce::binary_cross_entropy_with_logits", mutates_args=())
-def _bce_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
-            pos_weight: Optional[Tensor], reduction: str,
-            compute_grad: bool) -> tuple[Tensor, Tensor]:
-    call = _bce_call(_dl(target), _dl(weight), _dl(pos_weight), reduction)
-    return _op_result(*_forward(call, input, reduction, False, compute_grad)[:2], input)
-
-
-@_bce_op.register_fake
-def _(input, target, weight, pos_weight, reduction, compute_grad):
-    return _fake(input, reduction, False, compute_grad)
-
-
-_register_autograd(_bce_op, per_row=False, num_args=6,
-                   reference=_reference.binary_cross_entropy_with_logits)
-
-
-def _distill_call(teacher, topk_values, tail, temperature, divergence, beta, reduction,
-                  mask, ndim):
-    # softce.distillation_loss has moved the class dimension to 1 (from the caller's dim=);
-    # the core needs it said from 3 dimensions on
-    dim = 1 if ndim >= 3 else None
-    if topk_values is None:
-        return lambda x, grad, losses, grad_target=None: _core.distillation_loss(
-            x, teacher, temperature, divergence, beta, reduction, mask, grad, losses, dim,
-            grad_target)
-    return lambda x, grad, losses: _core.distillation_loss_topk(
-        x, teacher, topk_values, tail, temperature, divergence, beta, reduction, mask, grad,
-        losses, dim)
-
-
-@torch.library.custom_op("softce::distillation_loss", mutates_args=())
-def _distillation_op(student_logits: Tensor, teacher: Tensor, topk_values: Optional[Tensor],
-                     tail: bool, temperature: float, divergence: str, beta: float,
-                     reduction: str, mask: Optional[Tensor],
-                     compute_grad: bool) -> tuple[Tensor, Tensor]:
-    call = _distill_call(_dl(teacher), _dl(topk_values), tail, temperature, divergence, beta,
-                         reduction, _dl(mask), student_logits.dim())
-    return _op_result(*_forward(call, student_logits, reduction, True, compute_grad)[:2],
-                      student_logits)
-
-
-@_distillation_op.register_fake
-def _(student_logits, teacher, topk_values, tail, temperature, divergence, beta, reduction,
-      mask, compute_grad):
-    return _fake(student_logits, reduction, True, compute_grad)
-
-
-_register_autograd(_distillation_op, per_row=True, num_args=10,
-                   reference=_reference.distillation_loss)
+_OPS = {name: _define_op(loss) for name, loss in LOSSES.items()}
 
 
 # ---------------------------------------------------------------------------------------
 # the losses (called by softce.functional for tensor inputs)
 
 
-def _prepare_target(function: str, target, input: Tensor, name: str, differentiable_check):
-    """Returns (target or indices, topk values or None, tail), converted and checked."""
-    if isinstance(target, TopK):
-        indices = _as_tensor(target.indices, input)
-        values = _as_tensor(target.values, input)
+def prepare_target(loss: Loss, target, input: Tensor, differentiable_check=None):
+    """Returns (target or indices, topk values or None, tail), converted and checked;
+    `differentiable_check(function, name, tensor)` is called on what could take a gradient."""
+    function, name = loss.name, loss.target
+    if loss.topk and isinstance(target, TopK):
+        indices = as_tensor(target.indices, input)
+        values = as_tensor(target.values, input)
         for sub, t in ((f"{name}.indices", indices), (f"{name}.values", values)):
-            _check_cpu(function, sub, t)
-        differentiable_check(function, f"{name}.values", values)
+            check_cpu(function, sub, t)
+        if differentiable_check is not None:
+            differentiable_check(function, f"{name}.values", values)
         return indices, values, bool(target.tail)
-    target = _as_tensor(target, input)
-    _check_cpu(function, name, target)
-    differentiable_check(function, name, target)
+    target = as_tensor(target, input)
+    check_cpu(function, name, target)
+    if differentiable_check is not None:
+        differentiable_check(function, name, target)
     return target, None, False
 
 
-def _ignore(function, name, t):
-    pass
+def prepare_args(loss: Loss, args: tuple, input: Tensor) -> tuple:
+    """`args` (the schema's order) with the arrays as CPU tensors (checked)."""
+    args = tuple(as_tensor(v, input) if a.kind == ARRAY else v for a, v in zip(loss.args, args))
+    for a, v in zip(loss.args, args):
+        if a.kind == ARRAY:
+            check_cpu(loss.name, a.name, v)
+    return args
 
 
-def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, mask,
-                  inplace_backward, return_grad):
-    fn = "cross_entropy"
-    _check_cpu(fn, "input", input)
-    target, values, tail = _prepare_target(fn, target, input, "target", _ignore)
-    weight = _as_tensor(weight, input)
-    mask = _as_tensor(mask, input)
-    _check_cpu(fn, "weight", weight)
-    _check_cpu(fn, "mask", mask)
+def run(loss: Loss, input: Tensor, target, args: tuple, inplace_backward: bool,
+        return_grad: bool):
+    """`loss` on tensors; `args` in the schema's order, converted (Loss.convert)."""
+    fn = loss.name
+    check_cpu(fn, loss.input, input)
+    target, values, tail = prepare_target(loss, target, input)
+    args = prepare_args(loss, args, input)
+    full = loss.call_args(target, values, tail, args)
     if _is_compiling():
-        return _compiled(_cross_entropy_op, input,
-                         (target, values, tail, weight, ignore_index, reduction,
-                          label_smoothing, mask), return_grad)
-    call = _ce_call(_dl(target), _dl(values), tail, _dl(weight), ignore_index, reduction,
-                    label_smoothing, _dl(mask))
+        return _compiled(_OPS[fn], input, full, return_grad)
+    call = core_call(loss, dl(target), dl(values), tail, _dl_args(loss, args),
+                     loss.core_dim(input.dim()))
+    # the tensors autograd differentiates (positions in `full`), with their names
+    offset = 3 if loss.topk else 1
+    slots = [0, 1] if loss.topk else [0]
+    names = ([f"{loss.target}.indices" if values is not None else loss.target,
+              f"{loss.target}.values"] if loss.topk else [loss.target])
+    others = []
+    for i, (a, v) in enumerate(zip(loss.args, args)):
+        if a.kind == ARRAY and a.differentiable:
+            slots.append(offset + i)
+            names.append(a.name)
+        elif a.kind == ARRAY:
+            others.append((a.name, v))
 
-    def reference(x, target, values, weight):
-        return _reference.cross_entropy(x, target, values, tail, weight, ignore_index,
-                                        reduction, label_smoothing, mask)
+    def reference(x, *tensors):
+        arguments = list(full)
+        for slot, t in zip(slots, tensors):
+            arguments[slot] = t
+        return getattr(_reference, fn)(x, *arguments)
 
-    names = ("target.indices" if values is not None else "target", "target.values",
-             "weight")
-    return _eager(fn, input, reduction, True, call, inplace_backward, return_grad,
-                  reference, (target, values, weight), names, (("mask", mask),),
-                  fused_target=values is None and target.is_floating_point())
-
-
-def cross_entropy_with_probs(input, target, weight, reduction, inplace_backward, return_grad):
-    fn = "cross_entropy_with_probs"
-    _check_cpu(fn, "input", input)
-    target = _as_tensor(target, input)
-    weight = _as_tensor(weight, input)
-    for name, t in (("target", target), ("weight", weight)):
-        _check_cpu(fn, name, t)
-    if _is_compiling():
-        return _compiled(_cross_entropy_with_probs_op, input, (target, weight, reduction),
-                         return_grad)
-    call = _cewp_call(_dl(target), _dl(weight), reduction)
-
-    def reference(x, target, weight):
-        return _reference.cross_entropy_with_probs(x, target, weight, reduction)
-
-    return _eager(fn, input, reduction, True, call, inplace_backward, return_grad,
-                  reference, (target, weight), ("target", "weight"), fused_target=True)
+    return eager(fn, input, args[loss.index("reduction")], loss.per_row, call,
+                 inplace_backward, return_grad, reference, tuple(full[i] for i in slots),
+                 tuple(names), tuple(others),
+                 fused_target=values is None and target.is_floating_point())
 
 
-def kl_div(input, target, reduction, log_target, inplace_backward, return_grad):
-    fn = "kl_div"
-    _check_cpu(fn, "input", input)
-    target = _as_tensor(target, input)
-    _check_cpu(fn, "target", target)
-    if _is_compiling():
-        return _compiled(_kl_div_op, input, (target, reduction, log_target), return_grad)
-    call = _kl_call(_dl(target), reduction, log_target)
-
-    def reference(x, target):
-        return _reference.kl_div(x, target, reduction, log_target)
-
-    return _eager(fn, input, reduction, False, call, inplace_backward, return_grad,
-                  reference, (target,), ("target",), fused_target=True)
-
-
-def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
-                                     inplace_backward, return_grad):
-    fn = "binary_cross_entropy_with_logits"
-    _check_cpu(fn, "input", input)
-    target = _as_tensor(target, input)
-    weight = _as_tensor(weight, input)
-    pos_weight = _as_tensor(pos_weight, input)
-    for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
-        _check_cpu(fn, name, t)
-    if _is_compiling():
-        return _compiled(_bce_op, input, (target, weight, pos_weight, reduction), return_grad)
-    call = _bce_call(_dl(target), _dl(weight), _dl(pos_weight), reduction)
-
-    def reference(x, target, weight, pos_weight):
-        return _reference.binary_cross_entropy_with_logits(x, target, weight, pos_weight,
-                                                            reduction)
-
-    return _eager(fn, input, reduction, False, call, inplace_backward, return_grad,
-                  reference, (target, weight, pos_weight), ("target", "weight", "pos_weight"),
-                  fused_target=True)
-
-
-def distillation_loss(student_logits, teacher, temperature, divergence, beta, reduction, mask,
-                      inplace_backward, return_grad):
-    fn = "distillation_loss"
-    _check_cpu(fn, "student_logits", student_logits)
-    teacher, values, tail = _prepare_target(fn, teacher, student_logits, "teacher", _ignore)
-    mask = _as_tensor(mask, student_logits)
-    _check_cpu(fn, "mask", mask)
-    if _is_compiling():
-        return _compiled(_distillation_op, student_logits,
-                         (teacher, values, tail, temperature, divergence, beta, reduction,
-                          mask), return_grad)
-    call = _distill_call(_dl(teacher), _dl(values), tail, temperature, divergence, beta,
-                         reduction, _dl(mask), student_logits.dim())
-
-    def reference(x, teacher, values):
-        return _reference.distillation_loss(x, teacher, values, tail, temperature,
-                                            divergence, beta, reduction, mask)
-
-    names = ("teacher.indices" if values is not None else "teacher", "teacher.values")
-    return _eager(fn, student_logits, reduction, True, call, inplace_backward, return_grad,
-                  reference, (teacher, values), names, (("mask", mask),),
-                  fused_target=values is None)
+# The names the tests use for the internal API.
+_check_cpu, _dl, _eager = check_cpu, dl, eager

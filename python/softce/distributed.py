@@ -1,5 +1,5 @@
 """Class-parallel losses on torch.distributed: ``process_group=`` of cross_entropy and
-distillation_loss.
+distillation_loss (run(), called by softce.functional with the loss's schema).
 
 The class dimension of the logits is split across the ranks of a process group, one
 contiguous range of classes per rank, in rank order (shards may be uneven). Probability
@@ -37,18 +37,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _core
+from ._common import ARRAY, Loss, check_cpu, core_call
 from ._torch import (
-    _as_tensor,
-    _check_cpu,
-    _check_inplace,
-    _check_no_grad,
-    _dl,
-    _eager,
-    _prepare_target,
-    _wants_grad,
+    check_inplace,
+    check_no_grad,
+    dl,
+    eager,
+    prepare_args,
+    prepare_target,
+    wants_grad,
 )
 
-__all__ = ["cross_entropy", "distillation_loss"]
+__all__ = ["run"]
 
 # all_gather_into_tensor is deprecated in favour of all_gather_single from torch 2.10 on
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -109,8 +109,8 @@ class _Transport:
         _core.merge_records(gathered.numpy(), merge, records)
 
 
-def _run(function: str, group, prepare, reduction: str, inplace_backward: bool,
-         return_grad: bool):
+def _run(function: str, group, prepare, reduction: str, per_row: bool,
+         inplace_backward: bool, return_grad: bool):
     rank, world = _group_info(function, group)
     transport = _Transport(group, rank, world)
     call = failure = None
@@ -131,8 +131,8 @@ def _run(function: str, group, prepare, reduction: str, inplace_backward: bool,
             transport, call.agreement, offset, num_classes,
             lambda all_reduce: call.core(offset, num_classes, all_reduce, x, grad, losses))
 
-    return _eager(function, call.input, reduction, True, run_core, inplace_backward,
-                  return_grad)
+    return eager(function, call.input, reduction, per_row, run_core, inplace_backward,
+                 return_grad)
 
 
 def _check_input(function: str, name: str, input) -> None:
@@ -140,7 +140,7 @@ def _check_input(function: str, name: str, input) -> None:
         raise TypeError(f"{function}: {name}: expected a torch.Tensor with process_group "
                         f"(class-parallel losses run on torch.distributed), got "
                         f"{type(input).__name__}")
-    _check_cpu(function, name, input)
+    check_cpu(function, name, input)
 
 
 def _detached(t):
@@ -169,77 +169,40 @@ def _eager_only(fn):
 # ---------------------------------------------------------------------------------------
 # the losses (called by softce.functional when process_group is given)
 
+# the core's description of a call, for the agreement (agreement_bindings.cpp)
+_DESCRIBE = {"cross_entropy": "agreement_describe_cross_entropy",
+             "distillation_loss": "agreement_describe_distillation"}
+
 
 @_eager_only
-def cross_entropy(input, target, weight, ignore_index: int, reduction: str,
-                  label_smoothing: float, mask, inplace_backward: bool, return_grad: bool,
-                  process_group):
-    fn = "cross_entropy"
+def run(loss: Loss, input, target, args: tuple, inplace_backward: bool, return_grad: bool,
+        process_group):
+    """`loss` class-parallel over `process_group`; `args` in the schema's order
+    (softce._common), converted here, inside the checks every rank agrees on."""
+    fn = loss.name
 
     def prepare() -> _Call:
-        _check_input(fn, "input", input)
-        t, values, tail = _prepare_target(fn, target, input, "target", _check_no_grad)
-        w = _as_tensor(weight, input)
-        m = _as_tensor(mask, input)
-        for name, a in (("weight", w), ("mask", m)):
-            _check_cpu(fn, name, a)
-        _check_no_grad(fn, "weight", w)
-        if inplace_backward and (return_grad or _wants_grad(input)):
-            _check_inplace(fn, input, (("target", t), ("target.values", values),
-                                       ("weight", w), ("mask", m)))
-        smoothing, index = float(label_smoothing), int(ignore_index)
-        agreement = _core.agreement_describe_cross_entropy(
-            fn, _detached(input), _detached(t), _detached(values), tail, _detached(w), index,
-            reduction, smoothing, _detached(m))
-        dt, dv, dw, dm = _dl(t), _dl(values), _dl(w), _dl(m)
-        if values is None:
-            def core(offset, classes, all_reduce, x, grad, losses):
-                return _core.class_parallel_cross_entropy(
-                    offset, classes, all_reduce, x, dt, dw, index, reduction, smoothing, dm,
-                    grad, losses)
-        else:
-            def core(offset, classes, all_reduce, x, grad, losses):
-                return _core.class_parallel_cross_entropy_topk(
-                    offset, classes, all_reduce, x, dt, dv, tail, dw, index, reduction,
-                    smoothing, dm, grad, losses)
+        _check_input(fn, loss.input, input)
+        # Class-parallel: the input only (a target or teacher that requires grad is refused).
+        t, values, tail = prepare_target(loss, target, input, check_no_grad)
+        a = prepare_args(loss, loss.convert(args), input)
+        for arg, v in zip(loss.args, a):
+            if arg.kind == ARRAY:
+                check_no_grad(fn, arg.name, v)
+        if inplace_backward and (return_grad or wants_grad(input)):
+            check_inplace(fn, input, [(loss.target, t), (f"{loss.target}.values", values)]
+                          + [(arg.name, v) for arg, v in zip(loss.args, a)
+                             if arg.kind == ARRAY])
+        dim = loss.core_dim(input.dim())  # softce.distillation_loss has moved the classes to 1
+        agreement = getattr(_core, _DESCRIBE[fn])(
+            fn, _detached(input), _detached(t), _detached(values), tail,
+            *(_detached(v) if arg.kind == ARRAY else v for arg, v in zip(loss.args, a)), *dim)
+        core = core_call(loss, dl(t), dl(values), tail,
+                         tuple(dl(v) if arg.kind == ARRAY else v for arg, v in zip(loss.args, a)),
+                         dim, prefix="class_parallel_")
         return _Call(input, agreement, core)
 
-    return _run(fn, process_group, prepare, reduction, inplace_backward, return_grad)
+    reduction = args[loss.index("reduction")]
+    return _run(fn, process_group, prepare, reduction, loss.per_row, inplace_backward,
+                return_grad)
 
-
-@_eager_only
-def distillation_loss(student_logits, teacher, temperature: float, divergence: str,
-                      beta: float, reduction: str, mask, inplace_backward: bool,
-                      return_grad: bool, process_group):
-    fn = "distillation_loss"
-
-    def prepare() -> _Call:
-        _check_input(fn, "student_logits", student_logits)
-        # Class-parallel: the student only (a teacher that requires grad is refused).
-        t, values, tail = _prepare_target(fn, teacher, student_logits, "teacher",
-                                          _check_no_grad)
-        m = _as_tensor(mask, student_logits)
-        _check_cpu(fn, "mask", m)
-        if inplace_backward and (return_grad or _wants_grad(student_logits)):
-            _check_inplace(fn, student_logits, (("teacher", t), ("teacher.values", values),
-                                                ("mask", m)))
-        T, b = float(temperature), float(beta)
-        # softce.distillation_loss has moved the class dimension to 1 (its dim=)
-        core_dim = 1 if student_logits.dim() >= 3 else None
-        agreement = _core.agreement_describe_distillation(
-            fn, _detached(student_logits), _detached(t), _detached(values), tail, T,
-            divergence, b, reduction, _detached(m), core_dim)
-        dt, dv, dm = _dl(t), _dl(values), _dl(m)
-        if values is None:
-            def core(offset, classes, all_reduce, x, grad, losses):
-                return _core.class_parallel_distillation_loss(
-                    offset, classes, all_reduce, x, dt, T, divergence, b, reduction, dm,
-                    grad, losses, core_dim)
-        else:
-            def core(offset, classes, all_reduce, x, grad, losses):
-                return _core.class_parallel_distillation_loss_topk(
-                    offset, classes, all_reduce, x, dt, dv, tail, T, divergence, b, reduction,
-                    dm, grad, losses, core_dim)
-        return _Call(student_logits, agreement, core)
-
-    return _run(fn, process_group, prepare, reduction, inplace_backward, return_grad)

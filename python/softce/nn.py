@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 
 from . import functional as F
+from ._common import DISTILLATION
+
+_DEFAULT = {a.name: a.default for a in DISTILLATION.args}  # the schema's defaults
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "DistillationLoss", "KLDivLoss"]
 
@@ -65,8 +68,9 @@ class DistillationLoss(torch.nn.Module):
     teacher, mask=None), where teacher is logits or a softce.TopK of probabilities. ``dim``:
     the class dimension (required for 3-d and more: 1 for (N, C, ...), -1 for (B, S, V))."""
 
-    def __init__(self, temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5,
-                 reduction: str = "batchmean", *, inplace_backward: bool = False,
+    def __init__(self, temperature: float = _DEFAULT["temperature"],
+                 divergence: str = _DEFAULT["divergence"], beta: float = _DEFAULT["beta"],
+                 reduction: str = _DEFAULT["reduction"], *, inplace_backward: bool = False,
                  dim=None) -> None:
         super().__init__()
         self.temperature = temperature

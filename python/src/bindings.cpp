@@ -27,6 +27,8 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace nb = nanobind;
@@ -143,156 +145,7 @@ softce::topk make_topk(const input_array& indices, const input_array& values, bo
 }
 
 // ---------------------------------------------------------------------------------------
-// the losses; each returns the (reduced) loss as a Python float
-
-softce::cross_entropy_options cross_entropy_options(const std::optional<input_array>& weight,
-                                                    std::int64_t ignore_index, std::string_view reduction,
-                                                    double label_smoothing,
-                                                    const std::optional<input_array>& mask) {
-  constexpr std::string_view fn = "cross_entropy";
-  softce::cross_entropy_options options;
-  options.weight = in_view(weight, fn, "weight");
-  options.ignore_index = ignore_index;
-  options.reduce = softce::parse_reduction(reduction);
-  options.label_smoothing = label_smoothing;
-  options.mask = in_view(mask, fn, "mask");
-  return options;
-}
-
-double cross_entropy(const input_array& input, const input_array& target,
-                     const std::optional<input_array>& weight, std::int64_t ignore_index,
-                     std::string_view reduction, double label_smoothing,
-                     const std::optional<input_array>& mask,
-                     const std::optional<output_array>& grad,
-                     const std::optional<output_array>& losses,
-                     const std::optional<output_array>& grad_target) {
-  constexpr std::string_view fn = "cross_entropy";
-  const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
-  const auto x = in_view(input, fn, "input");
-  const auto t = in_view(target, fn, "target");
-  const auto out = out_views(grad, losses, fn, grad_target);
-  nb::gil_scoped_release release;
-  return softce::cross_entropy(x, t, options, out);
-}
-
-double cross_entropy_topk(const input_array& input, const input_array& indices,
-                          const input_array& values, bool tail,
-                          const std::optional<input_array>& weight, std::int64_t ignore_index,
-                          std::string_view reduction, double label_smoothing,
-                          const std::optional<input_array>& mask,
-                          const std::optional<output_array>& grad,
-                          const std::optional<output_array>& losses) {
-  constexpr std::string_view fn = "cross_entropy";
-  const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
-  const auto x = in_view(input, fn, "input");
-  const auto t = make_topk(indices, values, tail, fn, "target");
-  const auto out = out_views(grad, losses, fn);
-  nb::gil_scoped_release release;
-  return softce::cross_entropy(x, t, options, out);
-}
-
-double cross_entropy_with_probs(const input_array& input, const input_array& target,
-                                const std::optional<input_array>& weight,
-                                std::string_view reduction,
-                                const std::optional<output_array>& grad,
-                                const std::optional<output_array>& losses,
-                                const std::optional<output_array>& grad_target) {
-  constexpr std::string_view fn = "cross_entropy_with_probs";
-  const auto reduce = softce::parse_reduction(reduction);
-  const auto w = in_view(weight, fn, "weight");
-  const auto x = in_view(input, fn, "input");
-  const auto t = in_view(target, fn, "target");
-  const auto out = out_views(grad, losses, fn, grad_target);
-  nb::gil_scoped_release release;
-  return softce::cross_entropy_with_probs(x, t, w, reduce, out);
-}
-
-double kl_div(const input_array& input, const input_array& target, std::string_view reduction,
-              bool log_target, const std::optional<output_array>& grad,
-              const std::optional<output_array>& losses,
-              const std::optional<output_array>& grad_target) {
-  constexpr std::string_view fn = "kl_div";
-  softce::kl_div_options options;
-  options.reduce = softce::parse_reduction(reduction);
-  options.log_target = log_target;
-  const auto x = in_view(input, fn, "input");
-  const auto t = in_view(target, fn, "target");
-  const auto out = out_views(grad, losses, fn, grad_target);
-  nb::gil_scoped_release release;
-  return softce::kl_div(x, t, options, out);
-}
-
-double binary_cross_entropy_with_logits(const input_array& input, const input_array& target,
-                                        const std::optional<input_array>& weight,
-                                        const std::optional<input_array>& pos_weight,
-                                        std::string_view reduction,
-                                        const std::optional<output_array>& grad,
-                                        const std::optional<output_array>& losses,
-                                        const std::optional<output_array>& grad_target) {
-  constexpr std::string_view fn = "binary_cross_entropy_with_logits";
-  softce::bce_options options;
-  options.weight = in_view(weight, fn, "weight");
-  options.pos_weight = in_view(pos_weight, fn, "pos_weight");
-  options.reduce = softce::parse_reduction(reduction);
-  const auto x = in_view(input, fn, "input");
-  const auto t = in_view(target, fn, "target");
-  const auto out = out_views(grad, losses, fn, grad_target);
-  nb::gil_scoped_release release;
-  return softce::binary_cross_entropy_with_logits(x, t, options, out);
-}
-
-// `dim`: the class dimension (None: the last one of a 1-d or 2-d input). The Python front
-// moves the class dimension to 1 itself (a view) and passes dim=1 from 3 dimensions on.
-softce::distillation_options distillation_options(double temperature,
-                                                  std::string_view divergence, double beta,
-                                                  std::string_view reduction,
-                                                  const std::optional<input_array>& mask,
-                                                  std::optional<int> dim) {
-  softce::distillation_options options;
-  options.dim = dim;
-  options.temperature = temperature;
-  options.kind = softce::parse_divergence(divergence);
-  options.beta = beta;
-  options.reduce = softce::parse_reduction(reduction);
-  options.mask = in_view(mask, "distillation_loss", "mask");
-  return options;
-}
-
-double distillation_loss(const input_array& student, const input_array& teacher,
-                         double temperature, std::string_view divergence, double beta,
-                         std::string_view reduction, const std::optional<input_array>& mask,
-                         const std::optional<output_array>& grad,
-                         const std::optional<output_array>& losses,
-                         std::optional<int> dim,
-                         const std::optional<output_array>& grad_target) {
-  constexpr std::string_view fn = "distillation_loss";
-  const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
-  const auto x = in_view(student, fn, "student_logits");
-  const auto t = in_view(teacher, fn, "teacher");
-  const auto out = out_views(grad, losses, fn, grad_target);
-  nb::gil_scoped_release release;
-  return softce::distillation_loss(x, t, options, out);
-}
-
-double distillation_loss_topk(const input_array& student, const input_array& indices,
-                              const input_array& values, bool tail, double temperature,
-                              std::string_view divergence, double beta,
-                              std::string_view reduction,
-                              const std::optional<input_array>& mask,
-                              const std::optional<output_array>& grad,
-                              const std::optional<output_array>& losses,
-                         std::optional<int> dim) {
-  constexpr std::string_view fn = "distillation_loss";
-  const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
-  const auto x = in_view(student, fn, "student_logits");
-  const auto t = make_topk(indices, values, tail, fn, "teacher");
-  const auto out = out_views(grad, losses, fn);
-  nb::gil_scoped_release release;
-  return softce::distillation_loss(x, t, options, out);
-}
-
-// ---------------------------------------------------------------------------------------
-// class-parallel losses (torch.distributed through Python callables)
+// class-parallel support (torch.distributed through Python callables)
 
 // The merge function crosses Python as a capsule with this name, so that merge_records
 // accepts only what an all_reduce callback was given.
@@ -359,81 +212,257 @@ void merge_records(const gathered_records& gathered, const nb::capsule& merge,
     merge_fn(result, in + r * block, static_cast<std::int64_t>(count));
 }
 
-double class_parallel_cross_entropy(std::int64_t class_offset, std::int64_t num_classes,
-                                    nb::callable all_reduce, const input_array& input,
-                                    const input_array& target,
-                                    const std::optional<input_array>& weight,
-                                    std::int64_t ignore_index, std::string_view reduction,
-                                    double label_smoothing,
-                                    const std::optional<input_array>& mask,
-                                    const std::optional<output_array>& grad,
-                                    const std::optional<output_array>& losses) {
-  constexpr std::string_view fn = "cross_entropy";
-  const auto shard = python_shard(class_offset, num_classes, all_reduce);
-  const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
-  const auto x = in_view(input, fn, "input");
-  const auto t = in_view(target, fn, "target");
-  const auto out = out_views(grad, losses, fn);
-  nb::gil_scoped_release release;
-  return softce::class_parallel::cross_entropy(shard, x, t, options, out);
+// ---------------------------------------------------------------------------------------
+// the losses: one description per loss (its own arguments, bound once; the options struct
+// they make; the core functions), from which def_loss makes every entry point
+//   <name>(input, target, *args, grad, losses[, dim], grad_target=None)
+//   <name>_topk(input, indices, values, tail, *args, grad, losses[, dim])
+//   class_parallel_<name>[_topk](class_offset, num_classes, all_reduce, <the same>)
+// `args` are the loss's own arguments in the order of softce/_common.py's schema. Each
+// returns the (reduced) loss as a Python float.
+
+template <class... T>
+struct type_list {};
+
+using optional_array = std::optional<input_array>;
+using optional_output = std::optional<output_array>;
+
+struct cross_entropy_loss {
+  static constexpr const char* name = "cross_entropy";
+  static constexpr const char* input = "input";
+  static constexpr const char* target = "target";
+  static constexpr bool topk = true, class_parallel = true;
+  using arg_types = type_list<optional_array, std::int64_t, std::string_view, double, optional_array>;
+  using dim_types = type_list<>;
+  static auto arg_names() {
+    return std::make_tuple("weight"_a.noconvert().none(), "ignore_index"_a, "reduction"_a,
+                           "label_smoothing"_a, "mask"_a.noconvert().none());
+  }
+  static softce::cross_entropy_options options(const optional_array& weight,
+                                               std::int64_t ignore_index,
+                                               std::string_view reduction,
+                                               double label_smoothing,
+                                               const optional_array& mask) {
+    softce::cross_entropy_options options;
+    options.weight = in_view(weight, name, "weight");
+    options.ignore_index = ignore_index;
+    options.reduce = softce::parse_reduction(reduction);
+    options.label_smoothing = label_smoothing;
+    options.mask = in_view(mask, name, "mask");
+    return options;
+  }
+  template <class Target>
+  static double run(const softce::array_view& x, const Target& t,
+                    const softce::cross_entropy_options& o, const softce::outputs& out) {
+    return softce::cross_entropy(x, t, o, out);
+  }
+  template <class Target>
+  static double run(const softce::class_shard& shard, const softce::array_view& x,
+                    const Target& t, const softce::cross_entropy_options& o,
+                    const softce::outputs& out) {
+    return softce::class_parallel::cross_entropy(shard, x, t, o, out);
+  }
+};
+
+struct cross_entropy_with_probs_loss {
+  static constexpr const char* name = "cross_entropy_with_probs";
+  static constexpr const char* input = "input";
+  static constexpr const char* target = "target";
+  static constexpr bool topk = false, class_parallel = false;
+  using arg_types = type_list<optional_array, std::string_view>;
+  using dim_types = type_list<>;
+  static auto arg_names() {
+    return std::make_tuple("weight"_a.noconvert().none(), "reduction"_a);
+  }
+  struct options_type {  // the core function takes these two as arguments
+    softce::reduction reduce;
+    std::optional<softce::array_view> weight;
+  };
+  static options_type options(const optional_array& weight, std::string_view reduction) {
+    options_type options;
+    options.reduce = softce::parse_reduction(reduction);
+    options.weight = in_view(weight, name, "weight");
+    return options;
+  }
+  static double run(const softce::array_view& x, const softce::array_view& t,
+                    const options_type& o, const softce::outputs& out) {
+    return softce::cross_entropy_with_probs(x, t, o.weight, o.reduce, out);
+  }
+};
+
+struct kl_div_loss {
+  static constexpr const char* name = "kl_div";
+  static constexpr const char* input = "input";
+  static constexpr const char* target = "target";
+  static constexpr bool topk = false, class_parallel = false;
+  using arg_types = type_list<std::string_view, bool>;
+  using dim_types = type_list<>;
+  static auto arg_names() { return std::make_tuple("reduction"_a, "log_target"_a); }
+  static softce::kl_div_options options(std::string_view reduction, bool log_target) {
+    softce::kl_div_options options;
+    options.reduce = softce::parse_reduction(reduction);
+    options.log_target = log_target;
+    return options;
+  }
+  static double run(const softce::array_view& x, const softce::array_view& t,
+                    const softce::kl_div_options& o, const softce::outputs& out) {
+    return softce::kl_div(x, t, o, out);
+  }
+};
+
+struct bce_loss {
+  static constexpr const char* name = "binary_cross_entropy_with_logits";
+  static constexpr const char* input = "input";
+  static constexpr const char* target = "target";
+  static constexpr bool topk = false, class_parallel = false;
+  using arg_types = type_list<optional_array, optional_array, std::string_view>;
+  using dim_types = type_list<>;
+  static auto arg_names() {
+    return std::make_tuple("weight"_a.noconvert().none(), "pos_weight"_a.noconvert().none(),
+                           "reduction"_a);
+  }
+  static softce::bce_options options(const optional_array& weight,
+                                     const optional_array& pos_weight,
+                                     std::string_view reduction) {
+    softce::bce_options options;
+    options.weight = in_view(weight, name, "weight");
+    options.pos_weight = in_view(pos_weight, name, "pos_weight");
+    options.reduce = softce::parse_reduction(reduction);
+    return options;
+  }
+  static double run(const softce::array_view& x, const softce::array_view& t,
+                    const softce::bce_options& o, const softce::outputs& out) {
+    return softce::binary_cross_entropy_with_logits(x, t, o, out);
+  }
+};
+
+// `dim`: the class dimension (None: the last one of a 1-d or 2-d input). The Python front
+// moves the class dimension to 1 itself (a view) and passes dim=1 from 3 dimensions on.
+struct distillation_loss_desc {
+  static constexpr const char* name = "distillation_loss";
+  static constexpr const char* input = "student_logits";
+  static constexpr const char* target = "teacher";
+  static constexpr bool topk = true, class_parallel = true;
+  using arg_types = type_list<double, std::string_view, double, std::string_view, optional_array>;
+  using dim_types = type_list<std::optional<int>>;
+  static auto arg_names() {
+    return std::make_tuple("temperature"_a, "divergence"_a, "beta"_a, "reduction"_a,
+                           "mask"_a.noconvert().none());
+  }
+  static softce::distillation_options options(double temperature, std::string_view divergence,
+                                              double beta, std::string_view reduction,
+                                              const optional_array& mask,
+                                              std::optional<int> dim) {
+    softce::distillation_options options;
+    options.dim = dim;
+    options.temperature = temperature;
+    options.kind = softce::parse_divergence(divergence);
+    options.beta = beta;
+    options.reduce = softce::parse_reduction(reduction);
+    options.mask = in_view(mask, name, "mask");
+    return options;
+  }
+  template <class Target>
+  static double run(const softce::array_view& x, const Target& t,
+                    const softce::distillation_options& o, const softce::outputs& out) {
+    return softce::distillation_loss(x, t, o, out);
+  }
+  template <class Target>
+  static double run(const softce::class_shard& shard, const softce::array_view& x,
+                    const Target& t, const softce::distillation_options& o,
+                    const softce::outputs& out) {
+    return softce::class_parallel::distillation_loss(shard, x, t, o, out);
+  }
+};
+
+// The entry points of Loss: Args are its own arguments, Dim its trailing dim (or nothing).
+template <class Loss, class Args = typename Loss::arg_types, class Dim = typename Loss::dim_types>
+struct entries;
+
+template <class Loss, class... Args, class... Dim>
+struct entries<Loss, type_list<Args...>, type_list<Dim...>> {
+  static double dense(const input_array& input, const input_array& target, Args... args,
+                      const optional_output& grad, const optional_output& losses, Dim... dim,
+                      const optional_output& grad_target) {
+    const auto options = Loss::options(args..., dim...);
+    const auto x = in_view(input, Loss::name, Loss::input);
+    const auto t = in_view(target, Loss::name, Loss::target);
+    const auto out = out_views(grad, losses, Loss::name, grad_target);
+    nb::gil_scoped_release release;
+    return Loss::run(x, t, options, out);
+  }
+  static double topk(const input_array& input, const input_array& indices,
+                     const input_array& values, bool tail, Args... args,
+                     const optional_output& grad, const optional_output& losses, Dim... dim) {
+    const auto options = Loss::options(args..., dim...);
+    const auto x = in_view(input, Loss::name, Loss::input);
+    const auto t = make_topk(indices, values, tail, Loss::name, Loss::target);
+    const auto out = out_views(grad, losses, Loss::name);
+    nb::gil_scoped_release release;
+    return Loss::run(x, t, options, out);
+  }
+  static double parallel_dense(std::int64_t class_offset, std::int64_t num_classes,
+                               nb::callable all_reduce, const input_array& input,
+                               const input_array& target, Args... args,
+                               const optional_output& grad, const optional_output& losses,
+                               Dim... dim) {
+    const auto shard = python_shard(class_offset, num_classes, all_reduce);
+    const auto options = Loss::options(args..., dim...);
+    const auto x = in_view(input, Loss::name, Loss::input);
+    const auto t = in_view(target, Loss::name, Loss::target);
+    const auto out = out_views(grad, losses, Loss::name);
+    nb::gil_scoped_release release;
+    return Loss::run(shard, x, t, options, out);
+  }
+  static double parallel_topk(std::int64_t class_offset, std::int64_t num_classes,
+                              nb::callable all_reduce, const input_array& input,
+                              const input_array& indices, const input_array& values,
+                              bool tail, Args... args, const optional_output& grad,
+                              const optional_output& losses, Dim... dim) {
+    const auto shard = python_shard(class_offset, num_classes, all_reduce);
+    const auto options = Loss::options(args..., dim...);
+    const auto x = in_view(input, Loss::name, Loss::input);
+    const auto t = make_topk(indices, values, tail, Loss::name, Loss::target);
+    const auto out = out_views(grad, losses, Loss::name);
+    nb::gil_scoped_release release;
+    return Loss::run(shard, x, t, options, out);
+  }
+};
+
+// m.def(name, function, <the argument annotations of the tuples, in order>)
+template <class Function, class... Tuples>
+void def_with(nb::module_& m, const std::string& name, Function function, Tuples... parts) {
+  std::apply([&](auto... a) { m.def(name.c_str(), function, a...); },
+             std::tuple_cat(parts...));
 }
 
-double class_parallel_cross_entropy_topk(std::int64_t class_offset, std::int64_t num_classes,
-                                         nb::callable all_reduce, const input_array& input,
-                                         const input_array& indices, const input_array& values,
-                                         bool tail, const std::optional<input_array>& weight,
-                                         std::int64_t ignore_index, std::string_view reduction,
-                                         double label_smoothing,
-                                         const std::optional<input_array>& mask,
-                                         const std::optional<output_array>& grad,
-                                         const std::optional<output_array>& losses) {
-  constexpr std::string_view fn = "cross_entropy";
-  const auto shard = python_shard(class_offset, num_classes, all_reduce);
-  const auto options = cross_entropy_options(weight, ignore_index, reduction, label_smoothing, mask);
-  const auto x = in_view(input, fn, "input");
-  const auto t = make_topk(indices, values, tail, fn, "target");
-  const auto out = out_views(grad, losses, fn);
-  nb::gil_scoped_release release;
-  return softce::class_parallel::cross_entropy(shard, x, t, options, out);
-}
-
-double class_parallel_distillation_loss(std::int64_t class_offset, std::int64_t num_classes,
-                                        nb::callable all_reduce, const input_array& student,
-                                        const input_array& teacher, double temperature,
-                                        std::string_view divergence, double beta,
-                                        std::string_view reduction,
-                                        const std::optional<input_array>& mask,
-                                        const std::optional<output_array>& grad,
-                                        const std::optional<output_array>& losses,
-                         std::optional<int> dim) {
-  constexpr std::string_view fn = "distillation_loss";
-  const auto shard = python_shard(class_offset, num_classes, all_reduce);
-  const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
-  const auto x = in_view(student, fn, "student_logits");
-  const auto t = in_view(teacher, fn, "teacher");
-  const auto out = out_views(grad, losses, fn);
-  nb::gil_scoped_release release;
-  return softce::class_parallel::distillation_loss(shard, x, t, options, out);
-}
-
-double class_parallel_distillation_loss_topk(std::int64_t class_offset, std::int64_t num_classes,
-                                             nb::callable all_reduce, const input_array& student,
-                                             const input_array& indices,
-                                             const input_array& values, bool tail,
-                                             double temperature, std::string_view divergence,
-                                             double beta, std::string_view reduction,
-                                             const std::optional<input_array>& mask,
-                                             const std::optional<output_array>& grad,
-                                             const std::optional<output_array>& losses,
-                         std::optional<int> dim) {
-  constexpr std::string_view fn = "distillation_loss";
-  const auto shard = python_shard(class_offset, num_classes, all_reduce);
-  const auto options = distillation_options(temperature, divergence, beta, reduction, mask, dim);
-  const auto x = in_view(student, fn, "student_logits");
-  const auto t = make_topk(indices, values, tail, fn, "teacher");
-  const auto out = out_views(grad, losses, fn);
-  nb::gil_scoped_release release;
-  return softce::class_parallel::distillation_loss(shard, x, t, options, out);
+// Arrays must not be converted (copied) by nanobind: noconvert on every array argument.
+template <class Loss>
+void def_loss(nb::module_& m) {
+  using E = entries<Loss>;
+  const std::string name = Loss::name;
+  const auto dense = std::make_tuple(nb::arg(Loss::input).noconvert(),
+                                     nb::arg(Loss::target).noconvert());
+  const auto topk = std::make_tuple(nb::arg(Loss::input).noconvert(), "indices"_a.noconvert(),
+                                    "values"_a.noconvert(), "tail"_a);
+  const auto outputs = std::make_tuple("grad"_a.noconvert().none(), "losses"_a.noconvert().none());
+  const auto dim = [] {
+    if constexpr (std::is_same_v<typename Loss::dim_types, type_list<>>) return std::tuple<>();
+    else return std::make_tuple("dim"_a.none() = nb::none());
+  }();
+  const auto grad_target = std::make_tuple("grad_target"_a.noconvert().none() = nb::none());
+  const auto shard = std::make_tuple("class_offset"_a, "num_classes"_a, "all_reduce"_a);
+  def_with(m, name, &E::dense, dense, Loss::arg_names(), outputs, dim, grad_target);
+  if constexpr (Loss::topk)
+    def_with(m, name + "_topk", &E::topk, topk, Loss::arg_names(), outputs, dim);
+  if constexpr (Loss::class_parallel) {
+    // the same arguments after (class_offset, num_classes, all_reduce)
+    def_with(m, "class_parallel_" + name, &E::parallel_dense, shard, dense, Loss::arg_names(),
+             outputs, dim);
+    if constexpr (Loss::topk)
+      def_with(m, "class_parallel_" + name + "_topk", &E::parallel_topk, shard, topk,
+               Loss::arg_names(), outputs, dim);
+  }
 }
 
 }  // namespace
@@ -456,59 +485,11 @@ NB_MODULE(_core, m) {
     }
   });
 
-  // Arrays must not be converted (copied) by nanobind: noconvert on every array argument.
-  m.def("cross_entropy", &cross_entropy, "input"_a.noconvert(), "target"_a.noconvert(),
-        "weight"_a.noconvert().none(), "ignore_index"_a, "reduction"_a, "label_smoothing"_a,
-        "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none(), "grad_target"_a.noconvert().none() = nb::none());
-  m.def("cross_entropy_topk", &cross_entropy_topk, "input"_a.noconvert(),
-        "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a,
-        "weight"_a.noconvert().none(), "ignore_index"_a, "reduction"_a, "label_smoothing"_a,
-        "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none());
-  m.def("cross_entropy_with_probs", &cross_entropy_with_probs, "input"_a.noconvert(),
-        "target"_a.noconvert(), "weight"_a.noconvert().none(), "reduction"_a,
-        "grad"_a.noconvert().none(), "losses"_a.noconvert().none(),
-        "grad_target"_a.noconvert().none() = nb::none());
-  m.def("kl_div", &kl_div, "input"_a.noconvert(), "target"_a.noconvert(), "reduction"_a,
-        "log_target"_a, "grad"_a.noconvert().none(), "losses"_a.noconvert().none(),
-        "grad_target"_a.noconvert().none() = nb::none());
-  m.def("binary_cross_entropy_with_logits", &binary_cross_entropy_with_logits,
-        "input"_a.noconvert(), "target"_a.noconvert(), "weight"_a.noconvert().none(),
-        "pos_weight"_a.noconvert().none(), "reduction"_a, "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none(), "grad_target"_a.noconvert().none() = nb::none());
-  m.def("distillation_loss", &distillation_loss, "student_logits"_a.noconvert(),
-        "teacher"_a.noconvert(), "temperature"_a, "divergence"_a, "beta"_a, "reduction"_a,
-        "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none(), "dim"_a.none() = nb::none(),
-        "grad_target"_a.noconvert().none() = nb::none());
-  m.def("distillation_loss_topk", &distillation_loss_topk, "student_logits"_a.noconvert(),
-        "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a, "temperature"_a,
-        "divergence"_a, "beta"_a, "reduction"_a, "mask"_a.noconvert().none(),
-        "grad"_a.noconvert().none(), "losses"_a.noconvert().none(), "dim"_a.none() = nb::none());
-
-  // class-parallel: the same arguments after (class_offset, num_classes, all_reduce)
-  m.def("class_parallel_cross_entropy", &class_parallel_cross_entropy, "class_offset"_a,
-        "num_classes"_a, "all_reduce"_a, "input"_a.noconvert(), "target"_a.noconvert(),
-        "weight"_a.noconvert().none(), "ignore_index"_a, "reduction"_a, "label_smoothing"_a,
-        "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none());
-  m.def("class_parallel_cross_entropy_topk", &class_parallel_cross_entropy_topk,
-        "class_offset"_a, "num_classes"_a, "all_reduce"_a, "input"_a.noconvert(),
-        "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a,
-        "weight"_a.noconvert().none(), "ignore_index"_a, "reduction"_a, "label_smoothing"_a,
-        "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none());
-  m.def("class_parallel_distillation_loss", &class_parallel_distillation_loss,
-        "class_offset"_a, "num_classes"_a, "all_reduce"_a, "student_logits"_a.noconvert(),
-        "teacher"_a.noconvert(), "temperature"_a, "divergence"_a, "beta"_a, "reduction"_a,
-        "mask"_a.noconvert().none(), "grad"_a.noconvert().none(),
-        "losses"_a.noconvert().none(), "dim"_a.none() = nb::none());
-  m.def("class_parallel_distillation_loss_topk", &class_parallel_distillation_loss_topk,
-        "class_offset"_a, "num_classes"_a, "all_reduce"_a, "student_logits"_a.noconvert(),
-        "indices"_a.noconvert(), "values"_a.noconvert(), "tail"_a, "temperature"_a,
-        "divergence"_a, "beta"_a, "reduction"_a, "mask"_a.noconvert().none(),
-        "grad"_a.noconvert().none(), "losses"_a.noconvert().none(), "dim"_a.none() = nb::none());
+  def_loss<cross_entropy_loss>(m);
+  def_loss<cross_entropy_with_probs_loss>(m);
+  def_loss<kl_div_loss>(m);
+  def_loss<bce_loss>(m);
+  def_loss<distillation_loss_desc>(m);
   m.def("merge_records", &merge_records, "gathered"_a.noconvert(), "merge"_a,
         "out"_a.noconvert());
 

@@ -533,9 +533,11 @@ double run(const linear_call& call) {
 
   // the weights, whole: the caller's memory or one converted copy
   std::vector<T> weight_staging, teacher_weight_staging;
-  const matrix_ref<T> W = rows_as_matrix<T>(call.weight, 0, V, weight_staging);
+  // (nothing to convert when there are no rows)
+  const matrix_ref<T> W = N > 0 ? rows_as_matrix<T>(call.weight, 0, V, weight_staging) : matrix_ref<T>{};
   matrix_ref<T> TW;
-  if (call.kind == loss_kind::distill_hidden) TW = rows_as_matrix<T>(call.teacher_weight, 0, V, teacher_weight_staging);
+  if (call.kind == loss_kind::distill_hidden && N > 0)
+    TW = rows_as_matrix<T>(call.teacher_weight, 0, V, teacher_weight_staging);
   std::vector<T> bias, teacher_bias;
   if (call.bias) {
     bias.resize(static_cast<std::size_t>(V));

@@ -354,7 +354,7 @@ def _torch_forward(input, weight, bias, a, grads, row_scale):
 
     losses = torch.empty(N, dtype=loss_dtype) if per_row and row_scale is None else None
     gi = torch.empty(N, D, dtype=cdt) if want_gi else None
-    gw = torch.zeros(V, D, dtype=cdt) if want_gw else None
+    gw = (torch.zeros if N == 0 else torch.empty)(V, D, dtype=cdt) if want_gw else None
     gb = torch.zeros(V, dtype=torch.float64) if want_gb else None
     block = torch.empty(max(rows_per_block, 0) * V, dtype=cdt)
     tblock = torch.empty(max(rows_per_block, 0) * V, dtype=cdt) if teacher_hidden else None
@@ -402,15 +402,15 @@ def _torch_forward(input, weight, bias, a, grads, row_scale):
             L.mul_(row_scale[r0:r1].to(cdt).unsqueeze(1))
         if gb is not None:
             gb += L.sum(0, dtype=torch.float64)
+        # the reduction's 1 / denominator as the products' alpha (beta = 0: the first block
+        # overwrites, ignoring the uninitialised memory)
         if gi is not None:
-            torch.mm(L, wc, out=gi[r0:r1])
+            gib = gi[r0:r1]
+            torch.addmm(gib, L, wc, beta=0, alpha=coef, out=gib)
         if gw is not None:
-            gw.addmm_(L.t(), hb)
-    # the reduction's 1 / denominator, once over the (N, D) and (V, D) results
-    if coef != 1.0:
-        for g in (gi, gw, gb):
-            if g is not None:
-                g.mul_(coef)
+            torch.addmm(gw, L.t(), hb, beta=0 if r0 == 0 else 1, alpha=coef, out=gw)
+    if gb is not None and coef != 1.0:
+        gb.mul_(coef)
     if per_row:
         loss = losses.reshape(input.shape[:-1]) if losses is not None else torch.empty(
             input.shape[:-1], dtype=loss_dtype)

@@ -68,7 +68,8 @@ void target_gradient_row(const T* x, std::int64_t n, const target_desc<T>& t, do
     const T wt = w * (t.keep * t.dense[c] + t.add);
     T s = l - x[c];
     if (wt == T(0) && s == std::numeric_limits<T>::infinity()) s = T(0);
-    gt[c] = scale * w * s;
+    // a non-finite class weight: no value (inf times a -log q that may round to 0)
+    gt[c] = std::isfinite(w) ? scale * w * s : std::numeric_limits<T>::quiet_NaN();
   }
 }
 

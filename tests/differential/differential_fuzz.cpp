@@ -110,6 +110,10 @@ struct fuzz_case {
   // the arrays the calls read besides the input (kept alive with the case)
   std::vector<tensor> keep;
   std::vector<softce::topk> topks;
+  // outputs.grad_target applies (a dense target or teacher of the input's shape), with the
+  // allowance for its cancellation (lse - x, log t - x: roundings of the largest term)
+  bool target_gradient = false;
+  double target_grad_atol = 0;
 };
 
 // One random valid call. The lambdas capture views into `c.keep`, which is reserved up front
@@ -179,6 +183,8 @@ void make_case(std::mt19937_64& rng, fuzz_case& c) {
       o.mask = optional_mask();
       if (rng() % 3 == 0) o.label_smoothing = pick<double>(rng, {0.1, 1.0});
       const bool snorkel = !o.mask && o.label_smoothing == 0 && rng() % 3 == 0;
+      c.target_gradient = true;
+      c.target_grad_atol = 2 * c.loss_atol + c.grad_atol;  // w up to 2
       const tensor& tt = add(make_tensor(shape, pick(rng, {type, dtype::float32, dtype::float64}), t,
                                          random_layout(rng, static_cast<int>(shape.size()))));
       if (snorkel) {
@@ -225,6 +231,11 @@ void make_case(std::mt19937_64& rng, fuzz_case& c) {
       // kl_div's input is log-probabilities
       std::vector<double> lx = log_softmax_rows(x, shape);
       c.input = make_tensor(shape, type, lx, random_layout(rng, static_cast<int>(shape.size())));
+      c.target_gradient = true;
+      double log_t = 1;
+      for (double v : t)
+        if (v > 0 && std::isfinite(v)) log_t = std::max(log_t, std::fabs(o.log_target ? v : std::log(v)));
+      c.target_grad_atol = 4 * arithmetic_unit * (max_abs(lx) + log_t + 1) * (o.log_target ? 2 : 1);
       const tensor& tt = add(make_tensor(shape, pick(rng, {type, dtype::float64}), t));
       c.description = std::string("kl_div") + (o.log_target ? " log_target" : "");
       c.fast = [o, v = tt.view()](const array_view& in, const softce::outputs& out) { return softce::kl_div(in, v, o, out); };
@@ -252,6 +263,8 @@ void make_case(std::mt19937_64& rng, fuzz_case& c) {
       }
       const tensor& tt = add(make_tensor(shape, pick(rng, {type, dtype::float64}), t));
       c.grad_atol = 12 * compute_rtol(type);  // weight up to 2 times pos_weight up to 3
+      c.target_gradient = true;
+      c.target_grad_atol = 24 * arithmetic_unit * (max_abs(x) + 1);
       c.description = "binary_cross_entropy_with_logits";
       c.fast = [o, v = tt.view()](const array_view& in, const softce::outputs& out) {
         return softce::binary_cross_entropy_with_logits(in, v, o, out);
@@ -278,6 +291,8 @@ void make_case(std::mt19937_64& rng, fuzz_case& c) {
       // logits' spread over T, rounded in float32
       c.grad_atol *= 1 + (finite_spread(x) + finite_spread(z)) / o.temperature;
       c.loss_atol *= 1 + (finite_spread(x) + finite_spread(z)) / o.temperature;
+      c.target_gradient = true;
+      c.target_grad_atol = 2 * c.grad_atol;
       const tensor& tt = add(make_tensor(shape, pick(rng, {type, dtype::float32}), z,
                                          random_layout(rng, static_cast<int>(shape.size()))));
       c.description = std::string("distillation_loss ") + divergence_text(o.kind);
@@ -304,9 +319,24 @@ void make_case(std::mt19937_64& rng, fuzz_case& c) {
 
 // The fast call and the oracle on separate copies of the input, compared: the core tests'
 // tolerances plus the case's allowances for cancellation.
-void expect_agrees(const fuzz_case& c, const output_request& req) {
-  const call_result f = run_call(c.fast, c.input, req);
-  const call_result r = run_call(c.oracle, c.input, req);
+void expect_agrees(const fuzz_case& c, const output_request& req, std::optional<dtype> target_grad) {
+  // with target_grad: outputs.grad_target of that dtype (a random layout) on both calls
+  tensor gt_fast, gt_ref;
+  const layout gt_layout = [&] {
+    std::mt19937_64 rng(static_cast<std::uint64_t>(c.input.numel()));
+    return random_layout(rng, c.input.ndim());
+  }();
+  auto with_target_grad = [&](const loss_call& call, tensor& gt) -> loss_call {
+    if (!target_grad) return call;
+    return [&call, &gt, &c, &gt_layout, type = *target_grad](const array_view& in, const softce::outputs& out) {
+      gt = tensor(c.input.shape(), type, gt_layout);
+      softce::outputs with = out;
+      with.grad_target = gt.mutable_view();
+      return call(in, with);
+    };
+  };
+  const call_result f = run_call(with_target_grad(c.fast, gt_fast), c.input, req);
+  const call_result r = run_call(with_target_grad(c.oracle, gt_ref), c.input, req);
   const dtype type = c.input.type();
   const std::int64_t rows = c.per_element ? c.input.numel() : product(row_shape_of(c.input.shape()));
   tolerance loss_tol = loss_tolerance(type);
@@ -322,6 +352,12 @@ void expect_agrees(const fuzz_case& c, const output_request& req) {
     tol.atol += loss_tolerance(type).atol + c.loss_atol;
     EXPECT_TRUE(values_near(f.losses, r.losses, tol, "losses"));
   }
+  if (target_grad) {
+    EXPECT_TRUE(gt_fast.padding_intact()) << "grad_target: bytes outside the elements were written";
+    tolerance tol = array_tolerance(type, *target_grad);
+    tol.atol += c.target_grad_atol;
+    EXPECT_TRUE(values_near(gt_fast.values(), gt_ref.values(), tol, "grad_target"));
+  }
 }
 
 // Runs one case: the fast call and the oracle on separate copies, compared.
@@ -333,10 +369,13 @@ void run_case(std::uint64_t seed) {
   const output_request req = random_outputs(rng, c.input, c.reduce == reduction::none, losses_shape);
   const int threads = 1 + static_cast<int>(rng() % 2);
   softce::set_num_threads(threads);
-  SCOPED_TRACE("case seed " + std::to_string(seed) + ": " + c.description + req.describe() + ", " +
+  std::optional<dtype> target_grad;
+  if (c.target_gradient && rng() % 2) target_grad = random_float(rng);
+  SCOPED_TRACE("case seed " + std::to_string(seed) + ": " + c.description + req.describe() +
+               (target_grad ? std::string(" grad_target ") + name_of(*target_grad) : std::string()) + ", " +
                std::to_string(threads) + " threads");
   try {
-    expect_agrees(c, req);
+    expect_agrees(c, req, target_grad);
   } catch (const softce::error& e) {
     ADD_FAILURE() << "a valid call was refused: " << e.what();
   }

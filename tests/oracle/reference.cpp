@@ -499,7 +499,8 @@ double cross_entropy_impl(const array_view& input, const ce_target& target,
         for (std::int64_t c = 0; c < C; ++c) {
           double d = lse - x[c];
           if (weighted_target[c] == 0 && d == infinity) d = 0;
-          row[c] = coef * (1 - eps) * w[c] * d;
+          // a non-finite class weight: no value (inf times a -log q that may round to 0)
+          row[c] = std::isfinite(w[c]) ? coef * (1 - eps) * w[c] * d : not_a_number;
         }
         write_row(*out.grad_target, *grad_target_at, g, r, row);
       }
@@ -620,7 +621,7 @@ double distillation_row(const std::vector<double>& x, const std::vector<double>&
       if (grad_teacher) {
         const double kl = D.value();
         for (std::size_t c = 0; c < C; ++c)
-          (*grad_teacher)[c] = p[c] == 0 ? 0.0 : coef * T * p[c] * (log_p[c] - log_q[c] - kl);
+          (*grad_teacher)[c] = p[c] == 0 ? 0.0 : coef * T * (p[c] * (log_p[c] - log_q[c] - kl));
       }
       break;
     case divergence::reverse_kl: {
@@ -662,7 +663,7 @@ double distillation_row(const std::vector<double>& x, const std::vector<double>&
       if (grad_teacher) {
         const double kl_p = kl_pm.value();
         for (std::size_t c = 0; c < C; ++c)
-          (*grad_teacher)[c] = p[c] == 0 ? 0.0 : coef * T * beta * p[c] * (log_p[c] - log_m[c] - kl_p);
+          (*grad_teacher)[c] = p[c] == 0 ? 0.0 : coef * T * beta * (p[c] * (log_p[c] - log_m[c] - kl_p));
       }
       break;
     }

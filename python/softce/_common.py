@@ -83,28 +83,40 @@ class Arg(NamedTuple):
     differentiable: bool = False  # ARRAY: the loss has a gradient with respect to it
 
 
-class Loss(NamedTuple):
-    """The argument schema of one loss: input, target, then `args` in the core's order."""
+class Loss:
+    """The argument schema of one loss: input, target, then `args` in the core's order.
+    The positions below are worked out once here, so that a call walks no schema."""
 
-    name: str                 # the function's name: softce.<name>, _core.<name>, softce::<name>
-    input: str                # the name of the first argument (the logits)
-    target: str               # the name of the second ("target", or "teacher")
-    args: tuple               # Arg, ...
-    per_row: bool             # reduction="none" gives one loss per row (no class dimension)
-    topk: bool = False        # the target may be a TopK (_core.<name>_topk)
-    class_dim: bool = False   # the core call takes the class dimension (dim) after losses
-    class_parallel: bool = False  # process_group= (softce.distributed)
+    __slots__ = ("name", "input", "target", "args", "per_row", "topk", "class_dim",
+                 "class_parallel", "reduction_at", "array_at", "conversions")
 
-    def arg(self, name: str) -> Arg:
-        return next(a for a in self.args if a.name == name)
+    def __init__(self, name: str, input: str, target: str, args: tuple, *, per_row: bool,
+                 topk: bool = False, class_dim: bool = False, class_parallel: bool = False):
+        self.name = name              # softce.<name>, _core.<name>, softce::<name>
+        self.input = input            # the name of the first argument (the logits)
+        self.target = target          # the name of the second ("target", or "teacher")
+        self.args = args              # Arg, ...: the loss's own arguments, the core's order
+        self.per_row = per_row        # reduction="none" gives one loss per row
+        self.topk = topk              # the target may be a TopK (_core.<name>_topk)
+        self.class_dim = class_dim    # the core call takes the class dimension after losses
+        self.class_parallel = class_parallel  # process_group= (softce.distributed)
+        self.reduction_at = self.index("reduction")
+        self.array_at = tuple(i for i, a in enumerate(args) if a.kind == ARRAY)
+        self.conversions = tuple((i, a.type) for i, a in enumerate(args)
+                                 if a.kind == OPTION and a.type not in (None, str))
+
+    def __repr__(self) -> str:
+        return f"Loss({self.name!r})"
 
     def index(self, name: str) -> int:
         return next(i for i, a in enumerate(self.args) if a.name == name)
 
-    def convert(self, values) -> tuple:
+    def convert(self, values) -> list:
         """The option values as the core takes them (int(), float(), bool() where declared)."""
-        return tuple(v if a.kind == ARRAY or a.type in (None, str) else a.type(v)
-                     for a, v in zip(self.args, values))
+        values = list(values)
+        for i, convert in self.conversions:
+            values[i] = convert(values[i])
+        return values
 
     def call_args(self, target, values, tail, args) -> tuple:
         """The arguments after the input, as the custom operator and the reference take
@@ -268,8 +280,7 @@ def _np_check_inplace(function: str, x, others) -> None:
             )
 
 
-def run_numpy(loss: Loss, input, target, args: tuple, inplace_backward: bool,
-              return_grad: bool):
+def run_numpy(loss: Loss, input, target, args, inplace_backward: bool, return_grad: bool):
     """`loss` on NumPy arrays (or objects with __dlpack__); `args` in the schema's order,
     converted (Loss.convert). Returns the loss, or (loss, grad) with return_grad."""
     fn = loss.name
@@ -279,20 +290,21 @@ def run_numpy(loss: Loss, input, target, args: tuple, inplace_backward: bool,
         t = as_array(target.indices, names[0], fn)
         values = as_array(target.values, names[1], fn)
         tail = bool(target.tail)
-        others = [(names[0], t), (names[1], values)]
+        targets = ((names[0], t), (names[1], values))
     else:
         t, values, tail = as_array(target, loss.target, fn), None, False
-        others = [(loss.target, t)]
-    args = tuple(as_array(v, a.name, fn) if a.kind == ARRAY else v
-                 for a, v in zip(loss.args, args))
-    others += [(a.name, v) for a, v in zip(loss.args, args) if a.kind == ARRAY]
+        targets = ((loss.target, t),)
+    args = list(args)
+    for i in loss.array_at:
+        args[i] = as_array(args[i], loss.args[i].name, fn)
     call = core_call(loss, t, values, tail, args, loss.core_dim(x.ndim))
-    reduction = args[loss.index("reduction")]
+    reduction = args[loss.reduction_at]
 
     if inplace_backward and not return_grad:
         raise ValueError("inplace_backward=True needs return_grad=True for NumPy arrays")
     if inplace_backward:
-        _np_check_inplace(fn, x, others)
+        _np_check_inplace(fn, x, targets + tuple((loss.args[i].name, args[i])
+                                                 for i in loss.array_at))
     grad = (x if inplace_backward else np.empty_like(x)) if return_grad else None
     losses = None
     if reduction == "none":

@@ -7,10 +7,13 @@ expressions serve backward where that is not enough:
 - backward with create_graph=True (double backward: gradient penalties, Hessians,
   meta-learning): the gradient is recomputed as torch.autograd.grad of this expression
   with create_graph=True, so it is itself differentiable;
-- gradients with respect to targets, teacher logits, TopK values and class weights, which
-  the C++ core does not compute (yet).
+- gradients with respect to TopK values, class weights and pos_weight, which the C++ core
+  does not compute (first order, a dense target's or teacher's gradient is the kernel's
+  grad_target).
 
-Every function here takes the class dimension at 1 (or 0 for a 1-d input), as the core.
+Every function here takes the class dimension at 1 (or 0 for a 1-d input), as the core,
+and its arguments in the order of the loss's schema (softce._common): (x, target,
+[topk_values, tail,] *args).
 The `where`s are written twice where needed ("safe" operands) so that the masked-out
 branch never turns 0 · inf into a NaN gradient.
 """

@@ -11,14 +11,19 @@ Two paths share the kernels:
   implementations and registered autograd, so graphs using the losses compile with
   fullgraph=True. inplace_backward is ignored there (custom ops may not alias their inputs).
 
-Both paths have a second, slower backward for what the fused kernel does not give: with
-create_graph=True (double backward) and for arguments other than the input that require
-grad (probability targets, kl_div targets, BCE targets, teacher logits, TopK values, class
-weights), backward recomputes the loss as a plain torch expression of the saved arguments
-(softce._reference, the same semantics) and differentiates it with torch.autograd.grad.
-Without either, backward is the fast one: it scales the stored gradient. For the slow one
-the node keeps references to the input and the other tensor arguments (not with
-inplace_backward, where the input holds the gradient and create_graph is refused).
+First order, both paths take the input's gradient and that of a dense target (probability
+targets, kl_div and BCE targets, teacher logits) from the kernel (its grad_target output,
+computed in the same pass when the target requires grad); backward only scales them. Both
+have a second, slower backward for what the kernel does not give: with create_graph=True
+(double backward) and for the other arguments that require grad (TopK values, class
+weights, pos_weight), backward recomputes the loss as a plain torch expression of the saved
+arguments (softce._reference, the same semantics) and differentiates it with
+torch.autograd.grad. For the slow one the node keeps references to the input and the other
+tensor arguments (not with inplace_backward, where the input holds the gradient and
+create_graph is refused).
+
+Every loss's arguments come from its schema (softce._common): the custom operators, their
+fake implementations and the reference's arguments are made from it.
 """
 
 from __future__ import annotations
@@ -304,8 +309,10 @@ def eager(function: str, input: Tensor, reduction: str, per_row: bool, call,
     return _FusedLoss.apply(input, run, (function, per_row, reference, inplace), *args)
 
 
-def _compiled(op, input: Tensor, args: tuple, return_grad: bool):
-    loss, grad = op(input, *args, return_grad or wants_grad(input))
+def _compiled(op, input: Tensor, args: tuple, return_grad: bool, target_grad: bool = False):
+    """The custom operator's call; `target_grad`: it also computes d loss / d args[0] (a dense
+    target or teacher that requires grad) in the kernel, for the first-order backward."""
+    loss, grad, _ = op(input, *args, return_grad or wants_grad(input), target_grad)
     return (loss, grad.detach()) if return_grad else loss
 
 
@@ -315,7 +322,11 @@ def _is_compiling() -> bool:
 
 # ---------------------------------------------------------------------------------------
 # custom operators for torch.compile: one softce::<name> per loss, defined from its schema
-# (softce._common): (input, target, [topk_values, tail,] *args, compute_grad) -> (loss, grad)
+# (softce._common):
+#   (input, target, [topk_values, tail,] *args, compute_grad, compute_target_grad=False)
+#     -> (loss, grad, grad_target)
+# grad / grad_target are empty (0 elements) where not computed; compute_target_grad needs a
+# dense floating-point target (or teacher logits): the kernel's outputs.grad_target.
 
 
 def _fake(input: Tensor, reduction: str, per_row: bool, compute_grad: bool):
@@ -328,32 +339,40 @@ def _fake(input: Tensor, reduction: str, per_row: bool, compute_grad: bool):
 
 
 def _register_autograd(op, per_row: bool, num_args: int, reference):
-    """Autograd of a softce::* operator. `reference(*inputs without compute_grad)` is the
-    loss as a torch expression, for create_graph=True and for gradients of arguments other
-    than the input (see _FusedLoss)."""
+    """Autograd of a softce::* operator. First order, the input's and a dense target's
+    gradients are the kernel's (outputs grad and grad_target); `reference(*inputs without
+    compute_grad, compute_target_grad)` is the loss as a torch expression, for
+    create_graph=True and for gradients of the other arguments (see _FusedLoss)."""
     def setup_context(ctx, inputs, output):
         tensors = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
         ctx.tensor_positions = tensors
         ctx.inputs = [None if isinstance(a, Tensor) else a for a in inputs]
-        ctx.save_for_backward(output[1], *(inputs[i] for i in tensors))
-        ctx.compute_grad = inputs[-1]
+        ctx.save_for_backward(output[1], output[2], *(inputs[i] for i in tensors))
+        ctx.compute_grad, ctx.compute_target_grad = inputs[-2], inputs[-1]
 
-    def backward(ctx, grad_loss, _grad_of_grad):
+    def backward(ctx, grad_loss, _grad_of_grad, _grad_of_grad_target):
         needs = ctx.needs_input_grad
-        if not torch.is_grad_enabled() and not any(needs[1:]):
-            if not ctx.compute_grad:
+        if (not torch.is_grad_enabled() and not any(needs[2:])
+                and (not needs[1] or ctx.compute_target_grad)):
+            # first order: the kernel's gradients of the input and of a dense target
+            if needs[0] and not ctx.compute_grad:
                 raise RuntimeError(
                     f"{op._qualname}: called with compute_grad=False, so no gradient was "
                     "computed in the forward pass; call it with compute_grad=True to "
                     "backpropagate"
                 )
-            grad = ctx.saved_tensors[0]
-            return (_scale(grad, grad_loss, per_row, eager=False),) + (None,) * (num_args - 1)
+            grad, grad_target = ctx.saved_tensors[:2]
+            result = [None] * num_args
+            if needs[0]:
+                result[0] = _scale(grad, grad_loss, per_row, eager=False)
+            if needs[1]:
+                result[1] = _scale(grad_target, grad_loss, per_row, eager=False)
+            return tuple(result)
         saved = ctx.saved_tensors
         positions = ctx.tensor_positions
         # the reference sees every tensor argument; those that need no gradient detached
         inputs = list(ctx.inputs)
-        for position, t in zip(positions, saved[1:]):
+        for position, t in zip(positions, saved[2:]):
             inputs[position] = t
         tensor_args = [inputs[i] for i in positions[1:]]
 
@@ -362,7 +381,7 @@ def _register_autograd(op, per_row: bool, num_args: int, reference):
             full[0] = x
             for position, t in zip(positions[1:], rest):
                 full[position] = t
-            return reference(*full[:-1])
+            return reference(*full[:-2])
 
         meta = (op._qualname, per_row, call, False, "traced")
         if not ctx.compute_grad and needs[0] and not torch.is_grad_enabled():
@@ -393,8 +412,8 @@ def _op_schema(loss: Loss) -> str:
         parameters += ["Tensor? topk_values", "bool tail"]
     parameters += [f"Tensor? {a.name}" if a.kind == ARRAY else f"{_SCHEMA_TYPES[a.type]} {a.name}"
                    for a in loss.args]
-    parameters.append("bool compute_grad")
-    return f"({', '.join(parameters)}) -> (Tensor, Tensor)"
+    parameters += ["bool compute_grad", "bool compute_target_grad=False"]
+    return f"({', '.join(parameters)}) -> (Tensor, Tensor, Tensor)"
 
 
 def _split(loss: Loss, call_args) -> tuple:
@@ -404,25 +423,51 @@ def _split(loss: Loss, call_args) -> tuple:
     return call_args[0], None, False, tuple(call_args[1:])
 
 
-def _dl_args(loss: Loss, args) -> tuple:
-    return tuple(dl(v) if a.kind == ARRAY else v for a, v in zip(loss.args, args))
+def _dl_args(loss: Loss, args) -> list:
+    args = list(args)
+    for i in loss.array_at:
+        args[i] = dl(args[i])
+    return args
 
 
 def _define_op(loss: Loss):
-    reduction_at = loss.index("reduction")
+    reduction_at = loss.reduction_at
+    num_args = 4 + (2 if loss.topk else 0) + len(loss.args)
+
+    def unpack(rest):
+        # the implementations get the arguments as given: without the defaulted last one
+        if len(rest) < num_args - 1:
+            rest = (*rest, False)
+        *call_args, compute_grad, compute_target_grad = rest
+        return _split(loss, call_args), compute_grad, compute_target_grad
+
+    def check_target_grad(target: Tensor, values) -> None:
+        if values is not None or not target.is_floating_point():
+            raise ValueError(
+                f"softce::{loss.name}: compute_target_grad=True needs a dense floating-point "
+                f"{loss.target} (the kernel computes no gradient of top-k values or class "
+                "indices)"
+            )
 
     def impl(input: Tensor, *rest):
-        *call_args, compute_grad = rest
-        target, values, tail, args = _split(loss, call_args)
+        (target, values, tail, args), compute_grad, compute_target_grad = unpack(rest)
+        if compute_target_grad:
+            check_target_grad(target, values)
         call = core_call(loss, dl(target), dl(values), tail, _dl_args(loss, args),
                          loss.core_dim(input.dim()))
-        result, grad, _ = _forward(call, input, args[reduction_at], loss.per_row, compute_grad)
-        return result, (grad if grad is not None else input.new_empty(0))
+        result, grad, grad_target = _forward(call, input, args[reduction_at], loss.per_row,
+                                             compute_grad,
+                                             target=target if compute_target_grad else None)
+        return (result, grad if grad is not None else input.new_empty(0),
+                grad_target if grad_target is not None else input.new_empty(0))
 
     def fake(input: Tensor, *rest):
-        *call_args, compute_grad = rest
-        args = _split(loss, call_args)[3]
-        return _fake(input, args[reduction_at], loss.per_row, compute_grad)
+        (target, values, _, args), compute_grad, compute_target_grad = unpack(rest)
+        if compute_target_grad:
+            check_target_grad(target, values)
+        result, grad = _fake(input, args[reduction_at], loss.per_row, compute_grad)
+        return result, grad, (torch.empty_like(target) if compute_target_grad
+                              else input.new_empty(0))
 
     def reference(*call_args):
         # looked up at each use, as in the eager path
@@ -431,7 +476,6 @@ def _define_op(loss: Loss):
     op = torch.library.custom_op(f"softce::{loss.name}", impl, mutates_args=(),
                                  schema=_op_schema(loss))
     op.register_fake(fake)
-    num_args = 3 + (2 if loss.topk else 0) + len(loss.args)
     _register_autograd(op, loss.per_row, num_args, reference)
     return op
 
@@ -462,39 +506,51 @@ def prepare_target(loss: Loss, target, input: Tensor, differentiable_check=None)
     return target, None, False
 
 
-def prepare_args(loss: Loss, args: tuple, input: Tensor) -> tuple:
+def prepare_args(loss: Loss, args, input: Tensor) -> list:
     """`args` (the schema's order) with the arrays as CPU tensors (checked)."""
-    args = tuple(as_tensor(v, input) if a.kind == ARRAY else v for a, v in zip(loss.args, args))
-    for a, v in zip(loss.args, args):
-        if a.kind == ARRAY:
-            check_cpu(loss.name, a.name, v)
+    args = list(args)
+    for i in loss.array_at:
+        args[i] = t = as_tensor(args[i], input)
+        check_cpu(loss.name, loss.args[i].name, t)
     return args
 
 
-def run(loss: Loss, input: Tensor, target, args: tuple, inplace_backward: bool,
-        return_grad: bool):
+def _autograd_layout(loss: Loss):
+    """For the eager call of `loss`: the positions in Loss.call_args(...) of the tensors
+    autograd differentiates, their names (the target's first, filled in per call), and the
+    other array arguments (position in args, name), only checked against an in-place
+    gradient."""
+    offset = 3 if loss.topk else 1
+    slots = [0, 1] if loss.topk else [0]
+    names = [None, f"{loss.target}.values"] if loss.topk else [None]
+    others = []
+    for i in loss.array_at:
+        if loss.args[i].differentiable:
+            slots.append(offset + i)
+            names.append(loss.args[i].name)
+        else:
+            others.append((i, loss.args[i].name))
+    return tuple(slots), tuple(names), tuple(others)
+
+
+_LAYOUTS = {name: _autograd_layout(loss) for name, loss in LOSSES.items()}
+
+
+def run(loss: Loss, input: Tensor, target, args, inplace_backward: bool, return_grad: bool):
     """`loss` on tensors; `args` in the schema's order, converted (Loss.convert)."""
     fn = loss.name
     check_cpu(fn, loss.input, input)
     target, values, tail = prepare_target(loss, target, input)
     args = prepare_args(loss, args, input)
     full = loss.call_args(target, values, tail, args)
+    fused_target = values is None and target.is_floating_point()
     if _is_compiling():
-        return _compiled(_OPS[fn], input, full, return_grad)
+        target_grad = fused_target and target.requires_grad and torch.is_grad_enabled()
+        return _compiled(_OPS[fn], input, full, return_grad, target_grad)
     call = core_call(loss, dl(target), dl(values), tail, _dl_args(loss, args),
                      loss.core_dim(input.dim()))
-    # the tensors autograd differentiates (positions in `full`), with their names
-    offset = 3 if loss.topk else 1
-    slots = [0, 1] if loss.topk else [0]
-    names = ([f"{loss.target}.indices" if values is not None else loss.target,
-              f"{loss.target}.values"] if loss.topk else [loss.target])
-    others = []
-    for i, (a, v) in enumerate(zip(loss.args, args)):
-        if a.kind == ARRAY and a.differentiable:
-            slots.append(offset + i)
-            names.append(a.name)
-        elif a.kind == ARRAY:
-            others.append((a.name, v))
+    slots, names, others = _LAYOUTS[fn]
+    names = (f"{loss.target}.indices" if values is not None else loss.target,) + names[1:]
 
     def reference(x, *tensors):
         arguments = list(full)
@@ -502,10 +558,9 @@ def run(loss: Loss, input: Tensor, target, args: tuple, inplace_backward: bool,
             arguments[slot] = t
         return getattr(_reference, fn)(x, *arguments)
 
-    return eager(fn, input, args[loss.index("reduction")], loss.per_row, call,
-                 inplace_backward, return_grad, reference, tuple(full[i] for i in slots),
-                 tuple(names), tuple(others),
-                 fused_target=values is None and target.is_floating_point())
+    return eager(fn, input, args[loss.reduction_at], loss.per_row, call, inplace_backward,
+                 return_grad, reference, tuple(full[i] for i in slots), names,
+                 tuple((name, args[i]) for i, name in others), fused_target=fused_target)
 
 
 # The names the tests use for the internal API.

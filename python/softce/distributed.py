@@ -202,7 +202,7 @@ def run(loss: Loss, input, target, args: tuple, inplace_backward: bool, return_g
                          dim, prefix="class_parallel_")
         return _Call(input, agreement, core)
 
-    reduction = args[loss.index("reduction")]
+    reduction = args[loss.reduction_at]
     return _run(fn, process_group, prepare, reduction, loss.per_row, inplace_backward,
                 return_grad)
 

@@ -455,3 +455,81 @@ def test_distillation_dim_under_torch_compile():
     expected = torch.autograd.grad(module(s2, t2, mask) * 3, (s2, t2))
     for a, b in zip(got, expected):
         assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# the custom operators' target gradient (compute_target_grad: the kernel's grad_target)
+
+
+def refuse_reference_expressions(monkeypatch):
+    from softce import _reference
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the reference expression was used")
+
+    for function in ("cross_entropy", "cross_entropy_with_probs", "kl_div",
+                     "binary_cross_entropy_with_logits", "distillation_loss"):
+        monkeypatch.setattr(_reference, function, refuse)
+
+
+@pytest.mark.parametrize("name", FUSED_TARGET_CASES)
+def test_first_order_target_gradient_comes_from_the_kernel_in_the_custom_ops(name, monkeypatch):
+    """The softce::* operators (the torch.compile path, called eagerly): first order, the
+    target's gradient is the kernel's grad_target too, equal to the reference's."""
+    from softce import _torch
+
+    fn, args = CASES[name]
+    a = leaves(args)
+    expected = torch.autograd.grad(fn(*a).sum(), a, create_graph=True)
+    monkeypatch.setattr(_torch, "_is_compiling", lambda: True)
+    loss = fn(*a)
+    assert "softce" in loss.grad_fn.name()
+    refuse_reference_expressions(monkeypatch)
+    got = torch.autograd.grad(loss.sum(), a)
+    for x, y in zip(got, expected):
+        assert_close(x, y.detach(), rtol=1e-12, atol=1e-14)
+    assert got[1].abs().sum() > 0
+    t = args[1].detach().clone().requires_grad_()
+    (only,) = torch.autograd.grad(fn(args[0], t).sum(), t)
+    assert_close(only, expected[1].detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_target_gradient_under_torch_compile_comes_from_the_kernel(monkeypatch):
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, t, z):
+        return softce.cross_entropy(x, t) + softce.distillation_loss(x, z, divergence="jsd")
+
+    x, t, z = leaves((X[:, :, 0], P[:, :, 0], TEACHER[:, :, 0]))
+    expected = torch.autograd.grad(
+        softce.cross_entropy(x, t) + softce.distillation_loss(x, z, divergence="jsd"),
+        (x, t, z))
+    refuse_reference_expressions(monkeypatch)
+    got = torch.autograd.grad(f(x, t, z), (x, t, z))
+    for a, b in zip(got, expected):
+        assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_custom_ops_with_compute_target_grad_pass_opcheck():
+    x = randn(4, C).requires_grad_()
+    p = probs(4, C).requires_grad_()
+    z = randn(4, C).requires_grad_()
+    for op, args in [
+        (torch.ops.softce.cross_entropy.default,
+         (x, p, None, False, WEIGHT, -100, "mean", 0.1, None, True, True)),
+        (torch.ops.softce.cross_entropy.default,  # only the target requires grad
+         (x.detach(), p, None, False, None, -100, "none", 0.0, None, False, True)),
+        (torch.ops.softce.kl_div.default, (x, p, "batchmean", False, True, True)),
+        (torch.ops.softce.binary_cross_entropy_with_logits.default,
+         (x, p, None, None, "none", True, True)),
+        (torch.ops.softce.distillation_loss.default,
+         (x, z, None, False, 2.0, "jsd", 0.4, "batchmean", None, True, True)),
+        (torch.ops.softce.cross_entropy_with_probs.default, (x, p, WEIGHT, "sum", True, True)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+def test_compute_target_grad_needs_a_dense_float_target():
+    x = randn(4, C)
+    with pytest.raises(ValueError, match="compute_target_grad=True needs a dense"):
+        torch.ops.softce.cross_entropy(x, torch.tensor([0, 1, 2, 3]), None, False, None, -100,
+                                       "mean", 0.0, None, True, True)

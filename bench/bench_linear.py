@@ -88,10 +88,12 @@ def child(shape, target, impl, threads, reps, budget):
     # inputs are built (and touched); the cold call's memory rise, then a warm call's peak
     base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     base_rss = rss_kib("VmRSS")
-    s = time.perf_counter()
-    run()
-    cold_time = time.perf_counter() - s
-    cold_extra = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - max(base_max, base_rss))
+    cold_time = cold_extra = float("nan")
+    if not os.environ.get("BENCH_LINEAR_NO_COLD"):  # --no-cold: the warm call only
+        s = time.perf_counter()
+        run()
+        cold_time = time.perf_counter() - s
+        cold_extra = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - max(base_max, base_rss))
     have_hwm = reset_hwm()
     before = rss_kib("VmRSS")
     s = time.perf_counter()
@@ -241,9 +243,11 @@ def make_run(torch, softce, shape, target, impl, budget):
             raise SystemExit(f"unknown impl {impl}")
 
         def run():
+            f().backward()
+            # dropped after the call, so that the RSS before the next call holds only the
+            # inputs (the gradients are part of each call's own memory)
             h.grad = None
             w.grad = None
-            f().backward()
 
     return run
 
@@ -278,6 +282,7 @@ def main():
     ap.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
                     help="time all implementations in one process per case, ROUNDS rounds in a "
                          "rotating order (no memory columns)")
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold call (faster; no cold columns)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -290,6 +295,8 @@ def main():
         return
     if args.interleaved:
         return interleaved(args)
+    if args.no_cold:
+        os.environ["BENCH_LINEAR_NO_COLD"] = "1"
 
     results = []
     print(f"# CPU: {cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "

@@ -224,6 +224,10 @@ def _register():
          divergence, beta, memory_budget, grad_input, grad_weight, grad_bias) = inputs
         ctx.per_row = reduction == "none"
         ctx.has_bias = bias is not None
+        # the gradient outputs carry no gradient: otherwise autograd materialises a zero
+        # "incoming gradient" of each, a second (V, D) tensor during backward
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
+        ctx.set_materialize_grads(False)
         if ctx.per_row:  # backward recomputes with the upstream per-row weights
             ctx.save_for_backward(input, weight, bias, target, topk_values, teacher_weight,
                                   teacher_bias, class_weight, mask)
@@ -234,6 +238,8 @@ def _register():
 
     def backward(ctx, grad_loss, _g1, _g2, _g3):
         needs = ctx.needs_input_grad
+        if grad_loss is None:  # an undefined (zero) upstream gradient: zero gradients
+            return (None,) * 22
         if ctx.per_row:
             (input, weight, bias, target, topk_values, teacher_weight, teacher_bias,
              class_weight, mask) = ctx.saved_tensors

@@ -517,12 +517,11 @@ def prepare_args(loss: Loss, args, input: Tensor) -> list:
 
 def _autograd_layout(loss: Loss):
     """For the eager call of `loss`: the positions in Loss.call_args(...) of the tensors
-    autograd differentiates, their names (the target's first, filled in per call), and the
-    other array arguments (position in args, name), only checked against an in-place
-    gradient."""
+    autograd differentiates, their names (with a dense target, with a TopK), and the other
+    array arguments (position in args, name), only checked against an in-place gradient."""
     offset = 3 if loss.topk else 1
     slots = [0, 1] if loss.topk else [0]
-    names = [None, f"{loss.target}.values"] if loss.topk else [None]
+    names = [f"{loss.target}.values"] if loss.topk else []
     others = []
     for i in loss.array_at:
         if loss.args[i].differentiable:
@@ -530,7 +529,9 @@ def _autograd_layout(loss: Loss):
             names.append(loss.args[i].name)
         else:
             others.append((i, loss.args[i].name))
-    return tuple(slots), tuple(names), tuple(others)
+    # the names with a dense target, and with a TopK one
+    return (tuple(slots), (loss.target, *names), (f"{loss.target}.indices", *names),
+            tuple(others))
 
 
 _LAYOUTS = {name: _autograd_layout(loss) for name, loss in LOSSES.items()}
@@ -549,8 +550,7 @@ def run(loss: Loss, input: Tensor, target, args, inplace_backward: bool, return_
         return _compiled(_OPS[fn], input, full, return_grad, target_grad)
     call = core_call(loss, dl(target), dl(values), tail, _dl_args(loss, args),
                      loss.core_dim(input.dim()))
-    slots, names, others = _LAYOUTS[fn]
-    names = (f"{loss.target}.indices" if values is not None else loss.target,) + names[1:]
+    slots, dense_names, topk_names, others = _LAYOUTS[fn]
 
     def reference(x, *tensors):
         arguments = list(full)
@@ -559,8 +559,9 @@ def run(loss: Loss, input: Tensor, target, args, inplace_backward: bool, return_
         return getattr(_reference, fn)(x, *arguments)
 
     return eager(fn, input, args[loss.reduction_at], loss.per_row, call, inplace_backward,
-                 return_grad, reference, tuple(full[i] for i in slots), names,
-                 tuple((name, args[i]) for i, name in others), fused_target=fused_target)
+                 return_grad, reference, tuple([full[i] for i in slots]),
+                 dense_names if values is None else topk_names,
+                 tuple([(name, args[i]) for i, name in others]), fused_target=fused_target)
 
 
 # The names the tests use for the internal API.

@@ -44,10 +44,16 @@ std::vector<T> class_weights(const std::optional<array_view>& weight) {
 // target that is not finite (NaN or infinite target or class weight: Σ w t' is not finite).
 inline bool ce_row_poisoned(const target_stats& st) { return std::isnan(st.sum) || !std::isfinite(st.a); }
 
-// The row's log-sum-exp from merged statistics (-inf for an all -inf row, NaN when poisoned).
-inline double ce_row_lse(const target_stats& st) {
-  if (st.sum == 0.0 || st.shift == -kInf) return std::isnan(st.sum) ? kNaN : -kInf;
-  return st.shift + std::log(st.sum);
+// The row's log-sum-exp from merged statistics as shift + log_sum (shift -inf for an all
+// -inf row, log_sum NaN when poisoned): lse - x = (shift - x) + log_sum keeps -log q exact
+// near the max, where lse - x would cancel.
+struct row_lse {
+  double shift, log_sum;
+};
+inline row_lse ce_row_lse(const target_stats& st) {
+  if (std::isnan(st.sum)) return {st.shift, kNaN};
+  if (st.sum == 0.0 || st.shift == -kInf) return {-kInf, 0.0};
+  return {st.shift, std::log(st.sum)};
 }
 
 // CE row loss from merged statistics: Σ w t' (lse - x) = a log(sum) - b.
@@ -60,13 +66,13 @@ inline double ce_row_loss(const target_stats& st) {
 // coef keep w_c (lse - x_c), and 0 where wt_c = 0 faces lse - x_c = +inf (x_c = -inf: the
 // 0 * (-inf) = 0 rule's class; the expression in python/softce/_reference.py agrees).
 template <class T>
-void target_gradient_row(const T* x, std::int64_t n, const target_desc<T>& t, double lse, double coef, T* gt) {
-  const T l = static_cast<T>(lse);
+void target_gradient_row(const T* x, std::int64_t n, const target_desc<T>& t, row_lse lse, double coef, T* gt) {
+  const T shift = static_cast<T>(lse.shift), log_sum = static_cast<T>(lse.log_sum);
   const T scale = static_cast<T>(coef) * t.keep;
   for (std::int64_t c = 0; c < n; ++c) {
     const T w = t.weight ? t.weight[c] : T(1);
     const T wt = w * (t.keep * t.dense[c] + t.add);
-    T s = l - x[c];
+    T s = (shift - x[c]) + log_sum;
     if (wt == T(0) && s == std::numeric_limits<T>::infinity()) s = T(0);
     // a non-finite class weight: no value (inf times a -log q that may round to 0)
     gt[c] = std::isfinite(w) ? scale * w * s : std::numeric_limits<T>::quiet_NaN();

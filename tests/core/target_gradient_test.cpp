@@ -279,6 +279,28 @@ TEST(TargetGradient, NaNRules) {
   EXPECT_TRUE(values_near(g, rgt.values(), array_tolerance(dtype::float32, dtype::float32)));
 }
 
+// -log q near the max class is small while lse and x are ~1000: float32 must not compute it
+// as lse - x (lse rounded to float loses up to ulp(1000) / 2 = 3e-5), but as (shift - x) + log(sum),
+// within the rounding of the float sum near 1 (2^-23) like torch's log_softmax.
+TEST(TargetGradient, Float32NearTheMaxClassHasNoCancellation) {
+  const tensor x = make_tensor({2, 3}, dtype::float32, {1000.0, 999.5, 990.0, -3.0, 400.25, 400.0});
+  const tensor t = make_tensor({2, 3}, dtype::float32, {0.5, 0.25, 0.25, 0.2, 0.3, 0.5});
+  const tensor w = make_tensor({3}, dtype::float32, {1.5, -0.5, 2.0});
+  softce::cross_entropy_options o;
+  o.weight = w.view();
+  o.reduce = reduction::sum;
+  tensor gt({2, 3}, dtype::float32), rgt({2, 3}, dtype::float64);
+  softce::outputs out, rout;
+  out.grad_target = gt.mutable_view();
+  rout.grad_target = rgt.mutable_view();
+  softce::cross_entropy(x.view(), t.view(), o, out);
+  ref::cross_entropy(x.view(), t.view(), o, rout);
+  const std::vector<double> f = gt.values(), r = rgt.values();
+  const double weights[] = {1.5, -0.5, 2.0};
+  for (std::size_t i = 0; i < f.size(); ++i)
+    EXPECT_NEAR(f[i], r[i], 2 * 0x1p-23 * std::fabs(weights[i % 3]) + 1e-6 * std::fabs(r[i])) << i;
+}
+
 TEST(TargetGradient, Errors) {
   const tensor x = make_tensor({2, 3}, dtype::float32, {0.5, 0.1, 1.0, 0.2, 0.1, -0.3});
   const tensor t = make_tensor({2, 3}, dtype::float32, {0.2, 0.3, 0.5, 0.6, 0.0, 0.4});

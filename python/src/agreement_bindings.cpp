@@ -20,6 +20,8 @@
 
 #include <softce/class_parallel.hpp>
 
+#include "views.hpp"
+
 #include <cstring>
 #include <optional>
 #include <string>
@@ -42,28 +44,7 @@ using any_array = nb::ndarray<nb::ro>;
 // The softce dtype of a DLPack dtype; another dtype becomes an invalid value, which is never
 // read: the facts of a call are read only after the core accepted the same arrays.
 softce::dtype to_dtype(nb::dlpack::dtype t) {
-  using code = nb::dlpack::dtype_code;
-  if (t.lanes == 1) {
-    switch (static_cast<code>(t.code)) {
-      case code::Float:
-        if (t.bits == 32) return softce::dtype::float32;
-        if (t.bits == 64) return softce::dtype::float64;
-        if (t.bits == 16) return softce::dtype::float16;
-        break;
-      case code::Bfloat:
-        if (t.bits == 16) return softce::dtype::bfloat16;
-        break;
-      case code::Int:
-        if (t.bits == 32) return softce::dtype::int32;
-        if (t.bits == 64) return softce::dtype::int64;
-        break;
-      case code::Bool:
-        if (t.bits == 8) return softce::dtype::boolean;
-        break;
-      default: break;
-    }
-  }
-  return static_cast<softce::dtype>(255);
+  return softce_py::to_softce_dtype(t).value_or(static_cast<softce::dtype>(255));
 }
 
 // Never throws (see to_dtype): more than max_dims dimensions give an empty view.

@@ -219,7 +219,8 @@ def make_run(torch, softce, shape, target, impl, budget):
             torch.mm(L.t(), hd, out=Gw)
     elif impl == "loss_only":
         itemsize = 4
-        B = max(1, min(N, budget // (V * itemsize)))
+        b = budget if budget is not None else max(64 << 20, min(N, 512) * V * itemsize)
+        B = max(1, min(N, b // (V * itemsize)))
         L = torch.randn(B, V)
 
         def run():
@@ -275,7 +276,8 @@ def main():
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=0, help="timed calls (default 3 small, 1 large)")
-    ap.add_argument("--budget", type=int, default=64 << 20)
+    ap.add_argument("--budget", type=int, default=None,
+                    help="softce's memory_budget in bytes (default: softce's own default)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--json", help="write the results here")
@@ -300,7 +302,7 @@ def main():
 
     results = []
     print(f"# CPU: {cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
-          f"threads {args.threads}; budget {args.budget >> 20} MiB", flush=True)
+          f"threads {args.threads}; budget {'default' if args.budget is None else args.budget >> 20} MiB", flush=True)
     for shape_name in args.shapes.split(","):
         shape = (QUICK if args.quick else SHAPES)[shape_name]
         reps = args.reps or (3 if shape_name == "small" or args.quick else 1)
@@ -333,7 +335,7 @@ def main():
 
 def interleaved(args):
     print(f"# CPU: {cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
-          f"threads {args.threads}; budget {args.budget >> 20} MiB; interleaved, "
+          f"threads {args.threads}; budget {'default' if args.budget is None else args.budget >> 20} MiB; interleaved, "
           f"{args.interleaved} rounds", flush=True)
     results = []
     for shape_name in args.shapes.split(","):

@@ -28,6 +28,7 @@ from .functional import (
     simd_target,
 )
 
+from .linear import linear_cross_entropy, linear_distillation_loss  # fused output layer
 from . import aggregate  # soft labels from noisy votes (NumPy): softce.aggregate.*
 from . import _core as _core_module
 __version__ = _core_module.version  # the one version: CMakeLists.txt's project()
@@ -40,6 +41,8 @@ __all__ = [
     "distillation_loss",
     "get_num_threads",
     "kl_div",
+    "linear_cross_entropy",
+    "linear_distillation_loss",
     "set_num_threads",
     "simd_target",
 ]

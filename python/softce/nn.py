@@ -15,7 +15,10 @@ from ._common import DISTILLATION
 
 _DEFAULT = {a.name: a.default for a in DISTILLATION.args}  # the schema's defaults
 
-__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "DistillationLoss", "KLDivLoss"]
+from .linear_nn import LinearCrossEntropyLoss, LinearDistillationLoss  # noqa: E402
+
+__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "DistillationLoss", "KLDivLoss",
+           "LinearCrossEntropyLoss", "LinearDistillationLoss"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

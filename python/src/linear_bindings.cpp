@@ -15,6 +15,8 @@
 #include <softce/linear.hpp>
 #include <softce/softce.hpp>
 
+#include "views.hpp"
+
 #include <optional>
 #include <string>
 #include <string_view>
@@ -24,62 +26,7 @@ using namespace nb::literals;
 
 namespace {
 
-using input_array = nb::ndarray<nb::ro>;
-using output_array = nb::ndarray<>;
-
-std::optional<softce::dtype> to_softce_dtype(nb::dlpack::dtype t) {
-  if (t.lanes != 1) return std::nullopt;
-  using code = nb::dlpack::dtype_code;
-  switch (static_cast<code>(t.code)) {
-    case code::Float:
-      if (t.bits == 32) return softce::dtype::float32;
-      if (t.bits == 64) return softce::dtype::float64;
-      if (t.bits == 16) return softce::dtype::float16;
-      break;
-    case code::Bfloat:
-      if (t.bits == 16) return softce::dtype::bfloat16;
-      break;
-    case code::Int:
-      if (t.bits == 32) return softce::dtype::int32;
-      if (t.bits == 64) return softce::dtype::int64;
-      break;
-    case code::Bool:
-      if (t.bits == 8) return softce::dtype::boolean;
-      break;
-    default: break;
-  }
-  return std::nullopt;
-}
-
-template <class View, class Array>
-View make_view(const Array& array, std::string_view fn, std::string_view name) {
-  const std::string prefix = std::string(fn) + ": " + std::string(name) + ": ";
-  if (array.device_type() != nb::device::cpu::value)
-    throw softce::error(prefix + "expected a CPU array, got an array on DLPack device type " +
-                            std::to_string(array.device_type()),
-                        softce::error_kind::type);
-  const auto type = to_softce_dtype(array.dtype());
-  if (!type) throw softce::error(prefix + "unsupported dtype", softce::error_kind::type);
-  const auto ndim = static_cast<int>(array.ndim());
-  if (ndim > softce::max_dims)
-    throw softce::error(prefix + "expected at most " + std::to_string(softce::max_dims) + " dimensions, got " +
-                        std::to_string(ndim));
-  View v;
-  v.data = const_cast<void*>(static_cast<const void*>(array.data()));
-  v.type = *type;
-  v.ndim = ndim;
-  for (int i = 0; i < ndim; ++i) {
-    v.shape[i] = static_cast<std::int64_t>(array.shape(i));
-    v.strides[i] = array.stride(i);
-  }
-  return v;
-}
-
-std::optional<softce::array_view> in_view(const std::optional<input_array>& a, std::string_view fn,
-                                          std::string_view name) {
-  if (!a) return std::nullopt;
-  return make_view<softce::array_view>(*a, fn, name);
-}
+using namespace softce_py;  // input_array, output_array, make_view, in_view (views.hpp)
 
 softce::linear_outputs out_views(const std::optional<output_array>& losses,
                                  const std::optional<output_array>& grad_hidden,

@@ -252,6 +252,13 @@ def _register():
 
     def backward(ctx, grad_loss, _g1, _g2, _g3):
         needs = ctx.needs_input_grad
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: the stored gradients are not differentiable; refuse rather
+            # than drop the second-order term
+            raise RuntimeError(
+                "softce::linear_loss: double backward (create_graph=True) is not supported by "
+                "the fused linear losses; compute F.linear and use softce.cross_entropy / "
+                "distillation_loss, which support it")
         if grad_loss is None:  # an undefined (zero) upstream gradient: zero gradients
             return (None,) * 22
         if ctx.per_row:
@@ -292,6 +299,18 @@ class _LinearLossApply:
         import torch
 
         enabled = torch.is_grad_enabled()
+        if enabled:  # gradients flow to input, weight and bias only: refuse, never drop
+            fn = "linear_cross_entropy" if a["family"] == "ce" else "linear_distillation_loss"
+            side = "target" if a["family"] == "ce" else "teacher"
+            for name, t in ((side, a["target"]), (f"{side}.values", a["topk_values"]),
+                            ("teacher_weight", a["teacher_weight"]),
+                            ("teacher_bias", a["teacher_bias"]),
+                            ("class_weight", a["class_weight"])):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    raise NotImplementedError(
+                        f"{fn}: {name}: a gradient with respect to it is not supported by the "
+                        f"fused linear losses (only input, weight and bias); detach it, or "
+                        f"compute F.linear and use softce's loss, which differentiates it")
         grads = (enabled and input.requires_grad, enabled and weight.requires_grad,
                  enabled and bias is not None and bias.requires_grad)
         if a["reduction"] == "none":

@@ -339,3 +339,32 @@ def test_compile_fullgraph():
     assert_close(got, want)
     for a, c in zip(grads(got, (h, w, b)), grads(want, (h, w, b))):
         assert_close(a, c)
+
+
+# ---------------------------------------------------------------------------------------
+# what the fused linear losses do not differentiate is refused, never silently dropped
+
+def test_target_and_teacher_requiring_grad_are_refused():
+    h, w, b, g = make(4, 5, 7)
+    probs = torch.softmax(torch.randn(4, 7, generator=g, dtype=F64), 1).requires_grad_()
+    with pytest.raises(NotImplementedError, match="linear_cross_entropy: target:"):
+        linear_cross_entropy(h, w, probs, b)
+    with pytest.raises(NotImplementedError, match="linear_distillation_loss: teacher:"):
+        linear_distillation_loss(h, w, torch.randn(4, 7, dtype=F64, requires_grad=True))
+    tw = torch.randn(7, 3, dtype=F64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="teacher_weight"):
+        linear_distillation_loss(h, w, torch.randn(4, 3, dtype=F64), teacher_weight=tw)
+    cw = torch.rand(7, dtype=F64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="class_weight"):
+        linear_cross_entropy(h, w, torch.randint(0, 7, (4,)), class_weight=cw)
+    with torch.no_grad():  # no gradient wanted: fine
+        linear_cross_entropy(h, w, probs, b)
+    linear_cross_entropy(h, w, probs.detach(), b).backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_is_refused(reduction):
+    h, w, b, g = make(4, 5, 7)
+    loss = linear_cross_entropy(h, w, torch.randint(0, 7, (4,)), b, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, h, create_graph=True)

@@ -1,23 +1,38 @@
-// Persistent worker threads behind softce::set_num_threads and detail::parallel_for.
+// softce::set_num_threads and detail::parallel_for, on OpenMP.
 //
-// One job runs at a time (calls from several user threads take turns on a mutex; a call
-// made while the pool is busy, or from inside a worker, runs on the calling thread alone,
-// so concurrent Python threads never deadlock). Workers sleep on a condition variable
-// between jobs. After fork() the child starts a fresh pool.
+// Why OpenMP and not a pool of our own: in a PyTorch process the intra-op threads are
+// libgomp's, and after every parallel torch operation they spin for a while (libgomp's
+// default wait policy) waiting for the next parallel region. A pool of our own woken right
+// after a torch operation (the output layer that made the logits) then shares the cores
+// with those spinning threads: on 2 cores the second softce thread ran at about half speed
+// and a 2-thread call was no faster than a 1-thread one (bench/bench.py, the long-row and
+// in-place cases). Running our ranges as an OpenMP parallel region puts them on those very
+// threads (torch's libgomp is loaded by its soname, libgomp.so.1, so the process has one
+// OpenMP runtime), which also start the work sooner than a condition-variable wake-up.
+//
+// Contracts kept from the pool it replaces:
+//  - a parallel_for inside another (a long row's pieces inside a range of rows) runs on the
+//    calling thread alone;
+//  - calls from several user threads at once are safe (each gets its own team);
+//  - an exception from a range is rethrown on the caller (the first one, in range order of
+//    catching), after every range has finished;
+//  - fork(): GNU libgomp cannot run a parallel region in a child forked after the parent ran
+//    one (the child's team threads do not exist; it would hang). A child forked after softce
+//    ran a parallel region therefore computes on its calling thread alone (as PyTorch's
+//    DataLoader workers, which it sets to one thread); results are bitwise the same.
 #include "threading.hpp"
 
 #include <softce/softce.hpp>
 
+#include <omp.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <exception>
 #include <mutex>
 #include <string>
 #include <thread>
-#include <vector>
 
 namespace softce {
 namespace {
@@ -28,95 +43,17 @@ int default_threads() {
 }
 
 std::atomic<int> requested_threads{default_threads()};
-thread_local bool inside_worker = false;
-// True on a thread while it runs its part of a job (the caller's range 0 included): a
-// nested parallel_for (a long row's pieces inside a row range) then runs on that thread
-// alone instead of re-locking the job mutex it already holds.
-thread_local bool inside_job = false;
+// The process that ran softce's first parallel region (0: none yet). In any other process
+// (a fork of it) parallel regions are not safe with libgomp: run on one thread.
+std::atomic<pid_t> parallel_pid{0};
 
-class pool {
- public:
-  static pool& instance() {
-    static pool* p = new pool();  // never destroyed: workers may outlive static destructors
-    if (p->owner_pid_ != getpid()) p = new pool();  // forked child: the old workers are gone
-    return *p;
-  }
-
-  // Runs ranges[i] for i in [0, ranges) on up to `ranges` threads; returns false if the
-  // pool is busy (the caller then runs everything itself).
-  bool run(int ranges, const std::function<void(int)>& task) {
-    std::unique_lock<std::mutex> busy(job_mutex_, std::try_to_lock);
-    if (!busy.owns_lock()) return false;
-    ensure_workers(ranges - 1);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      task_ = &task;
-      next_range_ = 1;
-      ranges_ = ranges;
-      pending_ = ranges - 1;
-      error_ = nullptr;
-      ++generation_;
-    }
-    wake_.notify_all();
-    inside_job = true;
-    try {
-      task(0);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!error_) error_ = std::current_exception();
-    }
-    inside_job = false;
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return pending_ == 0; });
-    task_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
-    return true;
-  }
-
- private:
-  pool() : owner_pid_(getpid()) {}
-
-  void ensure_workers(int count) {
-    while (static_cast<int>(workers_.size()) < count) {
-      workers_.emplace_back([this] { worker_loop(); });
-      workers_.back().detach();
-    }
-  }
-
-  void worker_loop() {
-    inside_worker = true;
-    std::uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      while (task_ && next_range_ < ranges_) {
-        int range = next_range_++;
-        const auto* task = task_;
-        lock.unlock();
-        try {
-          (*task)(range);
-        } catch (...) {
-          lock.lock();
-          if (!error_) error_ = std::current_exception();
-          lock.unlock();
-        }
-        lock.lock();
-        if (--pending_ == 0) done_.notify_all();
-      }
-    }
-  }
-
-  pid_t owner_pid_;
-  std::mutex job_mutex_;
-  std::mutex mutex_;
-  std::condition_variable wake_, done_;
-  std::vector<std::thread> workers_;
-  const std::function<void(int)>* task_ = nullptr;
-  int next_range_ = 0, ranges_ = 0, pending_ = 0;
-  std::uint64_t generation_ = 0;
-  std::exception_ptr error_;
-};
+bool may_run_parallel() {
+  const pid_t me = getpid();
+  pid_t owner = parallel_pid.load(std::memory_order_relaxed);
+  if (owner == me) return true;
+  if (owner == 0 && parallel_pid.compare_exchange_strong(owner, me)) return true;
+  return owner == me;
+}
 
 }  // namespace
 
@@ -134,16 +71,30 @@ void parallel_for(std::int64_t count, std::int64_t grain,
                   const std::function<void(std::int64_t, std::int64_t)>& body) {
   if (count <= 0) return;
   grain = std::max<std::int64_t>(grain, 1);
-  std::int64_t ranges = std::min<std::int64_t>(requested_threads.load(), (count + grain - 1) / grain);
-  if (ranges <= 1 || inside_worker || inside_job) {
+  const std::int64_t ranges = std::min<std::int64_t>(requested_threads.load(), (count + grain - 1) / grain);
+  if (ranges <= 1 || omp_in_parallel() || !may_run_parallel()) {
     body(0, count);
     return;
   }
-  auto range_body = [&](int r) {
-    std::int64_t begin = count * r / ranges, end = count * (r + 1) / ranges;
-    if (begin < end) body(begin, end);
-  };
-  if (!pool::instance().run(static_cast<int>(ranges), range_body)) body(0, count);
+  // The split depends on `ranges` only; a team smaller than asked (OMP_THREAD_LIMIT, nested
+  // limits) runs several ranges per thread.
+  std::exception_ptr error;
+  std::mutex error_mutex;
+#pragma omp parallel num_threads(static_cast<int>(ranges))
+  {
+    const int team = omp_get_num_threads();
+    for (std::int64_t r = omp_get_thread_num(); r < ranges; r += team) {
+      const std::int64_t begin = count * r / ranges, end = count * (r + 1) / ranges;
+      if (begin >= end) continue;
+      try {
+        body(begin, end);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace detail

@@ -1,4 +1,4 @@
-// A small persistent thread pool for splitting rows across threads.
+// Splitting rows across threads (an OpenMP team: threading.cpp says why).
 //
 // Work is split into at most num_threads contiguous ranges; the caller's thread runs the
 // first range. Results never depend on the split: callers write per-row (or per-block)

@@ -108,3 +108,42 @@ def test_kernels_release_the_gil():
     assert duration > 0.005, "the call is too short to tell"
     # Holding the GIL would allow no tick at all during the call.
     assert len(inside) >= 2, (duration, len(inside))
+
+
+def _forked_loss(queue, x, t):
+    softce.set_num_threads(2)
+    x = x.clone().requires_grad_()
+    loss = softce.cross_entropy(x, t)
+    loss.backward()
+    queue.put((loss.detach().numpy().copy(), x.grad.numpy().copy()))  # plain arrays: no shared-memory handles
+
+
+def test_a_forked_child_after_parallel_calls_computes_the_same_bits():
+    """softce's ranges run on OpenMP, the runtime of torch's own threads; GNU libgomp cannot
+    run a parallel region in a child forked after the parent ran one (it would hang), so a
+    forked child computes on one thread: the same bits, no hang. Torch itself is kept out of
+    parallel regions in the child (its DataLoader workers do the same)."""
+    import multiprocessing as mp
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3 * 65536 + 5, generator=g)
+    t = torch.softmax(torch.randn(2, 3 * 65536 + 5, generator=g), 1)
+    before = softce.get_num_threads()
+    softce.set_num_threads(2)
+    try:
+        expected = run((x.requires_grad_(), lambda x: softce.cross_entropy(x, t)))  # parallel here
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        old_torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # torch's own ops in the child: no parallel region of torch's
+        try:
+            child = ctx.Process(target=_forked_loss, args=(queue, x.detach(), t))
+            child.start()
+            loss, grad = queue.get(timeout=60)
+            child.join(timeout=60)
+        finally:
+            torch.set_num_threads(old_torch_threads)
+        assert child.exitcode == 0
+        assert np.array_equal(loss, expected[0].numpy()) and np.array_equal(grad, expected[1].numpy())
+    finally:
+        softce.set_num_threads(before)

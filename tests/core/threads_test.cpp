@@ -2,6 +2,12 @@
 // threads, on inputs big enough to be split across threads.
 #include "test_support.hpp"
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <thread>
+
 namespace softce_test {
 namespace {
 
@@ -241,6 +247,70 @@ TEST(Threads, StagedRowsAreBitwiseIdenticalForOneAndTwoThreads) {
   expect_same_bits("bfloat16 (N, C, d)",
                    [&](const softce::outputs& out) { return softce::cross_entropy(x.view(), t.view(), {}, out); }, shape,
                    dtype::bfloat16);
+}
+
+// The ranges run as an OpenMP parallel region (threading.cpp). GNU libgomp cannot run a
+// region in a child forked after the parent ran one; softce then computes on the child's
+// calling thread alone. The child must neither hang nor differ by a bit.
+TEST(Threads, ForkedChildNeitherHangsNorDiffers) {
+  thread_count_guard guard;
+  std::mt19937_64 rng(906);
+  const shape_t shape{2, 3 * 65536 + 5};
+  const tensor x = make_tensor(shape, dtype::float32, normal_values(rng, shape[0] * shape[1], 3.0));
+  const tensor t = make_tensor(shape, dtype::float32, probability_targets(rng, shape));
+  auto call = [&](const softce::outputs& out) { return softce::cross_entropy(x.view(), t.view(), {}, out); };
+  const bits parent = run_with_threads(2, call, shape, dtype::float32, {});  // a parallel region ran
+  const pid_t child = fork();
+  ASSERT_GE(child, 0) << "fork failed";
+  if (child == 0) {
+    bool same = true;
+    for (int threads : {2, 1, 2}) {
+      const bits mine = run_with_threads(threads, call, shape, dtype::float32, {});
+      same = same && std::memcmp(&mine.loss, &parent.loss, sizeof(double)) == 0 && mine.grad == parent.grad;
+    }
+    _exit(same ? 0 : 3);
+  }
+  int status = 0;
+  pid_t done = 0;
+  for (int waited_ms = 0; waited_ms < 60000 && done == 0; waited_ms += 10) {
+    done = waitpid(child, &status, WNOHANG);
+    if (done == 0) usleep(10000);
+  }
+  if (done == 0) {
+    kill(child, SIGKILL);
+    waitpid(child, &status, 0);
+    FAIL() << "the forked child did not finish within 60 s (a hang in the thread runtime)";
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << "the forked child died (signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0) << ")";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "the forked child's result differs from the parent's";
+}
+
+// Calls from several user threads at once, each split across threads: every result equals
+// the sequential one.
+TEST(Threads, ConcurrentCallersGetTheSequentialBits) {
+  thread_count_guard guard;
+  softce::set_num_threads(2);
+  std::mt19937_64 rng(907);
+  const shape_t shape{64, 70000};
+  const tensor x = make_tensor(shape, dtype::float32, normal_values(rng, shape[0] * shape[1], 3.0));
+  const tensor t = make_tensor(shape, dtype::float32, probability_targets(rng, shape));
+  auto call = [&](const softce::outputs& out) { return softce::cross_entropy(x.view(), t.view(), {}, out); };
+  const bits expected = run_with_threads(2, call, shape, dtype::float32, {});
+  constexpr int callers = 4, repeats = 3;
+  std::vector<int> mismatches(callers, 0);
+  std::vector<std::thread> threads;
+  for (int c = 0; c < callers; ++c)
+    threads.emplace_back([&, c] {
+      for (int k = 0; k < repeats; ++k) {
+        tensor g(shape, dtype::float32);
+        softce::outputs out;
+        out.grad = g.mutable_view();
+        const double loss = call(out);
+        if (std::memcmp(&loss, &expected.loss, sizeof(double)) != 0 || g.element_bytes() != expected.grad) ++mismatches[c];
+      }
+    });
+  for (auto& th : threads) th.join();
+  for (int c = 0; c < callers; ++c) EXPECT_EQ(mismatches[c], 0) << "caller " << c;
 }
 
 }  // namespace

@@ -714,8 +714,14 @@ def evaluate_targets(results, threads):
         two = results.get(case, {}).get("time", {}).get("2", {}).get("impls", {}).get(SOFTCE_INPLACE)
         if one and two and threads == 2:
             sp = one["median_s"] / two["median_s"]
-            out.append((f"{case}: softce in place 2 threads >= 1.7x 1 thread", f"{sp:.2f}x", sp >= 1.7,
-                        "" if sp >= 1.7 else f"missed: {1.7 / sp:.2f}x short"))
+            # a memory-bound kernel cannot scale past the memory system: the triad's own
+            # 2-thread / 1-thread ratio in the same run bounds the speedup
+            bw = {k: results[case]["time"][k].get("triad_GBps") for k in ("1", "2")}
+            mem = bw["2"] / bw["1"] if bw["1"] and bw["2"] else None
+            note = f" (triad {mem:.2f}x)" if mem else ""
+            out.append((f"{case}: softce in place 2 threads >= 1.7x 1 thread", f"{sp:.2f}x{note}", sp >= 1.7,
+                        "" if sp >= 1.7 else f"missed: {1.7 / sp:.2f}x short" +
+                        (f"; the triad itself scaled {mem:.2f}x" if mem else "")))
     for case in ("small_64x10", "small_256x1000"):
         x = get(case, TORCH, "x_softce")
         if x is not None:

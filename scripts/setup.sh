@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(cmake ninja-build g++ pkg-config libhwy-dev libgtest-dev libbenchmark-dev
-          libopenblas-dev libopenmpi-dev openmpi-bin libcli11-dev nlohmann-json3-dev
+          libopenblas-dev libopenblas0-openmp libopenmpi-dev openmpi-bin libcli11-dev nlohmann-json3-dev
           libfmt-dev dataset-fashion-mnist clang libclang-rt-14-dev libplplot-dev
           plplot-driver-cairo zlib1g-dev)
 missing=()

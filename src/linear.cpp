@@ -28,8 +28,7 @@
 #include <softce/linear.hpp>
 #include <softce/softce.hpp>
 
-#include <cblas.h>
-
+#include "blas.hpp"
 #include "staging.hpp"
 #include "threading.hpp"
 #include "validate.hpp"
@@ -58,17 +57,18 @@ constexpr std::int64_t kMaxBlasInt = INT_MAX;
 // oversubscribes the cores.
 class blas_threads {
  public:
-  blas_threads() : previous_(openblas_get_num_threads()) {
+  explicit blas_threads(std::string_view function) : function_(function), previous_(blas::get_num_threads(function)) {
     const int want = get_num_threads();
-    if (want != previous_) openblas_set_num_threads(want);
+    if (want != previous_) blas::set_num_threads(function_, want);
   }
   ~blas_threads() {
-    if (openblas_get_num_threads() != previous_) openblas_set_num_threads(previous_);
+    if (blas::get_num_threads(function_) != previous_) blas::set_num_threads(function_, previous_);
   }
   blas_threads(const blas_threads&) = delete;
   blas_threads& operator=(const blas_threads&) = delete;
 
  private:
+  std::string_view function_;
   int previous_;
 };
 
@@ -83,13 +83,11 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
       for (std::int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
     return;
   }
-  const auto ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
+  const auto i = [](std::int64_t v) { return static_cast<int>(v); };
   if constexpr (std::is_same_v<T, float>)
-    cblas_sgemm(CblasRowMajor, ta, tb, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A,
-                static_cast<int>(lda), B, static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
+    blas::sgemm("linear", trans_a, trans_b, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
   else
-    cblas_dgemm(CblasRowMajor, ta, tb, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A,
-                static_cast<int>(lda), B, static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
+    blas::dgemm("linear", trans_a, trans_b, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -524,7 +522,7 @@ double block_loss(const linear_call& call, const mutable_array_view& logits, con
 template <class T>
 double run(const linear_call& call) {
   const block_plan plan = plan_blocks<T>(call);
-  blas_threads threads_guard;
+  blas_threads threads_guard(call.fn);
   const std::int64_t N = call.N, D = call.D, V = call.V;
   const std::int64_t B = plan.rows, Vc = plan.classes;
   const std::int64_t class_blocks = (V + Vc - 1) / Vc;

@@ -7,7 +7,7 @@
 // leaves nothing, and an unwritable --out is reported before any training.
 #include "commands.hpp"
 
-#include <cblas.h>
+#include "blas.hpp"
 #include <softce/softce.hpp>
 
 #include <chrono>
@@ -30,23 +30,23 @@
 #ifndef SOFTCE_VERSION
 #define SOFTCE_VERSION "unknown"
 #endif
-#ifndef OPENBLAS_VERSION
-#define OPENBLAS_VERSION "OpenBLAS"
-#endif
 
 namespace softce::cli {
 
 int set_threads(int threads) {
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  openblas_set_num_threads(threads);
+  softce::detail::blas::set_num_threads("softce", threads);
   softce::set_num_threads(threads);
   return threads;
 }
 
 std::string version_text() {
-  std::string blas = OPENBLAS_VERSION;
-  while (!blas.empty() && blas.front() == ' ') blas.erase(blas.begin());
-  while (!blas.empty() && blas.back() == ' ') blas.pop_back();
+  std::string blas;
+  try {
+    blas = softce::detail::blas::describe("softce --version");
+  } catch (const std::exception& e) {
+    blas = std::string("no BLAS: ") + e.what();
+  }
   return std::string("softce ") + SOFTCE_VERSION + " (SIMD target " + softce::simd_target() +
          ", " + blas + ", charts: " + plotting_library_version() + ")";
 }

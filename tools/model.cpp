@@ -1,7 +1,7 @@
-// softce CLI — MLP forward/backward through cblas_sgemm, Adam, and the model file.
+// softce CLI — MLP forward/backward through the BLAS (sgemm), Adam, and the model file.
 #include "model.hpp"
 
-#include <cblas.h>
+#include "blas.hpp"
 
 #include <algorithm>
 #include <bit>
@@ -155,7 +155,7 @@ void forward(const model& m, const float* x, std::int64_t batch, workspace& ws) 
     auto& out = ws.activation[l + 1];
     out.resize(batch * Ly.out);
     // out (B, out) = in (B, in) · Wᵀ (in, out)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(batch),
+    softce::detail::blas::sgemm("softce", false, true, static_cast<int>(batch),
                 static_cast<int>(Ly.out), static_cast<int>(Ly.in), 1.0f, in.data(),
                 static_cast<int>(Ly.in), Ly.weight.data(), static_cast<int>(Ly.in), 0.0f,
                 out.data(), static_cast<int>(Ly.out));
@@ -183,7 +183,7 @@ void backward(const model& m, workspace& ws, const float* grad_logits, gradients
     g.weight[l].resize(Ly.out * Ly.in);
     g.bias[l].assign(Ly.out, 0.0f);
     // dW (out, in) = Gᵀ (out, B) · in (B, in)
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(Ly.out),
+    softce::detail::blas::sgemm("softce", true, false, static_cast<int>(Ly.out),
                 static_cast<int>(Ly.in), static_cast<int>(B), 1.0f, G, static_cast<int>(Ly.out),
                 in.data(), static_cast<int>(Ly.in), 0.0f, g.weight[l].data(),
                 static_cast<int>(Ly.in));
@@ -192,7 +192,7 @@ void backward(const model& m, workspace& ws, const float* grad_logits, gradients
     if (l == 0) break;
     // dA (B, in) = G (B, out) · W (out, in), then through the ReLU that produced `in`
     ws.grad_b.resize(B * Ly.in);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(B),
+    softce::detail::blas::sgemm("softce", false, false, static_cast<int>(B),
                 static_cast<int>(Ly.in), static_cast<int>(Ly.out), 1.0f, G,
                 static_cast<int>(Ly.out), Ly.weight.data(), static_cast<int>(Ly.in), 0.0f,
                 ws.grad_b.data(), static_cast<int>(Ly.in));

@@ -3,9 +3,11 @@
 // SSE4 and the scalar emulation) gives results that match the float64 reference.
 #include <hwy/targets.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "blas.hpp"
 #include "simd_targets.hpp"
 #include "test_support.hpp"
 
@@ -21,6 +23,28 @@ TEST(Dispatch, PicksTheBestTargetPresent) {
   const std::vector<std::int64_t> targets = runnable_targets();
   ASSERT_FALSE(targets.empty());
   EXPECT_EQ(softce::simd_target(), hwy::TargetName(targets.front()));
+}
+
+// The BLAS (src/blas.hpp) runs the kernels of this CPU: Debian's OpenBLAS 0.3.21 left to
+// itself picks its SSE3 "Prescott" kernels on CPUs it does not know (6.5x slower GEMMs on
+// an AVX-512 Xeon); softce tells it which to use, then restores the environment.
+TEST(Dispatch, BlasRunsTheKernelsOfThisCpu) {
+  const char* user = std::getenv("OPENBLAS_CORETYPE");
+  const std::string wanted = user ? std::string(user) : softce::detail::blas::core_for_this_cpu();
+  // a product it must get right: C (2 x 2) = 2 · A (2 x 3) · Bᵀ (3 x 2) + C
+  const float A[6] = {1, 2, 3, 4, 5, 6}, B[6] = {1, 0, -1, 2, 1, 0};
+  float C[4] = {1, 1, 1, 1};
+  softce::detail::blas::sgemm("test", false, true, 2, 2, 3, 2.0f, A, 3, B, 3, 1.0f, C, 2);
+  EXPECT_EQ(C[0], 1 + 2 * (1 - 3)) << "row 0 . col 0";
+  EXPECT_EQ(C[1], 1 + 2 * (2 + 2)) << "row 0 . col 1";
+  EXPECT_EQ(C[2], 1 + 2 * (4 - 6)) << "row 1 . col 0";
+  EXPECT_EQ(C[3], 1 + 2 * (8 + 5)) << "row 1 . col 1";
+  const std::string loaded = softce::detail::blas::describe("test");
+  if (!wanted.empty()) EXPECT_NE(loaded.find(wanted), std::string::npos) << loaded << " (wanted " << wanted << ")";
+  if (wanted != "Prescott") EXPECT_EQ(loaded.find("Prescott"), std::string::npos) << loaded;
+  // the environment is as the user left it
+  const char* after = std::getenv("OPENBLAS_CORETYPE");
+  EXPECT_EQ(after == nullptr, user == nullptr);
 }
 
 TEST(Dispatch, EveryTargetMatchesTheReference) {

@@ -10,6 +10,7 @@
 #include <softce/class_parallel.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <charconv>
 #include <cstring>
 #include <string>
@@ -32,7 +33,7 @@ struct option_fact {
   fact_format format;
 };
 
-constexpr int kMaxOptions = 8;
+constexpr int kMaxOptions = 14;
 constexpr int kMessageBytes = 1024;  // a failing rank's message, truncated to this
 
 // The record gathered from every rank, as int64s (agreement_facts of them).
@@ -46,6 +47,8 @@ struct rank_facts {
   std::int64_t options[kMaxOptions] = {};
   std::int64_t target_fingerprint = 0;  // arrays identical on every rank: index / top-k targets
   std::int64_t mask_fingerprint = 0;
+  std::int64_t hidden_fingerprint = 0;          // linear kinds: the replicated hidden states
+  std::int64_t teacher_hidden_fingerprint = 0;  // linear_distillation_hidden: the teacher's
 };
 static_assert(sizeof(rank_facts) == agreement_facts * sizeof(std::int64_t));
 
@@ -55,12 +58,30 @@ std::int64_t real_bits(double v) {
   return bits;
 }
 
-bool is_cross_entropy(call_kind k) {
-  return k == call_kind::cross_entropy_index || k == call_kind::cross_entropy_probabilities ||
-         k == call_kind::cross_entropy_topk;
+bool is_linear(call_kind k) {
+  return k == call_kind::linear_cross_entropy_index || k == call_kind::linear_cross_entropy_probabilities ||
+         k == call_kind::linear_cross_entropy_topk || k == call_kind::linear_distillation_logits ||
+         k == call_kind::linear_distillation_topk || k == call_kind::linear_distillation_hidden;
 }
 
-std::string_view input_name(call_kind k) { return is_cross_entropy(k) ? "input" : "student_logits"; }
+bool is_cross_entropy(call_kind k) {
+  return k == call_kind::cross_entropy_index || k == call_kind::cross_entropy_probabilities ||
+         k == call_kind::cross_entropy_topk || k == call_kind::linear_cross_entropy_index ||
+         k == call_kind::linear_cross_entropy_probabilities || k == call_kind::linear_cross_entropy_topk;
+}
+
+bool is_index_kind(call_kind k) {
+  return k == call_kind::cross_entropy_index || k == call_kind::linear_cross_entropy_index;
+}
+
+bool is_topk_kind(call_kind k) {
+  return k == call_kind::cross_entropy_topk || k == call_kind::distillation_topk ||
+         k == call_kind::linear_cross_entropy_topk || k == call_kind::linear_distillation_topk;
+}
+
+std::string_view input_name(call_kind k) {
+  return is_linear(k) ? "hidden" : is_cross_entropy(k) ? "input" : "student_logits";
+}
 std::string_view target_name(call_kind k) { return is_cross_entropy(k) ? "target" : "teacher"; }
 
 // The options compared, in the order they are compared (the same list on every rank once
@@ -71,22 +92,36 @@ std::vector<option_fact> option_facts(const call_description& c) {
     const cross_entropy_options& o = c.cross_entropy;
     v.push_back({"reduction", static_cast<std::int64_t>(o.reduce), fact_format::reduction_name});
     v.push_back({"label_smoothing", real_bits(o.label_smoothing), fact_format::real});
-    if (c.kind == call_kind::cross_entropy_index)
-      v.push_back({"ignore_index", o.ignore_index, fact_format::integer});
-    v.push_back({"target.tail", c.kind == call_kind::cross_entropy_topk && c.top.tail, fact_format::boolean});
-    v.push_back({"weight", o.weight.has_value(), fact_format::given});
+    if (is_index_kind(c.kind)) v.push_back({"ignore_index", o.ignore_index, fact_format::integer});
+    v.push_back({"target.tail", is_topk_kind(c.kind) && c.top.tail, fact_format::boolean});
+    v.push_back({is_linear(c.kind) ? "class_weight" : "weight", o.weight.has_value(), fact_format::given});
     v.push_back({"mask", o.mask.has_value(), fact_format::given});
-    v.push_back({"input dtype", static_cast<std::int64_t>(c.input.type), fact_format::dtype_name});
+    v.push_back({is_linear(c.kind) ? "hidden dtype" : "input dtype", static_cast<std::int64_t>(c.input.type),
+                 fact_format::dtype_name});
   } else {
     const distillation_options& o = c.distillation;
     v.push_back({"reduction", static_cast<std::int64_t>(o.reduce), fact_format::reduction_name});
     v.push_back({"divergence", static_cast<std::int64_t>(o.kind), fact_format::divergence_name});
     v.push_back({"beta", real_bits(o.beta), fact_format::real});
     v.push_back({"temperature", real_bits(o.temperature), fact_format::real});
-    v.push_back({"teacher.tail", c.kind == call_kind::distillation_topk && c.top.tail, fact_format::boolean});
+    v.push_back({"teacher.tail", is_topk_kind(c.kind) && c.top.tail, fact_format::boolean});
     v.push_back({"dim", o.dim ? (*o.dim < 0 ? *o.dim : *o.dim + 1) : 0, fact_format::optional_integer});
     v.push_back({"mask", o.mask.has_value(), fact_format::given});
-    v.push_back({"student_logits dtype", static_cast<std::int64_t>(c.input.type), fact_format::dtype_name});
+    v.push_back({is_linear(c.kind) ? "hidden dtype" : "student_logits dtype", static_cast<std::int64_t>(c.input.type),
+                 fact_format::dtype_name});
+  }
+  if (is_linear(c.kind)) {
+    // the fused layer: D (the hidden states' last dimension, the weight's columns), whether
+    // a bias is given, and the budget (it sets the row blocks, so the all-reduce calls)
+    v.push_back({"hidden.shape[-1]", c.input.ndim ? c.input.shape[c.input.ndim - 1] : 0, fact_format::integer});
+    v.push_back({"bias", c.bias, fact_format::given});
+    v.push_back({"memory_budget", static_cast<std::int64_t>(std::min<std::size_t>(c.memory_budget, INT64_MAX)),
+                 fact_format::integer});
+    if (c.kind == call_kind::linear_distillation_hidden) {
+      const std::int64_t Dt = c.teacher_hidden && c.teacher_hidden->ndim ? c.teacher_hidden->shape[c.teacher_hidden->ndim - 1] : 0;
+      v.push_back({"teacher.hidden.shape[-1]", Dt, fact_format::integer});
+      v.push_back({"teacher.bias", c.teacher_bias, fact_format::given});
+    }
   }
   return v;
 }
@@ -95,6 +130,7 @@ std::vector<option_fact> option_facts(const call_description& c) {
 // distillation takes it from its dim option.
 int class_dim(const call_description& c) {
   const int ndim = c.input.ndim;
+  if (is_linear(c.kind)) return ndim - 1;  // hidden (..., D): the rows are all but the last
   if (ndim <= 1) return 0;
   if (!is_cross_entropy(c.kind) && c.distillation.dim) {
     const int d = *c.distillation.dim;
@@ -122,19 +158,27 @@ rank_facts describe_facts(const call_description& c, const local_failure* failur
   const array_view& in = c.input;
   const int cd = class_dim(c);
   f.local_classes = in.ndim ? in.shape[cd] : 0;
+  if (is_linear(c.kind)) f.local_classes = c.weight.ndim == 2 ? c.weight.shape[0] : 0;
   for (int i = 0; i < in.ndim; ++i)
     if (i != cd) f.row_dims[f.row_ndim++] = in.shape[i];
   const auto options = option_facts(c);
   for (std::size_t i = 0; i < options.size(); ++i) f.options[i] = options[i].value;
-  if (c.kind == call_kind::cross_entropy_index) {
+  if (is_index_kind(c.kind)) {
     const std::optional<array_view> target[1] = {c.target};
     f.target_fingerprint = as_int64(fingerprint(target, 1));
-  } else if (c.kind == call_kind::cross_entropy_topk || c.kind == call_kind::distillation_topk) {
+  } else if (is_topk_kind(c.kind)) {
     const std::optional<array_view> target[2] = {c.top.indices, c.top.values};
     f.target_fingerprint = as_int64(fingerprint(target, 2));
   }  // probability targets and teacher logits are sharded like the logits
   const std::optional<array_view>& mask = is_cross_entropy(c.kind) ? c.cross_entropy.mask : c.distillation.mask;
   f.mask_fingerprint = as_int64(fingerprint(&mask, 1));
+  if (is_linear(c.kind)) {
+    // the replicated operands: about a nanosecond per element, against the 2 x V_local
+    // multiply-adds per element of the products
+    const std::optional<array_view> hidden[1] = {c.input};
+    f.hidden_fingerprint = as_int64(fingerprint(hidden, 1));
+    if (c.teacher_hidden) f.teacher_hidden_fingerprint = as_int64(fingerprint(&c.teacher_hidden, 1));
+  }
   return f;
 }
 
@@ -291,6 +335,12 @@ void compare(const call_description& c, const std::vector<rank_facts>& all) {
     if (all[r].mask_fingerprint != first.mask_fingerprint)
       fail("mask: differs between rank 0 and rank " + std::to_string(r) +
            " (the row mask must be identical on every rank)");
+    if (all[r].hidden_fingerprint != first.hidden_fingerprint)
+      fail("hidden: differs between rank 0 and rank " + std::to_string(r) +
+           " (the hidden states are replicated: they must be identical on every rank)");
+    if (all[r].teacher_hidden_fingerprint != first.teacher_hidden_fingerprint)
+      fail("teacher.hidden: differs between rank 0 and rank " + std::to_string(r) +
+           " (the teacher's hidden states are replicated: they must be identical on every rank)");
   }
 }
 
@@ -356,6 +406,12 @@ std::string_view call_kind_name(call_kind kind) noexcept {
     case call_kind::cross_entropy_topk: return "cross_entropy with top-k targets";
     case call_kind::distillation_logits: return "distillation_loss with teacher logits";
     case call_kind::distillation_topk: return "distillation_loss with a top-k teacher";
+    case call_kind::linear_cross_entropy_index: return "linear_cross_entropy with class-index targets";
+    case call_kind::linear_cross_entropy_probabilities: return "linear_cross_entropy with probability targets";
+    case call_kind::linear_cross_entropy_topk: return "linear_cross_entropy with top-k targets";
+    case call_kind::linear_distillation_logits: return "linear_distillation_loss with teacher logits";
+    case call_kind::linear_distillation_topk: return "linear_distillation_loss with a top-k teacher";
+    case call_kind::linear_distillation_hidden: return "linear_distillation_loss with teacher hidden states";
   }
   return "an unknown function";
 }
@@ -424,6 +480,80 @@ call_description describe(std::string_view function, std::int64_t class_offset, 
   c.num_classes = num_classes;
   c.input = student_logits;
   c.top = teacher;
+  c.distillation = options;
+  return c;
+}
+
+namespace {
+call_description linear_common(std::string_view function, call_kind kind, std::int64_t class_offset,
+                               std::int64_t num_classes, const array_view& hidden, const array_view& weight,
+                               const std::optional<array_view>& bias, const linear_options& linear) {
+  call_description c;
+  c.function = function;
+  c.kind = kind;
+  c.class_offset = class_offset;
+  c.num_classes = num_classes;
+  c.input = hidden;
+  c.weight = weight;
+  c.bias = bias.has_value();
+  c.memory_budget = linear.memory_budget;
+  return c;
+}
+}  // namespace
+
+call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
+                                 const array_view& hidden, const array_view& weight,
+                                 const std::optional<array_view>& bias, const array_view& target,
+                                 const cross_entropy_options& options, const linear_options& linear) {
+  const bool index_target = target.type == dtype::int32 || target.type == dtype::int64;
+  call_description c = linear_common(
+      function, index_target ? call_kind::linear_cross_entropy_index : call_kind::linear_cross_entropy_probabilities,
+      class_offset, num_classes, hidden, weight, bias, linear);
+  if (index_target) c.target = target;  // probability targets are per shard: not compared
+  c.cross_entropy = options;
+  return c;
+}
+
+call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
+                                 const array_view& hidden, const array_view& weight,
+                                 const std::optional<array_view>& bias, const topk& target,
+                                 const cross_entropy_options& options, const linear_options& linear) {
+  call_description c = linear_common(function, call_kind::linear_cross_entropy_topk, class_offset, num_classes,
+                                     hidden, weight, bias, linear);
+  c.top = target;
+  c.cross_entropy = options;
+  return c;
+}
+
+call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
+                                 const array_view& hidden, const array_view& weight,
+                                 const std::optional<array_view>& bias, const array_view&,
+                                 const distillation_options& options, const linear_options& linear) {
+  call_description c = linear_common(function, call_kind::linear_distillation_logits, class_offset, num_classes,
+                                     hidden, weight, bias, linear);
+  c.distillation = options;
+  return c;
+}
+
+call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
+                                 const array_view& hidden, const array_view& weight,
+                                 const std::optional<array_view>& bias, const topk& teacher,
+                                 const distillation_options& options, const linear_options& linear) {
+  call_description c = linear_common(function, call_kind::linear_distillation_topk, class_offset, num_classes,
+                                     hidden, weight, bias, linear);
+  c.top = teacher;
+  c.distillation = options;
+  return c;
+}
+
+call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
+                                 const array_view& hidden, const array_view& weight,
+                                 const std::optional<array_view>& bias, const linear_teacher& teacher,
+                                 const distillation_options& options, const linear_options& linear) {
+  call_description c = linear_common(function, call_kind::linear_distillation_hidden, class_offset, num_classes,
+                                     hidden, weight, bias, linear);
+  c.teacher_hidden = teacher.hidden;  // teacher weight and bias are per shard: not compared
+  c.teacher_bias = teacher.bias.has_value();
   c.distillation = options;
   return c;
 }

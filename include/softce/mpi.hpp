@@ -23,9 +23,11 @@
 #include <mpi.h>
 
 #include <softce/class_parallel.hpp>
+#include <softce/linear.hpp>
 #include <softce/softce.hpp>
 
 #include <cstdint>
+#include <optional>
 
 namespace softce::mpi {
 
@@ -57,6 +59,45 @@ double distillation_loss(const shard& s, const array_view& student_logits,
                          const distillation_options& options = {}, const outputs& out = {});
 double distillation_loss(const shard& s, const array_view& student_logits, const topk& teacher,
                          const distillation_options& options = {}, const outputs& out = {});
+
+// The fused output layer + loss (linear.hpp), vocabulary-parallel (Megatron's layout): the
+// contracts of softce::class_parallel::linear_* (class_parallel.hpp). weight (V_local, D)
+// holds this rank's rows of the output layer, [s.class_offset, s.class_offset + V_local) (V_local
+// may be 0), and so do the bias, the class weights, probability targets, teacher logits and
+// a teacher's weight and bias; hidden (and teacher.hidden) are replicated. Every rank gets
+// the global loss (bitwise the same), grad_weight / grad_bias of its rows and the FULL
+// grad_hidden (summed over the ranks in rank order: the same bits on every rank). The
+// agreement also checks D, whether a bias is given, memory_budget, the teacher's form and a
+// fingerprint of the hidden states (and of the teacher's).
+// Communication per call: the agreement's MPI_Allgather, one MPI_Allreduce of a few doubles
+// per row per block of rows (two for divergence jsd with teacher logits or hidden states),
+// one of N x D doubles for grad_hidden (in pieces of at most memory_budget bytes), and one of
+// one double for reduction 'mean' with class weights.
+double linear_cross_entropy(const shard& s, const array_view& hidden, const array_view& weight,
+                            const std::optional<array_view>& bias, const array_view& target,
+                            const cross_entropy_options& options = {},
+                            const linear_options& linear = {}, const linear_outputs& out = {});
+double linear_cross_entropy(const shard& s, const array_view& hidden, const array_view& weight,
+                            const std::optional<array_view>& bias, const topk& target,
+                            const cross_entropy_options& options = {},
+                            const linear_options& linear = {}, const linear_outputs& out = {});
+double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias,
+                                const array_view& teacher_logits,
+                                const distillation_options& options = {},
+                                const linear_options& linear = {},
+                                const linear_outputs& out = {});
+double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const topk& teacher,
+                                const distillation_options& options = {},
+                                const linear_options& linear = {},
+                                const linear_outputs& out = {});
+double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias,
+                                const linear_teacher& teacher,
+                                const distillation_options& options = {},
+                                const linear_options& linear = {},
+                                const linear_outputs& out = {});
 
 // The same, with the shard given by its parts.
 inline double cross_entropy(MPI_Comm comm, std::int64_t class_offset, std::int64_t num_classes,

@@ -180,4 +180,59 @@ double distillation_loss(const shard& s, const array_view& student_logits, const
   });
 }
 
+double linear_cross_entropy(const shard& s, const array_view& hidden, const array_view& weight,
+                            const std::optional<array_view>& bias, const array_view& target,
+                            const cross_entropy_options& options, const linear_options& linear,
+                            const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_cross_entropy", s.class_offset, s.num_classes, hidden,
+                                                    weight, bias, target, options, linear);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_cross_entropy(cs, hidden, weight, bias, target, options, linear, out);
+  });
+}
+
+double linear_cross_entropy(const shard& s, const array_view& hidden, const array_view& weight,
+                            const std::optional<array_view>& bias, const topk& target,
+                            const cross_entropy_options& options, const linear_options& linear,
+                            const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_cross_entropy", s.class_offset, s.num_classes, hidden,
+                                                    weight, bias, target, options, linear);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_cross_entropy(cs, hidden, weight, bias, target, options, linear, out);
+  });
+}
+
+double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const array_view& teacher_logits,
+                                const distillation_options& options, const linear_options& linear,
+                                const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
+                                                    hidden, weight, bias, teacher_logits, options, linear);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher_logits, options, linear, out);
+  });
+}
+
+double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const topk& teacher,
+                                const distillation_options& options, const linear_options& linear,
+                                const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
+                                                    hidden, weight, bias, teacher, options, linear);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher, options, linear, out);
+  });
+}
+
+double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const linear_teacher& teacher,
+                                const distillation_options& options, const linear_options& linear,
+                                const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
+                                                    hidden, weight, bias, teacher, options, linear);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher, options, linear, out);
+  });
+}
+
 }  // namespace softce::mpi

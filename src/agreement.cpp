@@ -115,6 +115,7 @@ std::vector<option_fact> option_facts(const call_description& c) {
     // a bias is given, and the budget (it sets the row blocks, so the all-reduce calls)
     v.push_back({"hidden.shape[-1]", c.input.ndim ? c.input.shape[c.input.ndim - 1] : 0, fact_format::integer});
     v.push_back({"bias", c.bias, fact_format::given});
+    v.push_back({"grad_hidden", c.grad_hidden, fact_format::given});
     v.push_back({"memory_budget", static_cast<std::int64_t>(std::min<std::size_t>(c.memory_budget, INT64_MAX)),
                  fact_format::integer});
     if (c.kind == call_kind::linear_distillation_hidden) {
@@ -162,6 +163,7 @@ rank_facts describe_facts(const call_description& c, const local_failure* failur
   for (int i = 0; i < in.ndim; ++i)
     if (i != cd) f.row_dims[f.row_ndim++] = in.shape[i];
   const auto options = option_facts(c);
+  if (options.size() > kMaxOptions) throw error("agreement: more options than the record holds");  // a bug here
   for (std::size_t i = 0; i < options.size(); ++i) f.options[i] = options[i].value;
   if (is_index_kind(c.kind)) {
     const std::optional<array_view> target[1] = {c.target};
@@ -485,7 +487,7 @@ call_description describe(std::string_view function, std::int64_t class_offset, 
 }
 
 namespace {
-call_description linear_common(std::string_view function, call_kind kind, std::int64_t class_offset,
+call_description linear_common(const linear_outputs& out, std::string_view function, call_kind kind, std::int64_t class_offset,
                                std::int64_t num_classes, const array_view& hidden, const array_view& weight,
                                const std::optional<array_view>& bias, const linear_options& linear) {
   call_description c;
@@ -497,6 +499,7 @@ call_description linear_common(std::string_view function, call_kind kind, std::i
   c.weight = weight;
   c.bias = bias.has_value();
   c.memory_budget = linear.memory_budget;
+  c.grad_hidden = out.grad_hidden.has_value();
   return c;
 }
 }  // namespace
@@ -504,10 +507,10 @@ call_description linear_common(std::string_view function, call_kind kind, std::i
 call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
                                  const array_view& hidden, const array_view& weight,
                                  const std::optional<array_view>& bias, const array_view& target,
-                                 const cross_entropy_options& options, const linear_options& linear) {
+                                 const cross_entropy_options& options, const linear_options& linear, const linear_outputs& out) {
   const bool index_target = target.type == dtype::int32 || target.type == dtype::int64;
   call_description c = linear_common(
-      function, index_target ? call_kind::linear_cross_entropy_index : call_kind::linear_cross_entropy_probabilities,
+      out, function, index_target ? call_kind::linear_cross_entropy_index : call_kind::linear_cross_entropy_probabilities,
       class_offset, num_classes, hidden, weight, bias, linear);
   if (index_target) c.target = target;  // probability targets are per shard: not compared
   c.cross_entropy = options;
@@ -517,8 +520,8 @@ call_description describe_linear(std::string_view function, std::int64_t class_o
 call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
                                  const array_view& hidden, const array_view& weight,
                                  const std::optional<array_view>& bias, const topk& target,
-                                 const cross_entropy_options& options, const linear_options& linear) {
-  call_description c = linear_common(function, call_kind::linear_cross_entropy_topk, class_offset, num_classes,
+                                 const cross_entropy_options& options, const linear_options& linear, const linear_outputs& out) {
+  call_description c = linear_common(out, function, call_kind::linear_cross_entropy_topk, class_offset, num_classes,
                                      hidden, weight, bias, linear);
   c.top = target;
   c.cross_entropy = options;
@@ -528,8 +531,8 @@ call_description describe_linear(std::string_view function, std::int64_t class_o
 call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
                                  const array_view& hidden, const array_view& weight,
                                  const std::optional<array_view>& bias, const array_view&,
-                                 const distillation_options& options, const linear_options& linear) {
-  call_description c = linear_common(function, call_kind::linear_distillation_logits, class_offset, num_classes,
+                                 const distillation_options& options, const linear_options& linear, const linear_outputs& out) {
+  call_description c = linear_common(out, function, call_kind::linear_distillation_logits, class_offset, num_classes,
                                      hidden, weight, bias, linear);
   c.distillation = options;
   return c;
@@ -538,8 +541,8 @@ call_description describe_linear(std::string_view function, std::int64_t class_o
 call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
                                  const array_view& hidden, const array_view& weight,
                                  const std::optional<array_view>& bias, const topk& teacher,
-                                 const distillation_options& options, const linear_options& linear) {
-  call_description c = linear_common(function, call_kind::linear_distillation_topk, class_offset, num_classes,
+                                 const distillation_options& options, const linear_options& linear, const linear_outputs& out) {
+  call_description c = linear_common(out, function, call_kind::linear_distillation_topk, class_offset, num_classes,
                                      hidden, weight, bias, linear);
   c.top = teacher;
   c.distillation = options;
@@ -549,8 +552,8 @@ call_description describe_linear(std::string_view function, std::int64_t class_o
 call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
                                  const array_view& hidden, const array_view& weight,
                                  const std::optional<array_view>& bias, const linear_teacher& teacher,
-                                 const distillation_options& options, const linear_options& linear) {
-  call_description c = linear_common(function, call_kind::linear_distillation_hidden, class_offset, num_classes,
+                                 const distillation_options& options, const linear_options& linear, const linear_outputs& out) {
+  call_description c = linear_common(out, function, call_kind::linear_distillation_hidden, class_offset, num_classes,
                                      hidden, weight, bias, linear);
   c.teacher_hidden = teacher.hidden;  // teacher weight and bias are per shard: not compared
   c.teacher_bias = teacher.bias.has_value();

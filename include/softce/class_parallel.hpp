@@ -175,6 +175,7 @@ struct call_description {
   std::optional<array_view> teacher_hidden;  // linear_distillation_hidden (replicated)
   bool teacher_bias = false;
   std::size_t memory_budget = 0;
+  bool grad_hidden = false;  // requested: its sum over the ranks is a collective of its own
 };
 
 // Descriptions of the four calls of class_parallel::, from the same arguments (sharded
@@ -193,32 +194,34 @@ call_description describe(std::string_view function, std::int64_t class_offset,
                           const topk& teacher, const distillation_options& options);
 
 // Descriptions of the five linear calls of class_parallel:: (sharded probability targets,
-// teacher logits and teacher weights are not compared).
+// teacher logits and teacher weights are not compared; of `out`, only whether grad_hidden is
+// requested: every rank must request it or none).
 call_description describe_linear(std::string_view function, std::int64_t class_offset,
                                  std::int64_t num_classes, const array_view& hidden,
                                  const array_view& weight, const std::optional<array_view>& bias,
                                  const array_view& target, const cross_entropy_options& options,
-                                 const linear_options& linear);
+                                 const linear_options& linear, const linear_outputs& out);
 call_description describe_linear(std::string_view function, std::int64_t class_offset,
                                  std::int64_t num_classes, const array_view& hidden,
                                  const array_view& weight, const std::optional<array_view>& bias,
                                  const topk& target, const cross_entropy_options& options,
-                                 const linear_options& linear);
+                                 const linear_options& linear, const linear_outputs& out);
 call_description describe_linear(std::string_view function, std::int64_t class_offset,
                                  std::int64_t num_classes, const array_view& hidden,
                                  const array_view& weight, const std::optional<array_view>& bias,
                                  const array_view& teacher_logits,
-                                 const distillation_options& options, const linear_options& linear);
+                                 const distillation_options& options, const linear_options& linear,
+                                 const linear_outputs& out);
 call_description describe_linear(std::string_view function, std::int64_t class_offset,
                                  std::int64_t num_classes, const array_view& hidden,
                                  const array_view& weight, const std::optional<array_view>& bias,
                                  const topk& teacher, const distillation_options& options,
-                                 const linear_options& linear);
+                                 const linear_options& linear, const linear_outputs& out);
 call_description describe_linear(std::string_view function, std::int64_t class_offset,
                                  std::int64_t num_classes, const array_view& hidden,
                                  const array_view& weight, const std::optional<array_view>& bias,
                                  const linear_teacher& teacher, const distillation_options& options,
-                                 const linear_options& linear);
+                                 const linear_options& linear, const linear_outputs& out);
 
 // What a rank tells the others when its own checks failed. `code` travels as is: the
 // error_kind values 0..2 (value, index, type) keep their meaning; a front may define

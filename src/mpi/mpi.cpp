@@ -185,7 +185,7 @@ double linear_cross_entropy(const shard& s, const array_view& hidden, const arra
                             const cross_entropy_options& options, const linear_options& linear,
                             const linear_outputs& out) {
   const auto call = class_parallel::describe_linear("mpi::linear_cross_entropy", s.class_offset, s.num_classes, hidden,
-                                                    weight, bias, target, options, linear);
+                                                    weight, bias, target, options, linear, out);
   return run(s, call, [&](const class_shard& cs) {
     return class_parallel::linear_cross_entropy(cs, hidden, weight, bias, target, options, linear, out);
   });
@@ -196,7 +196,7 @@ double linear_cross_entropy(const shard& s, const array_view& hidden, const arra
                             const cross_entropy_options& options, const linear_options& linear,
                             const linear_outputs& out) {
   const auto call = class_parallel::describe_linear("mpi::linear_cross_entropy", s.class_offset, s.num_classes, hidden,
-                                                    weight, bias, target, options, linear);
+                                                    weight, bias, target, options, linear, out);
   return run(s, call, [&](const class_shard& cs) {
     return class_parallel::linear_cross_entropy(cs, hidden, weight, bias, target, options, linear, out);
   });
@@ -207,7 +207,7 @@ double linear_distillation_loss(const shard& s, const array_view& hidden, const 
                                 const distillation_options& options, const linear_options& linear,
                                 const linear_outputs& out) {
   const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
-                                                    hidden, weight, bias, teacher_logits, options, linear);
+                                                    hidden, weight, bias, teacher_logits, options, linear, out);
   return run(s, call, [&](const class_shard& cs) {
     return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher_logits, options, linear, out);
   });
@@ -218,7 +218,7 @@ double linear_distillation_loss(const shard& s, const array_view& hidden, const 
                                 const distillation_options& options, const linear_options& linear,
                                 const linear_outputs& out) {
   const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
-                                                    hidden, weight, bias, teacher, options, linear);
+                                                    hidden, weight, bias, teacher, options, linear, out);
   return run(s, call, [&](const class_shard& cs) {
     return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher, options, linear, out);
   });
@@ -229,7 +229,7 @@ double linear_distillation_loss(const shard& s, const array_view& hidden, const 
                                 const distillation_options& options, const linear_options& linear,
                                 const linear_outputs& out) {
   const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
-                                                    hidden, weight, bias, teacher, options, linear);
+                                                    hidden, weight, bias, teacher, options, linear, out);
   return run(s, call, [&](const class_shard& cs) {
     return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher, options, linear, out);
   });

@@ -464,6 +464,15 @@ void test_errors() {
       },
       ce + "bias differs across ranks (rank 0: given, rank " + L + ": not given)");
   expect_error(
+      "linear error: grad_hidden requested on one rank",
+      [&] {
+        std::vector<float> gh(static_cast<std::size_t>(N * D));
+        softce::linear_outputs o;
+        if (!changes) o.grad_hidden = softce::view(gh.data(), {N, D});
+        softce::mpi::linear_cross_entropy(sh, h, w, std::nullopt, yv, {}, {}, o);
+      },
+      ce + "grad_hidden differs across ranks (rank 0: given, rank " + L + ": not given)");
+  expect_error(
       "linear error: memory_budget differs",
       [&] {
         softce::linear_options o;

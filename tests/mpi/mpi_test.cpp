@@ -948,6 +948,47 @@ void test_shared_agreement_cases() {
     softce::mpi::cross_entropy(sh, input, prob_target, o);
   }};
 
+  // the fused output layer: hidden (N, 4) replicated, weight rows (Cl, 4)
+  const std::int64_t D = 4;
+  std::vector<float> hidden(static_cast<std::size_t>(N * (D + 1)), 0.25f), layer(static_cast<std::size_t>(Cl * (D + 1)), 0.5f);
+  std::vector<float> bias(static_cast<std::size_t>(Cl), 0.0f), thidden(static_cast<std::size_t>(N * 3), 0.5f);
+  const array_view h = softce::view(hidden.data(), {N, D}), lw = softce::view(layer.data(), {Cl, D});
+  const std::string lce = "mpi::linear_cross_entropy: ", lkd = "mpi::linear_distillation_loss: ";
+  impl["linear_hidden_values"] = {lce, [&] {
+    std::vector<float> h2(hidden.begin(), hidden.begin() + N * D);
+    if (changes) h2[5] = 0.75f;
+    softce::mpi::linear_cross_entropy(sh, softce::view(h2.data(), {N, D}), lw, std::nullopt, target);
+  }};
+  impl["linear_D"] = {lce, [&] {
+    const std::int64_t d = changes ? D + 1 : D;
+    softce::mpi::linear_cross_entropy(sh, softce::view(hidden.data(), {N, d}), softce::view(layer.data(), {Cl, d}),
+                                      std::nullopt, target);
+  }};
+  impl["linear_bias_on_one_rank"] = {lce, [&] {
+    std::optional<array_view> b;
+    if (!changes) b = softce::view(bias.data(), {Cl});
+    softce::mpi::linear_cross_entropy(sh, h, lw, b, target);
+  }};
+  impl["linear_class_weight_on_one_rank"] = {lce, [&] {
+    softce::cross_entropy_options o;
+    if (!changes) o.weight = softce::view(w.data(), {Cl});
+    softce::mpi::linear_cross_entropy(sh, h, lw, std::nullopt, target, o);
+  }};
+  impl["linear_memory_budget"] = {lce, [&] {
+    softce::linear_options o;
+    o.memory_budget = changes ? 4096 : 8192;
+    softce::mpi::linear_cross_entropy(sh, h, lw, std::nullopt, target, {}, o);
+  }};
+  impl["linear_teacher_form"] = {lkd, [&] {
+    std::vector<float> tw(static_cast<std::size_t>(Cl * 3), 0.1f);
+    if (changes)
+      softce::mpi::linear_distillation_loss(sh, h, lw, std::nullopt,
+                                            softce::linear_teacher{softce::view(thidden.data(), {N, 3}),
+                                                                   softce::view(tw.data(), {Cl, 3}), std::nullopt});
+    else
+      softce::mpi::linear_distillation_loss(sh, h, lw, std::nullopt, prob_target);
+  }};
+
   const auto cases = read_agreement_cases();
   g_case = "agreement_cases.txt";
   check(cases.size() == impl.size(), "agreement_cases.txt has " + std::to_string(cases.size()) + " cases, this test " +

@@ -9,6 +9,8 @@
 // its message then follows by broadcast.
 #include <softce/class_parallel.hpp>
 
+#include "shard_records.hpp"
+
 #include <algorithm>
 #include <cstdint>
 #include <charconv>
@@ -49,6 +51,7 @@ struct rank_facts {
   std::int64_t mask_fingerprint = 0;
   std::int64_t hidden_fingerprint = 0;          // linear kinds: the replicated hidden states
   std::int64_t teacher_hidden_fingerprint = 0;  // linear_distillation_hidden: the teacher's
+  std::int64_t mode = 0;                        // the transport's reduce_mode
 };
 static_assert(sizeof(rank_facts) == agreement_facts * sizeof(std::int64_t));
 
@@ -146,9 +149,10 @@ std::int64_t as_int64(std::uint64_t h) {
   return v;
 }
 
-rank_facts describe_facts(const call_description& c, const local_failure* failure) {
+rank_facts describe_facts(const call_description& c, const local_failure* failure, reduce_mode mode) {
   rank_facts f;
   f.kind = static_cast<std::int64_t>(c.kind);
+  f.mode = static_cast<std::int64_t>(mode);
   if (failure) {
     f.failed = 1;
     f.code = failure->code;
@@ -295,6 +299,10 @@ void compare(const call_description& c, const std::vector<rank_facts>& all) {
                 std::string(call_kind_name(static_cast<call_kind>(all[r].kind)))));
   // the kinds agree: rank 0's description tells every rank what the facts mean
   const call_kind kind = static_cast<call_kind>(first.kind);
+  auto mode_name = [](std::int64_t m) { return std::string(m == 1 ? "'commutative'" : "'ordered'"); };
+  for (int r = 1; r < size; ++r)
+    if (all[r].mode != first.mode)
+      fail("reduce mode differs across ranks" + pair(0, mode_name(first.mode), r, mode_name(all[r].mode)));
   for (int r = 1; r < size; ++r)
     if (all[r].num_classes != first.num_classes)
       fail("num_classes differs across ranks" +
@@ -563,7 +571,7 @@ call_description describe_linear(std::string_view function, std::int64_t class_o
 
 void agree(const transport& t, const call_description& call, const local_failure* failure) {
   check_transport(t, call.function);
-  const std::vector<rank_facts> all = gather(t, describe_facts(call, failure));
+  const std::vector<rank_facts> all = gather(t, describe_facts(call, failure, t.mode));
   // 1. some rank's own checks failed: its message goes to the others
   for (int r = 0; r < t.size; ++r)
     if (all[static_cast<std::size_t>(r)].failed) {
@@ -586,7 +594,10 @@ double run(const transport& t, const call_description& call, const std::function
       agreed = true;
       agree(t, call, nullptr);
     }
-    t.all_reduce(records, count, width, merge);
+    if (t.mode == reduce_mode::commutative)
+      commutative_all_reduce(records, count, width, merge, t.all_reduce_max, t.all_reduce_sum);
+    else
+      t.all_reduce(records, count, width, merge);
   };
   double loss = 0.0;
   try {
@@ -607,6 +618,65 @@ double run(const transport& t, const call_description& call, const std::function
   }
   if (!agreed) agree(t, call, nullptr);  // the core made no collective call: still agree
   return loss;
+}
+
+// ---------------------------------------------------------------------------------------
+// the commutative form of the all-reduce
+
+namespace {
+
+// The shift fields (running maxima, in units of x / T) of the records of each merge
+// function; the other fields are sums once the shifts agree (row_stats.hpp, shard_records.hpp).
+struct record_layout {
+  int width;
+  std::vector<int> shifts;  // positions of the shift fields
+};
+
+bool layout_of(row_stats_merge_fn merge, int width, record_layout& out) {
+  using namespace detail;
+  if (merge == &merge_ce_records) out = {5, {0}};                      // target_stats + target_weight
+  else if (merge == &merge_topk_records) out = {7, {0, 6}};            // shift ... tail_shift
+  else if (merge == &merge_distill_kl || merge == &merge_distill_reverse) out = {5, {0, 2}};  // shift_x, shift_z
+  else if (merge == &merge_sums) out = {width, {}};  // the JSD's second pass, the fused layer's sums
+  else return false;
+  return out.width == width;
+}
+
+}  // namespace
+
+void commutative_all_reduce(double* records, std::int64_t count, int width, row_stats_merge_fn merge,
+                            const std::function<void(double*, std::int64_t)>& all_reduce_max,
+                            const std::function<void(double*, std::int64_t)>& all_reduce_sum) {
+  record_layout layout;
+  if (!layout_of(merge, width, layout))
+    throw error("commutative_all_reduce: merge: expected one of softce's record merge functions (width " +
+                std::to_string(width) + "); use the ordered all-reduce for records of your own");
+  if (!all_reduce_max || !all_reduce_sum)
+    throw error("commutative_all_reduce: expected all_reduce_max and all_reduce_sum");
+  if (count <= 0) return;
+  const std::size_t shifts = layout.shifts.size();
+  std::vector<double> maxima(static_cast<std::size_t>(count) * shifts);
+  if (shifts > 0) {
+    // 1. the global maxima of the shifts
+    for (std::int64_t i = 0; i < count; ++i)
+      for (std::size_t j = 0; j < shifts; ++j) maxima[i * shifts + j] = records[i * width + layout.shifts[j]];
+    all_reduce_max(maxima.data(), static_cast<std::int64_t>(maxima.size()));
+    // 2. each record rescaled to them: merged into (those shifts, zero sums), the identity
+    // of the monoid at that shift
+    std::vector<double> rescaled(static_cast<std::size_t>(width));
+    for (std::int64_t i = 0; i < count; ++i) {
+      std::fill(rescaled.begin(), rescaled.end(), 0.0);
+      for (std::size_t j = 0; j < shifts; ++j) rescaled[layout.shifts[j]] = maxima[i * shifts + j];
+      merge(rescaled.data(), records + i * width, 1);
+      for (int f = 0; f < width; ++f) records[i * width + f] = rescaled[f];
+      for (std::size_t j = 0; j < shifts; ++j) records[i * width + layout.shifts[j]] = 0.0;  // not summed
+    }
+  }
+  // 3. the sums (records with equal shifts merge by adding their other fields)
+  all_reduce_sum(records, count * width);
+  if (shifts > 0)
+    for (std::int64_t i = 0; i < count; ++i)
+      for (std::size_t j = 0; j < shifts; ++j) records[i * width + layout.shifts[j]] = maxima[i * shifts + j];
 }
 
 shard_range shard_from_local_classes(const transport& t, std::string_view function, std::int64_t local_classes,

@@ -30,6 +30,7 @@
 
 #include <cblas.h>
 
+#include "shard_records.hpp"
 #include "staging.hpp"
 #include "threading.hpp"
 #include "validate.hpp"
@@ -533,10 +534,8 @@ double block_loss(const linear_call& call, const mutable_array_view& logits, con
 }
 
 // The all-reduce merge of plain sums (records of width 1): inout += in, so that the ordered
-// all-reduce adds the shards' values in shard order.
-void sum_records(double* inout, const double* in, std::int64_t count) {
-  for (std::int64_t i = 0; i < count; ++i) inout[i] += in[i];
-}
+// all-reduce adds the shards' values in shard order (the commutative form knows it as sums).
+constexpr row_stats_merge_fn sum_records = &merge_sums;
 
 // Class-parallel grad_hidden: this shard's partial G · W (in the output, or in `partial`
 // when the output cannot hold T) becomes the sum over the shards, formed in double in shard
@@ -560,7 +559,7 @@ void sum_grad_hidden(const linear_call& call, const std::vector<T>& partial) {
       else
         gather<double>(g.base, g.type, (r0 + i) * g.row_stride, g.inner_stride, D, row);
     }
-    call.shard->all_reduce(sums.data(), rows * D, 1, &sum_records);
+    call.shard->all_reduce(sums.data(), rows * D, 1, sum_records);
     for (std::int64_t i = 0; i < rows; ++i)
       scatter<double>(sums.data() + i * D, D, const_cast<char*>(g.base), g.type, (r0 + i) * g.row_stride,
                       g.inner_stride);
@@ -880,7 +879,7 @@ double ce_entry(const array_view& hidden, const array_view& weight, const std::o
   finish_validation(call);
   if (linear.validate_only) return std::numeric_limits<double>::quiet_NaN();
   if (call.shard && call.kind == loss_kind::ce_index && call.reduce == reduction::mean && options.weight)
-    call.shard->all_reduce(&call.denominator, 1, 1, &sum_records);  // every check is behind us
+    call.shard->all_reduce(&call.denominator, 1, 1, sum_records);  // every check is behind us
   return dispatch(call);
 }
 

@@ -124,6 +124,9 @@ double linear_distillation_loss(const class_shard& shard, const array_view& hidd
 // it: they throw "<function>: failed on rank R: <R's message>" (a shard_failure), the failing
 // rank rethrows its own error. `run` below does all of this around a core call.
 
+// How a transport combines the row-statistics records (transport::mode).
+enum class reduce_mode : std::int64_t { ordered = 0, commutative = 1 };
+
 // The collectives of one group of ranks (shards). Every member is called on every rank the
 // same number of times with the same sizes, on the thread that called the loss; a transport
 // error is thrown as an exception and ends the call on that rank (it is the transport's job
@@ -137,7 +140,30 @@ struct transport {
   std::function<void(char* bytes, std::int64_t count, int root)> broadcast;
   // The ordered all-reduce of row-statistics records: class_shard::all_reduce's contract.
   std::function<void(double* records, std::int64_t count, int width, row_stats_merge_fn merge)> all_reduce;
+  // How the records are combined (agreed: a rank with another mode is an error on every rank):
+  //  ordered      all_reduce above, the records merged in rank order: the result is the
+  //               same bits for any transport, bitwise equal to the one-process merge order.
+  //  commutative  all_reduce_max of the records' shift fields, then all_reduce_sum of the
+  //               records rescaled to those shifts (commutative_all_reduce below): built-in
+  //               operations whose per-rank cost does not grow with the rank count.
+  reduce_mode mode = reduce_mode::ordered;
+  // Built-in element-wise all-reduces of `count` doubles, in place (commutative mode only);
+  // every rank must receive the same bits (MPI_Allreduce and the usual NCCL / gloo
+  // algorithms do so for identical inputs).
+  std::function<void(double* values, std::int64_t count)> all_reduce_max;
+  std::function<void(double* values, std::int64_t count)> all_reduce_sum;
 };
+
+// class_shard::all_reduce's contract in the commutative form: the global maxima of the
+// records' shift fields by `all_reduce_max`, every record rescaled to them through `merge`
+// (merged into a record of those shifts and zero sums), then `all_reduce_sum` of the
+// rescaled records. Knows the records of softce's merge functions (the row statistics of
+// every class-parallel loss, the top-k records, plain sums); another `merge` is an error.
+// The result is the same on every rank and repeatable, but not bitwise equal to the ordered
+// merge (additions in another order).
+void commutative_all_reduce(double* records, std::int64_t count, int width, row_stats_merge_fn merge,
+                            const std::function<void(double*, std::int64_t)>& all_reduce_max,
+                            const std::function<void(double*, std::int64_t)>& all_reduce_sum);
 
 // Which function a rank called (a different one on some rank is an error).
 enum class call_kind : std::int64_t {
@@ -282,7 +308,7 @@ shard_range shard_from_local_classes(const transport& t, std::string_view functi
 std::uint64_t fingerprint(const std::optional<array_view>* arrays, std::size_t count);
 
 // The number of int64 facts one rank contributes to the agreement's all_gather.
-inline constexpr int agreement_facts = 33;
+inline constexpr int agreement_facts = 34;
 }  // namespace class_parallel
 
 }  // namespace softce

@@ -36,10 +36,21 @@ struct shard {
   MPI_Comm comm = MPI_COMM_NULL;
   std::int64_t class_offset = 0;  // global id of this rank's first class
   std::int64_t num_classes = 0;   // C over all ranks together
+  // How the row statistics are combined (the same on every rank, agreed):
+  //  ordered      one MPI_Allreduce with a non-commutative operation merging in rank order:
+  //               bitwise the single-process merge order; MPI may only use algorithms that
+  //               keep the order, whose per-rank cost grows with the rank count for long
+  //               messages (docs/class_parallel.md).
+  //  commutative  MPI_MAX of the shift fields, then MPI_SUM of the rescaled records:
+  //               built-in operations (reduce-scatter + allgather for long messages, per-rank
+  //               cost independent of the rank count); the same on every rank, not bitwise
+  //               the ordered result.
+  class_parallel::reduce_mode mode = class_parallel::reduce_mode::ordered;
 
   shard() = default;
-  shard(MPI_Comm comm_, std::int64_t class_offset_, std::int64_t num_classes_)
-      : comm(comm_), class_offset(class_offset_), num_classes(num_classes_) {}
+  shard(MPI_Comm comm_, std::int64_t class_offset_, std::int64_t num_classes_,
+        class_parallel::reduce_mode mode_ = class_parallel::reduce_mode::ordered)
+      : comm(comm_), class_offset(class_offset_), num_classes(num_classes_), mode(mode_) {}
 
   // Collective: each rank passes its own class count; offsets are the counts of the lower
   // ranks summed, num_classes the total. A negative count on any rank is an error on every

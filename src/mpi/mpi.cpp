@@ -90,8 +90,21 @@ struct reduce_handles {
 // ---------------------------------------------------------------------------------------
 // the transport: the core's agreement protocol (class_parallel.hpp) over MPI
 
-class_parallel::transport mpi_transport(MPI_Comm comm) {
+// A built-in element-wise all-reduce of doubles, in pieces whose counts fit MPI's int.
+void all_reduce_builtin(MPI_Comm comm, double* values, std::int64_t count, MPI_Op op) {
+  constexpr std::int64_t piece = std::int64_t{1} << 27;
+  for (std::int64_t begin = 0; begin < count; begin += piece) {
+    const int n = static_cast<int>(std::min(piece, count - begin));
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, values + begin, n, MPI_DOUBLE, op, comm), "MPI_Allreduce");
+  }
+}
+
+class_parallel::transport mpi_transport(MPI_Comm comm,
+                                        class_parallel::reduce_mode mode = class_parallel::reduce_mode::ordered) {
   class_parallel::transport t;
+  t.mode = mode;
+  t.all_reduce_max = [comm](double* values, std::int64_t count) { all_reduce_builtin(comm, values, count, MPI_MAX); };
+  t.all_reduce_sum = [comm](double* values, std::int64_t count) { all_reduce_builtin(comm, values, count, MPI_SUM); };
   check_mpi(MPI_Comm_rank(comm, &t.rank), "MPI_Comm_rank");
   check_mpi(MPI_Comm_size(comm, &t.size), "MPI_Comm_size");
   // The records gathered are a few dozen int64s and the messages 1 KB: int counts suffice.
@@ -117,7 +130,7 @@ double run(const shard& s, const class_parallel::call_description& call, Core&& 
   if (!initialised || finalised) throw error(std::string(call.function) + ": MPI is not initialised");
   if (s.comm == MPI_COMM_NULL)
     throw error(std::string(call.function) + ": shard: expected a communicator, got MPI_COMM_NULL");
-  return class_parallel::run(mpi_transport(s.comm), call, core);
+  return class_parallel::run(mpi_transport(s.comm, s.mode), call, core);
 }
 
 }  // namespace
@@ -147,7 +160,7 @@ shard shard::from_local_classes(MPI_Comm comm, std::int64_t local_classes) {
   // One MPI_Allgather rather than MPI_Exscan + MPI_Allreduce: one collective, and every rank
   // sees every count, so a bad count is an error on every rank.
   const auto range = class_parallel::shard_from_local_classes(mpi_transport(comm), "mpi::shard", local_classes);
-  return shard(comm, range.class_offset, range.num_classes);
+  return shard(comm, range.class_offset, range.num_classes);  // mode: ordered (set it after)
 }
 
 double cross_entropy(const shard& s, const array_view& input, const array_view& target,

@@ -35,6 +35,8 @@ using softce::dtype;
 using softce::reduction;
 
 int g_rank = 0, g_size = 1;
+// the reduce mode of the comparison cases: every case runs in both
+softce::class_parallel::reduce_mode g_mode = softce::class_parallel::reduce_mode::ordered;
 int g_checks = 0, g_failures = 0;
 std::string g_case;
 
@@ -84,7 +86,7 @@ bool close(double got, double want, double rel, double abs_floor = 0.0) {
 void check_same_on_all_ranks(std::uint64_t bits, const std::string& what) {
   std::vector<std::uint64_t> all(static_cast<std::size_t>(g_size));
   MPI_Allgather(&bits, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, MPI_COMM_WORLD);
-  for (int r = 0; r < g_size; ++r) check(all[r] == bits, what + " differs between rank 0 and rank " + std::to_string(r));
+  for (int r = 0; r < g_size; ++r) check(all[r] == bits, what + " differs between this rank and rank " + std::to_string(r));
 }
 
 template <class T>
@@ -200,7 +202,8 @@ std::vector<spec> comparison_cases() {
 
 template <class T>
 void run_case(const spec& s, std::uint64_t seed) {
-  g_case = s.name + (sizeof(T) == 4 ? " float32" : " float64");
+  g_case = s.name + (sizeof(T) == 4 ? " float32" : " float64") +
+           (g_mode == softce::class_parallel::reduce_mode::commutative ? " commutative" : "");
   const dtype type = softce::dtype_of<T>();
   std::int64_t N = 1;
   for (std::int64_t r : s.rows) N *= r;
@@ -355,7 +358,7 @@ void run_case(const spec& s, std::uint64_t seed) {
   std::int64_t off = 0;
   for (int r = 0; r < g_rank; ++r) off += counts[r];
   const std::int64_t Vl = counts[g_rank];
-  const softce::mpi::shard sh(MPI_COMM_WORLD, off, V);
+  const softce::mpi::shard sh(MPI_COMM_WORLD, off, V, g_mode);
   const result got = call(off, Vl, &sh, lo);
 
   const double tol = sizeof(T) == 4 ? 1e-6 : 1e-12, gtol = sizeof(T) == 4 ? 1e-5 : 1e-11;
@@ -473,6 +476,15 @@ void test_errors() {
       },
       ce + "grad_hidden differs across ranks (rank 0: given, rank " + L + ": not given)");
   expect_error(
+      "linear error: reduce mode differs",
+      [&] {
+        const softce::mpi::shard s2(MPI_COMM_WORLD, off, V,
+                                    changes ? softce::class_parallel::reduce_mode::commutative
+                                            : softce::class_parallel::reduce_mode::ordered);
+        softce::mpi::linear_cross_entropy(s2, h, w, std::nullopt, yv);
+      },
+      ce + "reduce mode differs across ranks (rank 0: 'ordered', rank " + L + ": 'commutative')");
+  expect_error(
       "linear error: memory_budget differs",
       [&] {
         softce::linear_options o;
@@ -545,13 +557,16 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &g_size);
   softce::set_num_threads(1);  // ranks share the cores
   const auto start = std::chrono::steady_clock::now();
-  std::uint64_t seed = 11;
   int cases = 0;
-  for (const spec& s : comparison_cases()) {
-    run_case<float>(s, seed);
-    run_case<double>(s, seed);
-    ++seed;
-    cases += 2;
+  for (auto mode : {softce::class_parallel::reduce_mode::ordered, softce::class_parallel::reduce_mode::commutative}) {
+    g_mode = mode;
+    std::uint64_t seed = 11;
+    for (const spec& s : comparison_cases()) {
+      run_case<float>(s, seed);
+      run_case<double>(s, seed);
+      ++seed;
+      cases += 2;
+    }
   }
   test_errors();
   int failures = g_failures, total_failures = 0, total_checks = 0;

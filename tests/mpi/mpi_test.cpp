@@ -37,6 +37,8 @@ using softce::mutable_array_view;
 using softce::reduction;
 
 int g_rank = 0, g_size = 1;
+// the reduce mode of the comparison cases: every case runs in both
+softce::class_parallel::reduce_mode g_mode = softce::class_parallel::reduce_mode::ordered;
 int g_checks = 0, g_failures = 0;
 std::string g_case;
 
@@ -108,11 +110,12 @@ softce::mpi::shard make_shard(std::int64_t C, split_kind kind) {
   for (int r = 0; r < g_rank; ++r) offset += counts[r];
   if (kind == split_kind::from_local) {
     auto s = softce::mpi::shard::from_local_classes(MPI_COMM_WORLD, counts[g_rank]);
+    s.mode = g_mode;
     check(s.class_offset == offset && s.num_classes == C && s.comm == MPI_COMM_WORLD,
           "from_local_classes: got offset " + std::to_string(s.class_offset) + " of " + std::to_string(s.num_classes));
     return s;
   }
-  return softce::mpi::shard(MPI_COMM_WORLD, offset, C);
+  return softce::mpi::shard(MPI_COMM_WORLD, offset, C, g_mode);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1014,17 +1017,22 @@ int main(int argc, char** argv) {
   const auto start = std::chrono::steady_clock::now();
 
   test_merge_order();
-  std::uint64_t seed = 1;
   int cases = 0;
-  for (const spec& s : comparison_cases()) {
-    spec f32 = s, f64 = s;
-    f32.name += " float32";
-    f64.name += " float64";
-    run_case<float>(f32, seed);
-    run_case<double>(f64, seed);
-    ++seed;
-    cases += 2;
+  for (auto mode : {softce::class_parallel::reduce_mode::ordered, softce::class_parallel::reduce_mode::commutative}) {
+    g_mode = mode;
+    const std::string suffix = mode == softce::class_parallel::reduce_mode::commutative ? " commutative" : "";
+    std::uint64_t seed = 1;
+    for (const spec& s : comparison_cases()) {
+      spec f32 = s, f64 = s;
+      f32.name += " float32" + suffix;
+      f64.name += " float64" + suffix;
+      run_case<float>(f32, seed);
+      run_case<double>(f64, seed);
+      ++seed;
+      cases += 2;
+    }
   }
+  g_mode = softce::class_parallel::reduce_mode::ordered;
   test_errors();
   if (g_size > 1) test_shared_agreement_cases();
 

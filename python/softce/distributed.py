@@ -28,7 +28,9 @@ checks in front of it. One call on every rank:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -48,7 +50,30 @@ from ._torch import (
     wants_grad,
 )
 
-__all__ = ["run"]
+__all__ = ["run", "run_linear", "reduce_mode"]
+
+_MODES = {"ordered": 0, "commutative": 1}
+_mode = threading.local()
+
+
+@contextlib.contextmanager
+def reduce_mode(mode: str):
+    """How the class-parallel calls made inside combine the ranks' row statistics:
+    ``"ordered"`` (default): every rank all-gathers every rank's records and merges them in
+    rank order, bitwise the single-process merge order; the traffic per rank grows with the
+    rank count. ``"commutative"``: an all-reduce MAX of the records' shifts, then an
+    all-reduce SUM of the rescaled records (built-in operations, per-rank cost independent
+    of the rank count); the same on every rank, not bitwise the ordered result. Every rank
+    must use the same mode (a difference is an error on every rank)."""
+    if mode not in _MODES:
+        raise ValueError(f"softce.distributed.reduce_mode: mode: expected 'ordered' or "
+                         f"'commutative', got {mode!r}")
+    previous = getattr(_mode, "value", 0)
+    _mode.value = _MODES[mode]
+    try:
+        yield
+    finally:
+        _mode.value = previous
 
 # all_gather_into_tensor is deprecated in favour of all_gather_single from torch 2.10 on
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -84,6 +109,7 @@ class _Transport:
 
     def __init__(self, group, rank: int, size: int):
         self.group, self.rank, self.size = group, rank, size
+        self.mode = getattr(_mode, "value", 0)  # reduce_mode(): 0 ordered, 1 commutative
 
     def _gather(self, tensor: Tensor) -> Tensor:
         """(size, *tensor.shape): every rank's tensor, in rank order."""
@@ -100,6 +126,13 @@ class _Transport:
         # data: uint8 (count,) viewing the core's buffer, replaced in place by root's
         dist.broadcast(torch.from_numpy(data), src=dist.get_global_rank(self.group, root),
                        group=self.group)
+
+    def all_reduce_max(self, values: np.ndarray) -> None:
+        # values: float64 (count,) over the core's buffer, replaced in place (commutative mode)
+        dist.all_reduce(torch.from_numpy(values), op=dist.ReduceOp.MAX, group=self.group)
+
+    def all_reduce_sum(self, values: np.ndarray) -> None:
+        dist.all_reduce(torch.from_numpy(values), op=dist.ReduceOp.SUM, group=self.group)
 
     def all_reduce(self, records: np.ndarray, merge) -> None:
         # records: float64 (rows, width) over the core's buffer; merge: a capsule

@@ -305,6 +305,16 @@ cp::transport python_transport(nb::handle object) {
   t.broadcast = [object](char* bytes, std::int64_t count, int root) {
     object.attr("broadcast")(numpy_view(reinterpret_cast<std::uint8_t*>(bytes), count), root);
   };
+  // the commutative form (transport.mode 1): built-in MAX / SUM all-reduces of float64 vectors
+  if (nb::hasattr(object, "mode") && nb::cast<std::int64_t>(object.attr("mode")) == 1) {
+    t.mode = cp::reduce_mode::commutative;
+    t.all_reduce_max = [object](double* values, std::int64_t count) {
+      object.attr("all_reduce_max")(numpy_view(values, count));
+    };
+    t.all_reduce_sum = [object](double* values, std::int64_t count) {
+      object.attr("all_reduce_sum")(numpy_view(values, count));
+    };
+  }
   t.all_reduce = [object](double* records, std::int64_t count, int width, softce::row_stats_merge_fn merge) {
     const std::size_t shape[2] = {static_cast<std::size_t>(count), static_cast<std::size_t>(width)};
     nb::ndarray<nb::numpy, double, nb::ndim<2>, nb::c_contig> view(records, 2, shape, nb::handle());

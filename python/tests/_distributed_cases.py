@@ -746,6 +746,29 @@ def error_disagreements_shared_with_mpi(ctx):
             raise AssertionError(f"case {name}: {e}") from None
 
 
+@case()
+def commutative_reduce_mode(ctx):
+    # softce.distributed.reduce_mode("commutative"): MAX of the shifts, SUM of the rescaled
+    # records; the same checks as the ordered merge (not bitwise equal to it)
+    import softce.distributed
+
+    g = generator(23)
+    x = logits(g, (8, C), ctx.dtype)
+    y = torch.randint(0, C, (8,), generator=g)
+    w = torch.rand(C, generator=g, dtype=ctx.dtype) + 0.5
+    teacher = logits(g, (8, C), ctx.dtype)
+    with softce.distributed.reduce_mode("commutative"):
+        check(ctx, x, lambda xs: softce.cross_entropy(xs, y, ctx.shard(w), label_smoothing=0.1,
+                                                      process_group=ctx.group),
+              lambda x: softce.cross_entropy(x, y, w, label_smoothing=0.1),
+              lambda x: F.cross_entropy(x, y, w.double(), label_smoothing=0.1))
+        for divergence in ("kl", "reverse_kl", "jsd"):
+            check(ctx, x, lambda xs: softce.distillation_loss(
+                      xs, ctx.shard(teacher), divergence=divergence, process_group=ctx.group),
+                  lambda x: softce.distillation_loss(x, teacher, divergence=divergence),
+                  lambda x: softce.distillation_loss(x, teacher.double(), divergence=divergence))
+
+
 @case(dtypes=False)
 def after_errors_the_group_still_works(ctx):
     g = generator(22)

@@ -18,14 +18,15 @@ all-reduce. Error cases check that every rank raises (type and message) instead 
 import datetime
 import json
 import os
+import re
 import time
 import traceback
 
-import pytest
 import torch
 import torch.distributed as dist
 
 import softce
+import softce.distributed
 from softce import TopK
 
 V, D, DT, K = 29, 6, 5, 4
@@ -317,13 +318,64 @@ def return_grad_and_module(ctx):
     torch.testing.assert_close(d.double(), dref, rtol=1e-6, atol=0)
 
 
+# the commutative reduce mode (softce.distributed.reduce_mode): the same checks
+
+
+@case()
+def commutative_ce_index_weights(ctx):
+    with softce.distributed.reduce_mode("commutative"):
+        ce_index_weights_smoothing_ignore(ctx)
+
+
+@case(splits=OTHER_SPLITS)
+def commutative_ce_topk_weights(ctx):
+    with softce.distributed.reduce_mode("commutative"):
+        ce_topk_weights_smoothing(ctx)
+
+
+@case()
+def commutative_distill_hidden(ctx):
+    with softce.distributed.reduce_mode("commutative"):
+        distill_hidden_teacher_bias(ctx)
+
+
+@case(splits=OTHER_SPLITS)
+def commutative_distill_jsd(ctx):
+    with softce.distributed.reduce_mode("commutative"):
+        distill_logits_jsd_mean(ctx)
+
+
+@case(dtypes=False)
+def error_reduce_mode_differs(ctx):
+    p = problem(torch.float32)
+    last = ctx.world - 1
+    mode = "commutative" if ctx.rank == last else "ordered"
+
+    def call():
+        with softce.distributed.reduce_mode(mode):
+            return softce.linear_cross_entropy(p["hidden"], ctx.rows(p["weight"]), p["index"],
+                                               process_group=ctx.group)
+    expect(ValueError, rf"linear_cross_entropy: reduce mode differs across ranks \(rank 0: "
+           rf"'ordered', rank {last}: 'commutative'\)", call)
+    expect(ValueError, "softce.distributed.reduce_mode: mode: expected 'ordered' or 'commutative'",
+           lambda: softce.distributed.reduce_mode("fast").__enter__())
+
+
 # ---------------------------------------------------------------------------------------
 # errors: every rank raises
 
 
 def expect(exc, match, fn):
-    with pytest.raises(exc, match=match):
+    """fn() raises `exc` whose message matches `match` (an AssertionError otherwise: the
+    worker records it and goes on with the next case)."""
+    try:
         fn()
+    except exc as e:
+        assert re.search(match, str(e)), f"{type(e).__name__} {str(e)!r} does not match {match!r}"
+        return
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError(f"expected {exc.__name__}, got {type(e).__name__}: {e}") from e
+    raise AssertionError(f"expected {exc.__name__} matching {match!r}, nothing was raised")
 
 
 @case(dtypes=False)

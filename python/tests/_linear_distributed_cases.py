@@ -318,6 +318,28 @@ def return_grad_and_module(ctx):
     torch.testing.assert_close(d.double(), dref, rtol=1e-6, atol=0)
 
 
+@case(dtypes=False)
+def under_torch_compile_runs_eagerly(ctx):
+    # as the dense class-parallel losses: under torch.compile the call is a graph break
+    # (collectives and C++ callbacks cannot be traced) and runs eagerly, with autograd
+    p = problem(torch.float32, seed=16)
+    w = ctx.rows(p["weight"])
+
+    def step(h, w):
+        return softce.linear_cross_entropy(h * 1.0, w, p["index"], process_group=ctx.group) * 2.0
+
+    compiled = torch.compile(step, backend="eager")
+    h1, w1 = p["hidden"].clone().requires_grad_(), w.clone().requires_grad_()
+    loss = compiled(h1, w1)
+    loss.backward()
+    h2, w2 = p["hidden"].clone().requires_grad_(), w.clone().requires_grad_()
+    ref = step(h2, w2)
+    ref.backward()
+    assert torch.equal(loss.detach(), ref.detach())
+    assert torch.equal(h1.grad, h2.grad) and torch.equal(w1.grad, w2.grad)
+
+
+# ---------------------------------------------------------------------------------------
 # the commutative reduce mode (softce.distributed.reduce_mode): the same checks
 
 

@@ -5,7 +5,8 @@
 // class dimension (input, probability targets, class weights, teacher logits, gradient).
 // Every rank gets the global loss (bitwise the same on all ranks) and the gradient of its own
 // classes. Communication per call: one small MPI_Allgather that checks the ranks agree, then
-// one MPI_Allreduce of a few doubles per row (two for divergence jsd). See
+// one MPI_Allreduce of a few doubles per row (two for divergence jsd); in the commutative
+// reduce mode (shard::mode) an MPI_MAX of the shifts and an MPI_SUM instead of each. See
 // docs/class_parallel.md for the costs.
 //
 // Errors: any argument error, on any rank, raises softce::error on EVERY rank (never a hang):

@@ -116,8 +116,10 @@ double linear_distillation_loss(const class_shard& shard, const array_view& hidd
 //   1. the front's own checks, then the core validates its local arguments (no communication);
 //   2. agreement, in front of the core's first all_reduce: one all_gather of a fixed record
 //      of int64 "facts" per rank (did this rank's checks fail? the call, the shard, the row
-//      shape, the options, the dtype, one 64-bit fingerprint of the arrays that must be
-//      identical on every rank and one of the mask); every rank takes the same decision from
+//      shape, the options, the dtype, the transport's reduce mode, one 64-bit fingerprint of
+//      the arrays that must be identical on every rank and one of the mask; for the linear
+//      calls also D, bias, grad_hidden, memory_budget, the teacher's form and fingerprints
+//      of the replicated hidden states); every rank takes the same decision from
 //      the same table: go on, or throw the same error;
 //   3. the core's all_reduce(s) of the row statistics (transport::all_reduce).
 // A rank whose validation threw joins step 2 from its catch handler, so the others learn of

@@ -21,6 +21,9 @@ the classes into blocks too. NumPy arrays: the C++ path (OpenBLAS), ``return_gra
 returns ``(loss, grad_input, grad_weight, grad_bias)``.
 
 No gradient flows to targets, teacher logits or teacher hidden states / weights.
+
+``process_group=`` (torch.distributed): vocabulary-parallel, weight rows per rank, through
+the C++ core's class-parallel protocol (softce/distributed.py, docs/linear.md).
 """
 
 # (no `from __future__ import annotations`: torch.library reads the operator's annotations)

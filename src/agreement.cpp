@@ -9,7 +9,10 @@
 // its message then follows by broadcast.
 #include <softce/class_parallel.hpp>
 
+#include "shard_records.hpp"
+
 #include <algorithm>
+#include <cstdint>
 #include <charconv>
 #include <cstring>
 #include <string>
@@ -32,7 +35,7 @@ struct option_fact {
   fact_format format;
 };
 
-constexpr int kMaxOptions = 8;
+constexpr int kMaxOptions = 14;
 constexpr int kMessageBytes = 1024;  // a failing rank's message, truncated to this
 
 // The record gathered from every rank, as int64s (agreement_facts of them).
@@ -46,6 +49,9 @@ struct rank_facts {
   std::int64_t options[kMaxOptions] = {};
   std::int64_t target_fingerprint = 0;  // arrays identical on every rank: index / top-k targets
   std::int64_t mask_fingerprint = 0;
+  std::int64_t hidden_fingerprint = 0;          // linear kinds: the replicated hidden states
+  std::int64_t teacher_hidden_fingerprint = 0;  // linear_distillation_hidden: the teacher's
+  std::int64_t mode = 0;                        // the transport's reduce_mode
 };
 static_assert(sizeof(rank_facts) == agreement_facts * sizeof(std::int64_t));
 
@@ -55,12 +61,30 @@ std::int64_t real_bits(double v) {
   return bits;
 }
 
-bool is_cross_entropy(call_kind k) {
-  return k == call_kind::cross_entropy_index || k == call_kind::cross_entropy_probabilities ||
-         k == call_kind::cross_entropy_topk;
+bool is_linear(call_kind k) {
+  return k == call_kind::linear_cross_entropy_index || k == call_kind::linear_cross_entropy_probabilities ||
+         k == call_kind::linear_cross_entropy_topk || k == call_kind::linear_distillation_logits ||
+         k == call_kind::linear_distillation_topk || k == call_kind::linear_distillation_hidden;
 }
 
-std::string_view input_name(call_kind k) { return is_cross_entropy(k) ? "input" : "student_logits"; }
+bool is_cross_entropy(call_kind k) {
+  return k == call_kind::cross_entropy_index || k == call_kind::cross_entropy_probabilities ||
+         k == call_kind::cross_entropy_topk || k == call_kind::linear_cross_entropy_index ||
+         k == call_kind::linear_cross_entropy_probabilities || k == call_kind::linear_cross_entropy_topk;
+}
+
+bool is_index_kind(call_kind k) {
+  return k == call_kind::cross_entropy_index || k == call_kind::linear_cross_entropy_index;
+}
+
+bool is_topk_kind(call_kind k) {
+  return k == call_kind::cross_entropy_topk || k == call_kind::distillation_topk ||
+         k == call_kind::linear_cross_entropy_topk || k == call_kind::linear_distillation_topk;
+}
+
+std::string_view input_name(call_kind k) {
+  return is_linear(k) ? "hidden" : is_cross_entropy(k) ? "input" : "student_logits";
+}
 std::string_view target_name(call_kind k) { return is_cross_entropy(k) ? "target" : "teacher"; }
 
 // The options compared, in the order they are compared (the same list on every rank once
@@ -71,22 +95,37 @@ std::vector<option_fact> option_facts(const call_description& c) {
     const cross_entropy_options& o = c.cross_entropy;
     v.push_back({"reduction", static_cast<std::int64_t>(o.reduce), fact_format::reduction_name});
     v.push_back({"label_smoothing", real_bits(o.label_smoothing), fact_format::real});
-    if (c.kind == call_kind::cross_entropy_index)
-      v.push_back({"ignore_index", o.ignore_index, fact_format::integer});
-    v.push_back({"target.tail", c.kind == call_kind::cross_entropy_topk && c.top.tail, fact_format::boolean});
-    v.push_back({"weight", o.weight.has_value(), fact_format::given});
+    if (is_index_kind(c.kind)) v.push_back({"ignore_index", o.ignore_index, fact_format::integer});
+    v.push_back({"target.tail", is_topk_kind(c.kind) && c.top.tail, fact_format::boolean});
+    v.push_back({is_linear(c.kind) ? "class_weight" : "weight", o.weight.has_value(), fact_format::given});
     v.push_back({"mask", o.mask.has_value(), fact_format::given});
-    v.push_back({"input dtype", static_cast<std::int64_t>(c.input.type), fact_format::dtype_name});
+    v.push_back({is_linear(c.kind) ? "hidden dtype" : "input dtype", static_cast<std::int64_t>(c.input.type),
+                 fact_format::dtype_name});
   } else {
     const distillation_options& o = c.distillation;
     v.push_back({"reduction", static_cast<std::int64_t>(o.reduce), fact_format::reduction_name});
     v.push_back({"divergence", static_cast<std::int64_t>(o.kind), fact_format::divergence_name});
     v.push_back({"beta", real_bits(o.beta), fact_format::real});
     v.push_back({"temperature", real_bits(o.temperature), fact_format::real});
-    v.push_back({"teacher.tail", c.kind == call_kind::distillation_topk && c.top.tail, fact_format::boolean});
+    v.push_back({"teacher.tail", is_topk_kind(c.kind) && c.top.tail, fact_format::boolean});
     v.push_back({"dim", o.dim ? (*o.dim < 0 ? *o.dim : *o.dim + 1) : 0, fact_format::optional_integer});
     v.push_back({"mask", o.mask.has_value(), fact_format::given});
-    v.push_back({"student_logits dtype", static_cast<std::int64_t>(c.input.type), fact_format::dtype_name});
+    v.push_back({is_linear(c.kind) ? "hidden dtype" : "student_logits dtype", static_cast<std::int64_t>(c.input.type),
+                 fact_format::dtype_name});
+  }
+  if (is_linear(c.kind)) {
+    // the fused layer: D (the hidden states' last dimension, the weight's columns), whether
+    // a bias is given, and the budget (it sets the row blocks, so the all-reduce calls)
+    v.push_back({"hidden.shape[-1]", c.input.ndim ? c.input.shape[c.input.ndim - 1] : 0, fact_format::integer});
+    v.push_back({"bias", c.bias, fact_format::given});
+    v.push_back({"grad_hidden", c.grad_hidden, fact_format::given});
+    v.push_back({"memory_budget", static_cast<std::int64_t>(std::min<std::size_t>(c.memory_budget, INT64_MAX)),
+                 fact_format::integer});
+    if (c.kind == call_kind::linear_distillation_hidden) {
+      const std::int64_t Dt = c.teacher_hidden && c.teacher_hidden->ndim ? c.teacher_hidden->shape[c.teacher_hidden->ndim - 1] : 0;
+      v.push_back({"teacher.hidden.shape[-1]", Dt, fact_format::integer});
+      v.push_back({"teacher.bias", c.teacher_bias, fact_format::given});
+    }
   }
   return v;
 }
@@ -95,6 +134,7 @@ std::vector<option_fact> option_facts(const call_description& c) {
 // distillation takes it from its dim option.
 int class_dim(const call_description& c) {
   const int ndim = c.input.ndim;
+  if (is_linear(c.kind)) return ndim - 1;  // hidden (..., D): the rows are all but the last
   if (ndim <= 1) return 0;
   if (!is_cross_entropy(c.kind) && c.distillation.dim) {
     const int d = *c.distillation.dim;
@@ -109,9 +149,10 @@ std::int64_t as_int64(std::uint64_t h) {
   return v;
 }
 
-rank_facts describe_facts(const call_description& c, const local_failure* failure) {
+rank_facts describe_facts(const call_description& c, const local_failure* failure, reduce_mode mode) {
   rank_facts f;
   f.kind = static_cast<std::int64_t>(c.kind);
+  f.mode = static_cast<std::int64_t>(mode);
   if (failure) {
     f.failed = 1;
     f.code = failure->code;
@@ -122,19 +163,28 @@ rank_facts describe_facts(const call_description& c, const local_failure* failur
   const array_view& in = c.input;
   const int cd = class_dim(c);
   f.local_classes = in.ndim ? in.shape[cd] : 0;
+  if (is_linear(c.kind)) f.local_classes = c.weight.ndim == 2 ? c.weight.shape[0] : 0;
   for (int i = 0; i < in.ndim; ++i)
     if (i != cd) f.row_dims[f.row_ndim++] = in.shape[i];
   const auto options = option_facts(c);
+  if (options.size() > kMaxOptions) throw error("agreement: more options than the record holds");  // a bug here
   for (std::size_t i = 0; i < options.size(); ++i) f.options[i] = options[i].value;
-  if (c.kind == call_kind::cross_entropy_index) {
+  if (is_index_kind(c.kind)) {
     const std::optional<array_view> target[1] = {c.target};
     f.target_fingerprint = as_int64(fingerprint(target, 1));
-  } else if (c.kind == call_kind::cross_entropy_topk || c.kind == call_kind::distillation_topk) {
+  } else if (is_topk_kind(c.kind)) {
     const std::optional<array_view> target[2] = {c.top.indices, c.top.values};
     f.target_fingerprint = as_int64(fingerprint(target, 2));
   }  // probability targets and teacher logits are sharded like the logits
   const std::optional<array_view>& mask = is_cross_entropy(c.kind) ? c.cross_entropy.mask : c.distillation.mask;
   f.mask_fingerprint = as_int64(fingerprint(&mask, 1));
+  if (is_linear(c.kind)) {
+    // the replicated operands: about a nanosecond per element, against the 2 x V_local
+    // multiply-adds per element of the products
+    const std::optional<array_view> hidden[1] = {c.input};
+    f.hidden_fingerprint = as_int64(fingerprint(hidden, 1));
+    if (c.teacher_hidden) f.teacher_hidden_fingerprint = as_int64(fingerprint(&c.teacher_hidden, 1));
+  }
   return f;
 }
 
@@ -249,6 +299,10 @@ void compare(const call_description& c, const std::vector<rank_facts>& all) {
                 std::string(call_kind_name(static_cast<call_kind>(all[r].kind)))));
   // the kinds agree: rank 0's description tells every rank what the facts mean
   const call_kind kind = static_cast<call_kind>(first.kind);
+  auto mode_name = [](std::int64_t m) { return std::string(m == 1 ? "'commutative'" : "'ordered'"); };
+  for (int r = 1; r < size; ++r)
+    if (all[r].mode != first.mode)
+      fail("reduce mode differs across ranks" + pair(0, mode_name(first.mode), r, mode_name(all[r].mode)));
   for (int r = 1; r < size; ++r)
     if (all[r].num_classes != first.num_classes)
       fail("num_classes differs across ranks" +
@@ -291,6 +345,12 @@ void compare(const call_description& c, const std::vector<rank_facts>& all) {
     if (all[r].mask_fingerprint != first.mask_fingerprint)
       fail("mask: differs between rank 0 and rank " + std::to_string(r) +
            " (the row mask must be identical on every rank)");
+    if (all[r].hidden_fingerprint != first.hidden_fingerprint)
+      fail("hidden: differs between rank 0 and rank " + std::to_string(r) +
+           " (the hidden states are replicated: they must be identical on every rank)");
+    if (all[r].teacher_hidden_fingerprint != first.teacher_hidden_fingerprint)
+      fail("teacher.hidden: differs between rank 0 and rank " + std::to_string(r) +
+           " (the teacher's hidden states are replicated: they must be identical on every rank)");
   }
 }
 
@@ -356,6 +416,12 @@ std::string_view call_kind_name(call_kind kind) noexcept {
     case call_kind::cross_entropy_topk: return "cross_entropy with top-k targets";
     case call_kind::distillation_logits: return "distillation_loss with teacher logits";
     case call_kind::distillation_topk: return "distillation_loss with a top-k teacher";
+    case call_kind::linear_cross_entropy_index: return "linear_cross_entropy with class-index targets";
+    case call_kind::linear_cross_entropy_probabilities: return "linear_cross_entropy with probability targets";
+    case call_kind::linear_cross_entropy_topk: return "linear_cross_entropy with top-k targets";
+    case call_kind::linear_distillation_logits: return "linear_distillation_loss with teacher logits";
+    case call_kind::linear_distillation_topk: return "linear_distillation_loss with a top-k teacher";
+    case call_kind::linear_distillation_hidden: return "linear_distillation_loss with teacher hidden states";
   }
   return "an unknown function";
 }
@@ -428,9 +494,84 @@ call_description describe(std::string_view function, std::int64_t class_offset, 
   return c;
 }
 
+namespace {
+call_description linear_common(const linear_outputs& out, std::string_view function, call_kind kind, std::int64_t class_offset,
+                               std::int64_t num_classes, const array_view& hidden, const array_view& weight,
+                               const std::optional<array_view>& bias, const linear_options& linear) {
+  call_description c;
+  c.function = function;
+  c.kind = kind;
+  c.class_offset = class_offset;
+  c.num_classes = num_classes;
+  c.input = hidden;
+  c.weight = weight;
+  c.bias = bias.has_value();
+  c.memory_budget = linear.memory_budget;
+  c.grad_hidden = out.grad_hidden.has_value();
+  return c;
+}
+}  // namespace
+
+call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
+                                 const array_view& hidden, const array_view& weight,
+                                 const std::optional<array_view>& bias, const array_view& target,
+                                 const cross_entropy_options& options, const linear_options& linear, const linear_outputs& out) {
+  const bool index_target = target.type == dtype::int32 || target.type == dtype::int64;
+  call_description c = linear_common(
+      out, function, index_target ? call_kind::linear_cross_entropy_index : call_kind::linear_cross_entropy_probabilities,
+      class_offset, num_classes, hidden, weight, bias, linear);
+  if (index_target) c.target = target;  // probability targets are per shard: not compared
+  c.cross_entropy = options;
+  return c;
+}
+
+call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
+                                 const array_view& hidden, const array_view& weight,
+                                 const std::optional<array_view>& bias, const topk& target,
+                                 const cross_entropy_options& options, const linear_options& linear, const linear_outputs& out) {
+  call_description c = linear_common(out, function, call_kind::linear_cross_entropy_topk, class_offset, num_classes,
+                                     hidden, weight, bias, linear);
+  c.top = target;
+  c.cross_entropy = options;
+  return c;
+}
+
+call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
+                                 const array_view& hidden, const array_view& weight,
+                                 const std::optional<array_view>& bias, const array_view&,
+                                 const distillation_options& options, const linear_options& linear, const linear_outputs& out) {
+  call_description c = linear_common(out, function, call_kind::linear_distillation_logits, class_offset, num_classes,
+                                     hidden, weight, bias, linear);
+  c.distillation = options;
+  return c;
+}
+
+call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
+                                 const array_view& hidden, const array_view& weight,
+                                 const std::optional<array_view>& bias, const topk& teacher,
+                                 const distillation_options& options, const linear_options& linear, const linear_outputs& out) {
+  call_description c = linear_common(out, function, call_kind::linear_distillation_topk, class_offset, num_classes,
+                                     hidden, weight, bias, linear);
+  c.top = teacher;
+  c.distillation = options;
+  return c;
+}
+
+call_description describe_linear(std::string_view function, std::int64_t class_offset, std::int64_t num_classes,
+                                 const array_view& hidden, const array_view& weight,
+                                 const std::optional<array_view>& bias, const linear_teacher& teacher,
+                                 const distillation_options& options, const linear_options& linear, const linear_outputs& out) {
+  call_description c = linear_common(out, function, call_kind::linear_distillation_hidden, class_offset, num_classes,
+                                     hidden, weight, bias, linear);
+  c.teacher_hidden = teacher.hidden;  // teacher weight and bias are per shard: not compared
+  c.teacher_bias = teacher.bias.has_value();
+  c.distillation = options;
+  return c;
+}
+
 void agree(const transport& t, const call_description& call, const local_failure* failure) {
   check_transport(t, call.function);
-  const std::vector<rank_facts> all = gather(t, describe_facts(call, failure));
+  const std::vector<rank_facts> all = gather(t, describe_facts(call, failure, t.mode));
   // 1. some rank's own checks failed: its message goes to the others
   for (int r = 0; r < t.size; ++r)
     if (all[static_cast<std::size_t>(r)].failed) {
@@ -453,7 +594,10 @@ double run(const transport& t, const call_description& call, const std::function
       agreed = true;
       agree(t, call, nullptr);
     }
-    t.all_reduce(records, count, width, merge);
+    if (t.mode == reduce_mode::commutative)
+      commutative_all_reduce(records, count, width, merge, t.all_reduce_max, t.all_reduce_sum);
+    else
+      t.all_reduce(records, count, width, merge);
   };
   double loss = 0.0;
   try {
@@ -474,6 +618,65 @@ double run(const transport& t, const call_description& call, const std::function
   }
   if (!agreed) agree(t, call, nullptr);  // the core made no collective call: still agree
   return loss;
+}
+
+// ---------------------------------------------------------------------------------------
+// the commutative form of the all-reduce
+
+namespace {
+
+// The shift fields (running maxima, in units of x / T) of the records of each merge
+// function; the other fields are sums once the shifts agree (row_stats.hpp, shard_records.hpp).
+struct record_layout {
+  int width;
+  std::vector<int> shifts;  // positions of the shift fields
+};
+
+bool layout_of(row_stats_merge_fn merge, int width, record_layout& out) {
+  using namespace detail;
+  if (merge == &merge_ce_records) out = {5, {0}};                      // target_stats + target_weight
+  else if (merge == &merge_topk_records) out = {7, {0, 6}};            // shift ... tail_shift
+  else if (merge == &merge_distill_kl || merge == &merge_distill_reverse) out = {5, {0, 2}};  // shift_x, shift_z
+  else if (merge == &merge_sums) out = {width, {}};  // the JSD's second pass, the fused layer's sums
+  else return false;
+  return out.width == width;
+}
+
+}  // namespace
+
+void commutative_all_reduce(double* records, std::int64_t count, int width, row_stats_merge_fn merge,
+                            const std::function<void(double*, std::int64_t)>& all_reduce_max,
+                            const std::function<void(double*, std::int64_t)>& all_reduce_sum) {
+  record_layout layout;
+  if (!layout_of(merge, width, layout))
+    throw error("commutative_all_reduce: merge: expected one of softce's record merge functions (width " +
+                std::to_string(width) + "); use the ordered all-reduce for records of your own");
+  if (!all_reduce_max || !all_reduce_sum)
+    throw error("commutative_all_reduce: expected all_reduce_max and all_reduce_sum");
+  if (count <= 0) return;
+  const std::size_t shifts = layout.shifts.size();
+  std::vector<double> maxima(static_cast<std::size_t>(count) * shifts);
+  if (shifts > 0) {
+    // 1. the global maxima of the shifts
+    for (std::int64_t i = 0; i < count; ++i)
+      for (std::size_t j = 0; j < shifts; ++j) maxima[i * shifts + j] = records[i * width + layout.shifts[j]];
+    all_reduce_max(maxima.data(), static_cast<std::int64_t>(maxima.size()));
+    // 2. each record rescaled to them: merged into (those shifts, zero sums), the identity
+    // of the monoid at that shift
+    std::vector<double> rescaled(static_cast<std::size_t>(width));
+    for (std::int64_t i = 0; i < count; ++i) {
+      std::fill(rescaled.begin(), rescaled.end(), 0.0);
+      for (std::size_t j = 0; j < shifts; ++j) rescaled[layout.shifts[j]] = maxima[i * shifts + j];
+      merge(rescaled.data(), records + i * width, 1);
+      for (int f = 0; f < width; ++f) records[i * width + f] = rescaled[f];
+      for (std::size_t j = 0; j < shifts; ++j) records[i * width + layout.shifts[j]] = 0.0;  // not summed
+    }
+  }
+  // 3. the sums (records with equal shifts merge by adding their other fields)
+  all_reduce_sum(records, count * width);
+  if (shifts > 0)
+    for (std::int64_t i = 0; i < count; ++i)
+      for (std::size_t j = 0; j < shifts; ++j) records[i * width + layout.shifts[j]] = maxima[i * shifts + j];
 }
 
 shard_range shard_from_local_classes(const transport& t, std::string_view function, std::int64_t local_classes,

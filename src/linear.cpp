@@ -29,6 +29,7 @@
 #include <softce/softce.hpp>
 
 #include "blas.hpp"
+#include "shard_records.hpp"
 #include "staging.hpp"
 #include "threading.hpp"
 #include "validate.hpp"
@@ -232,6 +233,10 @@ struct linear_call {
   std::optional<flat> losses, grad_hidden, grad_weight, grad_bias;
   bool accumulate = false;
   std::size_t budget = 0;
+  // class-parallel (class_parallel::linear_*): this shard's rows [class_offset,
+  // class_offset + V) of V_global; null in one process (then V_global = V)
+  const class_shard* shard = nullptr;
+  std::int64_t class_offset = 0, V_global = 0;
 };
 
 bool is_distillation(loss_kind k) {
@@ -290,7 +295,7 @@ void check_layer(linear_call& call, std::string_view hidden_name, const array_vi
     fail(fn, weight_name, "expected the dtype of " + std::string(hidden_name) + " (" +
                               std::string(dtype_name(hidden.type)) + "), got " + std::string(dtype_name(weight.type)),
          error_kind::type);
-  if (call.V == 0 && hidden_name == "hidden") call.V = weight.shape[0];
+  if (hidden_name == "hidden") call.V = weight.shape[0];
   if (weight.shape[0] != call.V)
     fail(fn, weight_name, "expected " + std::to_string(call.V) + " rows (classes, as the student's weight), got shape " +
                               shape_string(weight));
@@ -417,9 +422,9 @@ void check_topk(linear_call& call, std::string_view name, const topk& t, const a
   for (std::int64_t r = 0; r < ix.rows; ++r) {
     for (std::int64_t j = 0; j < ix.inner; ++j) {
       const std::int64_t idx = load_index(ix.base, ix.type, r * ix.row_stride + j * ix.inner_stride);
-      if (idx < 0 || idx >= call.V)
+      if (idx < 0 || idx >= call.V_global)
         fail(fn, indices_arg, "index " + std::to_string(idx) + " at row " + std::to_string(r) +
-                                  " is out of range for " + std::to_string(call.V) + " classes",
+                                  " is out of range for " + std::to_string(call.V_global) + " classes",
              error_kind::index);
       row[static_cast<std::size_t>(j)] = idx;
     }
@@ -444,21 +449,28 @@ block_plan plan_blocks(const linear_call& call) {
   // float staging per row: hidden (and teacher hidden) converted, grad_hidden before scatter
   std::int64_t staging = 0;
   const std::int64_t probe = std::max<std::int64_t>(call.N, 2);
-  if (needs_staging<T>(call.hidden, probe)) staging += call.D;
-  if (call.grad_hidden && !writable_directly<T>(*call.grad_hidden, probe)) staging += call.D;
-  if (call.kind == loss_kind::distill_hidden && needs_staging<T>(call.teacher_hidden, probe)) staging += call.Dt;
+  // Class-parallel: the plan must be the same on every shard (each block of rows is one
+  // all-reduce), so it depends only on what the shards share: the global class count and
+  // the staging as if every operand needed it (layouts may differ between shards).
+  const bool shared_plan = call.shard != nullptr;
+  const std::int64_t V = call.V_global;
+  if (shared_plan || needs_staging<T>(call.hidden, probe)) staging += call.D;
+  if (shared_plan ? call.grad_hidden.has_value() : call.grad_hidden && !writable_directly<T>(*call.grad_hidden, probe))
+    staging += call.D;
+  if (call.kind == loss_kind::distill_hidden && (shared_plan || needs_staging<T>(call.teacher_hidden, probe)))
+    staging += call.Dt;
   staging *= static_cast<std::int64_t>(sizeof(T));
   const std::int64_t budget = static_cast<std::int64_t>(std::min<std::size_t>(call.budget, INT64_MAX / 4));
   const std::int64_t rows = std::max<std::int64_t>(call.N, 1);
-  const double row_bytes = static_cast<double>(call.V) * static_cast<double>(logit_bytes) + static_cast<double>(staging);
+  const double row_bytes = static_cast<double>(V) * static_cast<double>(logit_bytes) + static_cast<double>(staging);
   if (row_bytes <= static_cast<double>(budget))
-    return {std::min<std::int64_t>(rows, static_cast<std::int64_t>(static_cast<double>(budget) / row_bytes)), call.V};
-  const std::int64_t min_classes = std::min<std::int64_t>(call.V, kMinClassBlock);
-  const std::int64_t wanted_classes = std::min<std::int64_t>(call.V, 256);
+    return {std::min<std::int64_t>(rows, static_cast<std::int64_t>(static_cast<double>(budget) / row_bytes)), V};
+  const std::int64_t min_classes = std::min<std::int64_t>(V, kMinClassBlock);
+  const std::int64_t wanted_classes = std::min<std::int64_t>(V, 256);
   for (std::int64_t B = std::min<std::int64_t>(rows, 64);; B = std::max<std::int64_t>(B / 2, 1)) {
     const std::int64_t left = budget - B * staging;
     const std::int64_t classes = left > 0 ? left / (B * logit_bytes) : 0;
-    if (classes >= wanted_classes || (B == 1 && classes >= min_classes)) return {B, std::min(classes, call.V)};
+    if (classes >= wanted_classes || (B == 1 && classes >= min_classes)) return {B, std::min(classes, V)};
     if (B == 1) break;
   }
   const std::int64_t need = min_classes * logit_bytes + staging;
@@ -519,13 +531,47 @@ double block_loss(const linear_call& call, const mutable_array_view& logits, con
                : distillation_loss(logits, teacher, opt, out);
 }
 
+// The all-reduce merge of plain sums (records of width 1): inout += in, so that the ordered
+// all-reduce adds the shards' values in shard order (the commutative form knows it as sums).
+constexpr row_stats_merge_fn sum_records = &merge_sums;
+
+// Class-parallel grad_hidden: this shard's partial G · W (in the output, or in `partial`
+// when the output cannot hold T) becomes the sum over the shards, formed in double in shard
+// order and rounded once into the output. Pieces of rows of at most the memory budget (the
+// same on every shard: N, D and the budget are agreed), each one all-reduce.
+template <class T>
+void sum_grad_hidden(const linear_call& call, const std::vector<T>& partial) {
+  const std::int64_t N = call.N, D = call.D;
+  if (N == 0 || D == 0) return;
+  const flat& g = *call.grad_hidden;
+  const std::int64_t bytes_per_row = D * static_cast<std::int64_t>(sizeof(double));
+  const std::int64_t piece = std::clamp<std::int64_t>(
+      static_cast<std::int64_t>(std::min<std::size_t>(call.budget, INT64_MAX / 4)) / bytes_per_row, 1, N);
+  std::vector<double> sums(static_cast<std::size_t>(piece * D));
+  for (std::int64_t r0 = 0; r0 < N; r0 += piece) {
+    const std::int64_t rows = std::min(piece, N - r0);
+    for (std::int64_t i = 0; i < rows; ++i) {
+      double* row = sums.data() + i * D;
+      if (!partial.empty())
+        for (std::int64_t d = 0; d < D; ++d) row[d] = static_cast<double>(partial[static_cast<std::size_t>((r0 + i) * D + d)]);
+      else
+        gather<double>(g.base, g.type, (r0 + i) * g.row_stride, g.inner_stride, D, row);
+    }
+    call.shard->all_reduce(sums.data(), rows * D, 1, sum_records);
+    for (std::int64_t i = 0; i < rows; ++i)
+      scatter<double>(sums.data() + i * D, D, const_cast<char*>(g.base), g.type, (r0 + i) * g.row_stride,
+                      g.inner_stride);
+  }
+}
+
 template <class T>
 double run(const linear_call& call) {
   const block_plan plan = plan_blocks<T>(call);
   blas_threads threads_guard(call.fn);
   const std::int64_t N = call.N, D = call.D, V = call.V;
   const std::int64_t B = plan.rows, Vc = plan.classes;
-  const std::int64_t class_blocks = (V + Vc - 1) / Vc;
+  // (an empty shard still runs one block of zero classes: its all-reduce calls are the others')
+  const std::int64_t class_blocks = V == 0 ? 1 : (V + Vc - 1) / Vc;
   const bool class_path = class_blocks > 1;
   const T coef = call.denominator == 0.0 ? T(0) : static_cast<T>(1.0 / call.denominator);
 
@@ -573,9 +619,14 @@ double run(const linear_call& call) {
   std::vector<double> gb;
   if (call.grad_bias) gb.assign(static_cast<std::size_t>(V), 0.0);
 
-  std::vector<T> logits(static_cast<std::size_t>(B * Vc)), teacher_logits;
+  std::vector<T> logits(static_cast<std::size_t>(B * std::min(Vc, std::max<std::int64_t>(V, 1)))), teacher_logits;
   if (call.kind == loss_kind::distill_hidden) teacher_logits.resize(logits.size());
   std::vector<T> hidden_staging, teacher_hidden_staging, grad_hidden_staging;
+  // Class-parallel: this shard's partial grad_hidden is summed over the shards at the end;
+  // when the output cannot hold it in T (a 16-bit or strided output), it is kept here whole.
+  std::vector<T> grad_hidden_partial;
+  if (call.shard && call.grad_hidden && !writable_directly<T>(*call.grad_hidden, N))
+    grad_hidden_partial.resize(static_cast<std::size_t>(N * D));
   const int rounds = call.kind != loss_kind::ce_index && call.kind != loss_kind::ce_probs && call.kind != loss_kind::ce_topk &&
                              call.distill.kind == divergence::jsd && call.kind != loss_kind::distill_topk
                          ? 2 : 1;
@@ -589,9 +640,13 @@ double run(const linear_call& call) {
     // grad_hidden rows: written directly or staged
     T* gh = nullptr;
     std::int64_t ldgh = D;
-    const bool gh_direct = call.grad_hidden && writable_directly<T>(*call.grad_hidden, rows);
+    const bool gh_partial = !grad_hidden_partial.empty();
+    const bool gh_direct = call.grad_hidden && !gh_partial && writable_directly<T>(*call.grad_hidden, rows);
     if (call.grad_hidden) {
-      if (gh_direct) {
+      if (gh_partial) {
+        gh = grad_hidden_partial.data() + r0 * D;
+        ldgh = std::max<std::int64_t>(D, 1);
+      } else if (gh_direct) {
         gh = reinterpret_cast<T*>(const_cast<char*>(call.grad_hidden->at(r0)));
         ldgh = rows == 1 ? std::max<std::int64_t>(D, 1) : call.grad_hidden->row_stride;
       } else {
@@ -635,7 +690,7 @@ double run(const linear_call& call) {
       mutable_array_view lv;
       array_view tv;
       block_views(V, lv, tv);
-      total += block_loss<T>(call, lv, &tv, r0, rows, 0, V, nullptr, true);
+      total += block_loss<T>(call, lv, &tv, r0, rows, 0, V, call.shard, true);
       backward(0, V, true);
     } else {
       std::vector<std::vector<double>> known;  // merged statistics of each all-reduce round
@@ -643,12 +698,15 @@ double run(const linear_call& call) {
         const bool final_pass = pass == rounds;
         std::vector<double> merged;
         double value = 0.0;
+        std::int64_t merged_count = 0;
+        int merged_width = 0;
+        row_stats_merge_fn merged_fn = nullptr;
         for (std::int64_t b = 0; b < class_blocks; ++b) {
           const std::int64_t c0 = b * Vc, width = std::min(Vc, V - c0);
           int round = 0;
           class_shard shard;
-          shard.class_offset = c0;
-          shard.num_classes = V;
+          shard.class_offset = call.class_offset + c0;
+          shard.num_classes = call.V_global;
           shard.all_reduce = [&](double* stats, std::int64_t count, int width_records, row_stats_merge_fn merge) {
             const std::size_t n = static_cast<std::size_t>(count) * static_cast<std::size_t>(width_records);
             const std::size_t r = static_cast<std::size_t>(round++);
@@ -657,6 +715,7 @@ double run(const linear_call& call) {
             } else if (r == known.size()) {
               if (b == 0) merged.assign(stats, stats + n);
               else merge(merged.data(), stats, count);
+              merged_count = count, merged_width = width_records, merged_fn = merge;
             }
           };
           compute_logits(c0, width);
@@ -666,12 +725,18 @@ double run(const linear_call& call) {
           value = block_loss<T>(call, lv, &tv, r0, rows, c0, width, &shard, final_pass);
           if (final_pass) backward(c0, width, b == 0);
         }
-        if (final_pass) total += value;
-        else known.push_back(std::move(merged));
+        if (final_pass) {
+          total += value;
+        } else {
+          // this shard's class blocks merged: now the other shards' (class order is kept:
+          // the blocks are in order within the shard, the shards in rank order)
+          if (call.shard) call.shard->all_reduce(merged.data(), merged_count, merged_width, merged_fn);
+          known.push_back(std::move(merged));
+        }
       }
     }
     if (gw) gw_started = true;
-    if (call.grad_hidden && !gh_direct)
+    if (call.grad_hidden && !gh_direct && !gh_partial)
       for (std::int64_t i = 0; i < rows; ++i)
         scatter<T>(grad_hidden_staging.data() + i * D, D, const_cast<char*>(call.grad_hidden->base),
                    call.grad_hidden->type, (r0 + i) * call.grad_hidden->row_stride, call.grad_hidden->inner_stride);
@@ -689,6 +754,7 @@ double run(const linear_call& call) {
       store_float<double>(const_cast<char*>(g.base), g.type, v * g.row_stride, value);
     }
   }
+  if (call.shard && call.grad_hidden) sum_grad_hidden<T>(call, grad_hidden_partial);
   if (call.reduce == reduction::mean || call.reduce == reduction::batchmean)
     return call.denominator == 0.0 ? std::numeric_limits<double>::quiet_NaN() : total / call.denominator;
   return total;
@@ -701,10 +767,23 @@ double dispatch(const linear_call& call) {
 // The parts every entry point shares: the layer, the budget, the finite check last (it
 // reads every hidden state).
 void begin(linear_call& call, const array_view& hidden, const array_view& weight, const std::optional<array_view>& bias,
-           const linear_options& linear) {
+           const linear_options& linear, const class_shard* shard) {
   check_layer(call, "hidden", hidden, "weight", weight, "bias", bias, call.hidden, call.weight, call.bias, call.D);
   call.N = call.hidden.rows;
-  if (call.V == 0) fail(call.fn, "weight", "expected at least one class (row), got shape " + shape_string(weight));
+  call.V_global = call.V;
+  if (shard) {
+    // this shard's rows of the weight: [class_offset, class_offset + V) of num_classes
+    if (!shard->all_reduce) throw error(std::string(call.fn) + ": shard: expected an all_reduce function");
+    if (shard->num_classes < 1 || shard->class_offset < 0 || shard->class_offset > shard->num_classes - call.V)
+      fail(call.fn, "shard", "expected 0 <= class_offset and class_offset + weight.shape[0] <= num_classes >= 1, got "
+                             "class_offset " + std::to_string(shard->class_offset) + ", " + std::to_string(call.V) +
+                             " rows, num_classes " + std::to_string(shard->num_classes));
+    call.shard = shard;
+    call.class_offset = shard->class_offset;
+    call.V_global = shard->num_classes;
+  } else if (call.V == 0) {
+    fail(call.fn, "weight", "expected at least one class (row), got shape " + shape_string(weight));
+  }
   call.budget = linear.memory_budget;
 }
 
@@ -717,11 +796,11 @@ void finish_validation(linear_call& call) {
 
 double ce_entry(const array_view& hidden, const array_view& weight, const std::optional<array_view>& bias,
                 const array_view* dense_target, const topk* sparse_target, const cross_entropy_options& options,
-                const linear_options& linear, const linear_outputs& out) {
+                const linear_options& linear, const linear_outputs& out, const class_shard* shard = nullptr) {
   linear_call call;
   call.fn = "linear_cross_entropy";
   const std::string_view fn = call.fn;
-  begin(call, hidden, weight, bias, linear);
+  begin(call, hidden, weight, bias, linear, shard);
   check_reduction(fn, options.reduce, {reduction::none, reduction::mean, reduction::sum});
   call.reduce = options.reduce;
   call.ce = options;
@@ -782,11 +861,14 @@ double ce_entry(const array_view& hidden, const array_view& weight, const std::o
     for (std::int64_t r = 0; r < call.N; ++r) {
       const std::int64_t y = load_index(call.target.base, call.target.type, r * call.target.row_stride);
       if (y == options.ignore_index) continue;
-      if (y < 0 || y >= call.V)
+      if (y < 0 || y >= call.V_global)
         fail(fn, "target", "class index " + std::to_string(y) + " at row " + std::to_string(r) +
-                               " is out of range for " + std::to_string(call.V) + " classes",
+                               " is out of range for " + std::to_string(call.V_global) + " classes",
              error_kind::index);
-      weight_total += wd.empty() ? 1.0 : wd[static_cast<std::size_t>(y)];
+      // (class-parallel: the weights of this shard's classes; the shards' sums are added below)
+      const std::int64_t local = y - call.class_offset;
+      if (!options.weight) weight_total += 1.0;
+      else if (local >= 0 && local < call.V) weight_total += wd[static_cast<std::size_t>(local)];
     }
     if (call.reduce == reduction::mean) call.denominator = weight_total;
   } else if (call.reduce == reduction::mean) {
@@ -794,16 +876,19 @@ double ce_entry(const array_view& hidden, const array_view& weight, const std::o
   }
   finish_validation(call);
   if (linear.validate_only) return std::numeric_limits<double>::quiet_NaN();
+  if (call.shard && call.kind == loss_kind::ce_index && call.reduce == reduction::mean && options.weight)
+    call.shard->all_reduce(&call.denominator, 1, 1, sum_records);  // every check is behind us
   return dispatch(call);
 }
 
 double distill_entry(const array_view& hidden, const array_view& weight, const std::optional<array_view>& bias,
                      const array_view* teacher_logits, const topk* teacher_topk, const linear_teacher* teacher_layer,
-                     const distillation_options& options, const linear_options& linear, const linear_outputs& out) {
+                     const distillation_options& options, const linear_options& linear, const linear_outputs& out,
+                     const class_shard* shard = nullptr) {
   linear_call call;
   call.fn = "linear_distillation_loss";
   const std::string_view fn = call.fn;
-  begin(call, hidden, weight, bias, linear);
+  begin(call, hidden, weight, bias, linear, shard);
   check_reduction(fn, options.reduce, {reduction::none, reduction::mean, reduction::sum, reduction::batchmean});
   call.reduce = options.reduce;
   call.distill = options;
@@ -850,7 +935,8 @@ double distill_entry(const array_view& hidden, const array_view& weight, const s
                         {"mask", options.mask}},
                        call);
   if (call.reduce == reduction::batchmean) call.denominator = static_cast<double>(kept_rows(call));
-  if (call.reduce == reduction::mean) call.denominator = static_cast<double>(kept_rows(call)) * static_cast<double>(call.V);
+  if (call.reduce == reduction::mean)
+    call.denominator = static_cast<double>(kept_rows(call)) * static_cast<double>(call.V_global);
   finish_validation(call);
   if (linear.validate_only) return std::numeric_limits<double>::quiet_NaN();
   return dispatch(call);
@@ -890,5 +976,44 @@ double linear_distillation_loss(const array_view& hidden, const array_view& weig
                                 const linear_outputs& out) {
   return distill_entry(hidden, weight, bias, nullptr, nullptr, &teacher, options, linear, out);
 }
+
+namespace class_parallel {
+
+double linear_cross_entropy(const class_shard& shard, const array_view& hidden, const array_view& weight,
+                            const std::optional<array_view>& bias, const array_view& target,
+                            const cross_entropy_options& options, const linear_options& linear,
+                            const linear_outputs& out) {
+  return ce_entry(hidden, weight, bias, &target, nullptr, options, linear, out, &shard);
+}
+
+double linear_cross_entropy(const class_shard& shard, const array_view& hidden, const array_view& weight,
+                            const std::optional<array_view>& bias, const topk& target,
+                            const cross_entropy_options& options, const linear_options& linear,
+                            const linear_outputs& out) {
+  return ce_entry(hidden, weight, bias, nullptr, &target, options, linear, out, &shard);
+}
+
+double linear_distillation_loss(const class_shard& shard, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const array_view& teacher_logits,
+                                const distillation_options& options, const linear_options& linear,
+                                const linear_outputs& out) {
+  return distill_entry(hidden, weight, bias, &teacher_logits, nullptr, nullptr, options, linear, out, &shard);
+}
+
+double linear_distillation_loss(const class_shard& shard, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const topk& teacher,
+                                const distillation_options& options, const linear_options& linear,
+                                const linear_outputs& out) {
+  return distill_entry(hidden, weight, bias, nullptr, &teacher, nullptr, options, linear, out, &shard);
+}
+
+double linear_distillation_loss(const class_shard& shard, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const linear_teacher& teacher,
+                                const distillation_options& options, const linear_options& linear,
+                                const linear_outputs& out) {
+  return distill_entry(hidden, weight, bias, nullptr, nullptr, &teacher, options, linear, out, &shard);
+}
+
+}  // namespace class_parallel
 
 }  // namespace softce

@@ -13,6 +13,7 @@
 // front (python/softce/distributed.py) are thin adapters over it.
 #pragma once
 
+#include <softce/linear.hpp>
 #include <softce/softce.hpp>
 
 #include <cstddef>
@@ -61,6 +62,53 @@ double distillation_loss(const class_shard& shard, const array_view& student_log
                          const topk& teacher, const distillation_options& options = {},
                          const outputs& out = {});
 
+// The fused output layer + loss (linear.hpp), vocabulary-parallel as in Megatron: the shard
+// holds a contiguous slice of rows of the weight, weight (V_local, D) = rows
+// [class_offset, class_offset + V_local) of the global (num_classes, D) weight, and the same
+// slice of the bias, the class weights, probability targets, teacher logits and a teacher's
+// weight and bias; V_local may be 0 (an empty shard). The hidden states (and a teacher's
+// hidden states) are replicated: identical on every shard. Index and top-k targets hold
+// global class ids.
+//  - the result is the global loss (identical on every shard), outputs.losses the global
+//    per-row losses;
+//  - grad_weight / grad_bias receive the gradient of this shard's rows;
+//  - grad_hidden receives the FULL gradient d loss / d hidden, the sum over all shards of
+//    their partial products G_shard · W_shard: summed through shard.all_reduce in shard
+//    order (records of width 1, in double), so it is the same bits on every shard and
+//    nothing is left for the caller to reduce. Its cost: N x D doubles through the
+//    all-reduce, in pieces of at most memory_budget bytes.
+// The row-block plan depends only on what every shard shares (N, D, num_classes, the dtype,
+// the kind, memory_budget), so every shard makes the same sequence of all_reduce calls;
+// within a shard, classes may be split into blocks too (merged in process, then once
+// through shard.all_reduce). Calls of shard.all_reduce: one (two for divergence jsd with
+// logits or hidden-state teachers) per block of rows, one for the denominator of
+// reduction 'mean' with class weights, and the pieces of grad_hidden.
+double linear_cross_entropy(const class_shard& shard, const array_view& hidden,
+                            const array_view& weight, const std::optional<array_view>& bias,
+                            const array_view& target, const cross_entropy_options& options = {},
+                            const linear_options& linear = {}, const linear_outputs& out = {});
+double linear_cross_entropy(const class_shard& shard, const array_view& hidden,
+                            const array_view& weight, const std::optional<array_view>& bias,
+                            const topk& target, const cross_entropy_options& options = {},
+                            const linear_options& linear = {}, const linear_outputs& out = {});
+double linear_distillation_loss(const class_shard& shard, const array_view& hidden,
+                                const array_view& weight, const std::optional<array_view>& bias,
+                                const array_view& teacher_logits,
+                                const distillation_options& options = {},
+                                const linear_options& linear = {},
+                                const linear_outputs& out = {});
+double linear_distillation_loss(const class_shard& shard, const array_view& hidden,
+                                const array_view& weight, const std::optional<array_view>& bias,
+                                const topk& teacher, const distillation_options& options = {},
+                                const linear_options& linear = {},
+                                const linear_outputs& out = {});
+double linear_distillation_loss(const class_shard& shard, const array_view& hidden,
+                                const array_view& weight, const std::optional<array_view>& bias,
+                                const linear_teacher& teacher,
+                                const distillation_options& options = {},
+                                const linear_options& linear = {},
+                                const linear_outputs& out = {});
+
 // ---------------------------------------------------------------------------------------
 // the agreement protocol
 //
@@ -68,13 +116,18 @@ double distillation_loss(const class_shard& shard, const array_view& student_log
 //   1. the front's own checks, then the core validates its local arguments (no communication);
 //   2. agreement, in front of the core's first all_reduce: one all_gather of a fixed record
 //      of int64 "facts" per rank (did this rank's checks fail? the call, the shard, the row
-//      shape, the options, the dtype, one 64-bit fingerprint of the arrays that must be
-//      identical on every rank and one of the mask); every rank takes the same decision from
+//      shape, the options, the dtype, the transport's reduce mode, one 64-bit fingerprint of
+//      the arrays that must be identical on every rank and one of the mask; for the linear
+//      calls also D, bias, grad_hidden, memory_budget, the teacher's form and fingerprints
+//      of the replicated hidden states); every rank takes the same decision from
 //      the same table: go on, or throw the same error;
 //   3. the core's all_reduce(s) of the row statistics (transport::all_reduce).
 // A rank whose validation threw joins step 2 from its catch handler, so the others learn of
 // it: they throw "<function>: failed on rank R: <R's message>" (a shard_failure), the failing
 // rank rethrows its own error. `run` below does all of this around a core call.
+
+// How a transport combines the row-statistics records (transport::mode).
+enum class reduce_mode : std::int64_t { ordered = 0, commutative = 1 };
 
 // The collectives of one group of ranks (shards). Every member is called on every rank the
 // same number of times with the same sizes, on the thread that called the loss; a transport
@@ -89,7 +142,30 @@ struct transport {
   std::function<void(char* bytes, std::int64_t count, int root)> broadcast;
   // The ordered all-reduce of row-statistics records: class_shard::all_reduce's contract.
   std::function<void(double* records, std::int64_t count, int width, row_stats_merge_fn merge)> all_reduce;
+  // How the records are combined (agreed: a rank with another mode is an error on every rank):
+  //  ordered      all_reduce above, the records merged in rank order: the result is the
+  //               same bits for any transport, bitwise equal to the one-process merge order.
+  //  commutative  all_reduce_max of the records' shift fields, then all_reduce_sum of the
+  //               records rescaled to those shifts (commutative_all_reduce below): built-in
+  //               operations whose per-rank cost does not grow with the rank count.
+  reduce_mode mode = reduce_mode::ordered;
+  // Built-in element-wise all-reduces of `count` doubles, in place (commutative mode only);
+  // every rank must receive the same bits (MPI_Allreduce and the usual NCCL / gloo
+  // algorithms do so for identical inputs).
+  std::function<void(double* values, std::int64_t count)> all_reduce_max;
+  std::function<void(double* values, std::int64_t count)> all_reduce_sum;
 };
+
+// class_shard::all_reduce's contract in the commutative form: the global maxima of the
+// records' shift fields by `all_reduce_max`, every record rescaled to them through `merge`
+// (merged into a record of those shifts and zero sums), then `all_reduce_sum` of the
+// rescaled records. Knows the records of softce's merge functions (the row statistics of
+// every class-parallel loss, the top-k records, plain sums); another `merge` is an error.
+// The result is the same on every rank and repeatable, but not bitwise equal to the ordered
+// merge (additions in another order).
+void commutative_all_reduce(double* records, std::int64_t count, int width, row_stats_merge_fn merge,
+                            const std::function<void(double*, std::int64_t)>& all_reduce_max,
+                            const std::function<void(double*, std::int64_t)>& all_reduce_sum);
 
 // Which function a rank called (a different one on some rank is an error).
 enum class call_kind : std::int64_t {
@@ -98,6 +174,12 @@ enum class call_kind : std::int64_t {
   cross_entropy_topk,
   distillation_logits,
   distillation_topk,
+  linear_cross_entropy_index,
+  linear_cross_entropy_probabilities,
+  linear_cross_entropy_topk,
+  linear_distillation_logits,
+  linear_distillation_topk,
+  linear_distillation_hidden,
 };
 std::string_view call_kind_name(call_kind kind) noexcept;  // "cross_entropy with top-k targets"
 
@@ -114,6 +196,14 @@ struct call_description {
   topk top;                       // top-k targets / teachers (identical on every rank)
   cross_entropy_options cross_entropy;  // for the cross_entropy kinds
   distillation_options distillation;    // for the distillation kinds
+  // the linear_* kinds: `input` is the hidden states (..., D) (replicated, compared by
+  // fingerprint), `weight` this rank's rows (V_local, D)
+  array_view weight;
+  bool bias = false;
+  std::optional<array_view> teacher_hidden;  // linear_distillation_hidden (replicated)
+  bool teacher_bias = false;
+  std::size_t memory_budget = 0;
+  bool grad_hidden = false;  // requested: its sum over the ranks is a collective of its own
 };
 
 // Descriptions of the four calls of class_parallel::, from the same arguments (sharded
@@ -130,6 +220,36 @@ call_description describe(std::string_view function, std::int64_t class_offset,
 call_description describe(std::string_view function, std::int64_t class_offset,
                           std::int64_t num_classes, const array_view& student_logits,
                           const topk& teacher, const distillation_options& options);
+
+// Descriptions of the five linear calls of class_parallel:: (sharded probability targets,
+// teacher logits and teacher weights are not compared; of `out`, only whether grad_hidden is
+// requested: every rank must request it or none).
+call_description describe_linear(std::string_view function, std::int64_t class_offset,
+                                 std::int64_t num_classes, const array_view& hidden,
+                                 const array_view& weight, const std::optional<array_view>& bias,
+                                 const array_view& target, const cross_entropy_options& options,
+                                 const linear_options& linear, const linear_outputs& out);
+call_description describe_linear(std::string_view function, std::int64_t class_offset,
+                                 std::int64_t num_classes, const array_view& hidden,
+                                 const array_view& weight, const std::optional<array_view>& bias,
+                                 const topk& target, const cross_entropy_options& options,
+                                 const linear_options& linear, const linear_outputs& out);
+call_description describe_linear(std::string_view function, std::int64_t class_offset,
+                                 std::int64_t num_classes, const array_view& hidden,
+                                 const array_view& weight, const std::optional<array_view>& bias,
+                                 const array_view& teacher_logits,
+                                 const distillation_options& options, const linear_options& linear,
+                                 const linear_outputs& out);
+call_description describe_linear(std::string_view function, std::int64_t class_offset,
+                                 std::int64_t num_classes, const array_view& hidden,
+                                 const array_view& weight, const std::optional<array_view>& bias,
+                                 const topk& teacher, const distillation_options& options,
+                                 const linear_options& linear, const linear_outputs& out);
+call_description describe_linear(std::string_view function, std::int64_t class_offset,
+                                 std::int64_t num_classes, const array_view& hidden,
+                                 const array_view& weight, const std::optional<array_view>& bias,
+                                 const linear_teacher& teacher, const distillation_options& options,
+                                 const linear_options& linear, const linear_outputs& out);
 
 // What a rank tells the others when its own checks failed. `code` travels as is: the
 // error_kind values 0..2 (value, index, type) keep their meaning; a front may define
@@ -190,7 +310,7 @@ shard_range shard_from_local_classes(const transport& t, std::string_view functi
 std::uint64_t fingerprint(const std::optional<array_view>* arrays, std::size_t count);
 
 // The number of int64 facts one rank contributes to the agreement's all_gather.
-inline constexpr int agreement_facts = 25;
+inline constexpr int agreement_facts = 34;
 }  // namespace class_parallel
 
 }  // namespace softce

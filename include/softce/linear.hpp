@@ -20,6 +20,10 @@
 // operands are widened block by block; products accumulate in float32), float64 in float64.
 // Hidden and weight (and bias) share one dtype. Hidden states must be finite.
 //
+// Class-parallel (vocabulary-parallel weight rows per rank, hidden states replicated, the
+// full grad_hidden on every rank): softce::class_parallel::linear_* (class_parallel.hpp) and
+// softce::mpi::linear_* (mpi.hpp).
+//
 // Validation: every argument is checked before anything is written (errors name the
 // argument: "linear_cross_entropy: weight: expected ..."). No output may overlap an input or
 // another output.

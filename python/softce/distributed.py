@@ -28,7 +28,9 @@ checks in front of it. One call on every rank:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -48,7 +50,30 @@ from ._torch import (
     wants_grad,
 )
 
-__all__ = ["run"]
+__all__ = ["run", "run_linear", "reduce_mode"]
+
+_MODES = {"ordered": 0, "commutative": 1}
+_mode = threading.local()
+
+
+@contextlib.contextmanager
+def reduce_mode(mode: str):
+    """How the class-parallel calls made inside combine the ranks' row statistics:
+    ``"ordered"`` (default): every rank all-gathers every rank's records and merges them in
+    rank order, bitwise the single-process merge order; the traffic per rank grows with the
+    rank count. ``"commutative"``: an all-reduce MAX of the records' shifts, then an
+    all-reduce SUM of the rescaled records (built-in operations, per-rank cost independent
+    of the rank count); the same on every rank, not bitwise the ordered result. Every rank
+    must use the same mode (a difference is an error on every rank)."""
+    if mode not in _MODES:
+        raise ValueError(f"softce.distributed.reduce_mode: mode: expected 'ordered' or "
+                         f"'commutative', got {mode!r}")
+    previous = getattr(_mode, "value", 0)
+    _mode.value = _MODES[mode]
+    try:
+        yield
+    finally:
+        _mode.value = previous
 
 # all_gather_into_tensor is deprecated in favour of all_gather_single from torch 2.10 on
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -84,6 +109,7 @@ class _Transport:
 
     def __init__(self, group, rank: int, size: int):
         self.group, self.rank, self.size = group, rank, size
+        self.mode = getattr(_mode, "value", 0)  # reduce_mode(): 0 ordered, 1 commutative
 
     def _gather(self, tensor: Tensor) -> Tensor:
         """(size, *tensor.shape): every rank's tensor, in rank order."""
@@ -100,6 +126,13 @@ class _Transport:
         # data: uint8 (count,) viewing the core's buffer, replaced in place by root's
         dist.broadcast(torch.from_numpy(data), src=dist.get_global_rank(self.group, root),
                        group=self.group)
+
+    def all_reduce_max(self, values: np.ndarray) -> None:
+        # values: float64 (count,) over the core's buffer, replaced in place (commutative mode)
+        dist.all_reduce(torch.from_numpy(values), op=dist.ReduceOp.MAX, group=self.group)
+
+    def all_reduce_sum(self, values: np.ndarray) -> None:
+        dist.all_reduce(torch.from_numpy(values), op=dist.ReduceOp.SUM, group=self.group)
 
     def all_reduce(self, records: np.ndarray, merge) -> None:
         # records: float64 (rows, width) over the core's buffer; merge: a capsule
@@ -206,3 +239,164 @@ def run(loss: Loss, input, target, args: tuple, inplace_backward: bool, return_g
     return _run(fn, process_group, prepare, reduction, loss.per_row, inplace_backward,
                 return_grad)
 
+
+
+# ---------------------------------------------------------------------------------------
+# the fused output layer (called by softce.linear_* when process_group is given)
+#
+# Vocabulary-parallel as in Megatron: `weight` (V_local, D) holds this rank's rows of the
+# output layer, in rank order (V_local may be 0), and so do the bias, class weights,
+# probability targets, teacher logits and a teacher's weight and bias; the hidden states
+# (and a teacher's) are replicated. Every rank gets the global loss (bitwise the same), the
+# gradients of its own rows of weight and bias, and the FULL gradient of the input: the
+# core sums the ranks' partial input gradients through the same ordered all-reduce as the
+# row statistics, so it is the same bits on every rank and autograd needs no further
+# collective (docs/linear.md, "Class-parallel").
+
+_LINEAR_ARRAYS = ("target", "topk_values", "teacher_weight", "teacher_bias", "class_weight", "mask")
+
+
+def _linear_budget(input: Tensor, num_classes: int, a: dict) -> int:
+    """The row-block budget: the caller's, or the single-process default computed from the
+    global class count (every rank must plan the same row blocks; the budget is agreed)."""
+    if a["memory_budget"] is not None:
+        return int(a["memory_budget"])
+    from .linear import DEFAULT_MEMORY_BUDGET
+
+    rows = input.numel() // max(input.shape[-1], 1) if input.dim() else 1
+    itemsize = 8 if input.dtype == torch.float64 else 4
+    blocks = 2 if a["teacher_weight"] is not None else 1
+    return max(DEFAULT_MEMORY_BUDGET, min(rows, 512) * num_classes * itemsize * blocks)
+
+
+class _LinearParallel(torch.autograd.Function):
+    """Gradients computed in forward (one collective call), scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, compute):
+        loss, gi, gw, gb = compute()
+        ctx.per_row = loss.dim() > 0
+        ctx.has = (gi is not None, gw is not None, gb is not None)
+        ctx.fn = compute.function
+        ctx.save_for_backward(*(g for g in (gi, gw, gb) if g is not None))
+        ctx.set_materialize_grads(False)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{ctx.fn}: double backward (create_graph=True) is not supported by the fused "
+                "linear losses with process_group; compute the sharded logits and use "
+                "softce.cross_entropy / distillation_loss with process_group")
+        saved = iter(ctx.saved_tensors)
+        gi, gw, gb = (next(saved) if has else None for has in ctx.has)
+        if grad_loss is None:
+            return None, None, None, None
+        if ctx.per_row:
+            g = grad_loss
+            if gi is not None:
+                gi = gi * g.unsqueeze(-1).to(gi.dtype)
+            if gw is not None or gb is not None:
+                # weight and bias gradients sum over rows: only a uniform upstream scales them
+                flat = g.reshape(-1)
+                if flat.numel() and not bool((flat == flat[0]).all()):
+                    raise NotImplementedError(
+                        f"{ctx.fn}: reduction='none' with process_group: the weight and bias "
+                        "gradients support an upstream gradient that is the same for every "
+                        "row (e.g. losses.sum()); weight the rows with mask or reduce first")
+                scale = flat[0] if flat.numel() else flat.new_zeros(())
+                gw = None if gw is None else gw * scale.to(gw.dtype)
+                gb = None if gb is None else gb * scale.to(gb.dtype)
+        elif not (grad_loss.numel() == 1 and float(grad_loss) == 1.0):
+            gi, gw, gb = (None if g is None else g * grad_loss.to(g.dtype) for g in (gi, gw, gb))
+        needs = ctx.needs_input_grad
+        return (gi if needs[0] else None, gw if needs[1] else None,
+                gb if needs[2] else None, None)
+
+
+@_eager_only
+def run_linear(family: str, input, weight, bias, a: dict, return_grad: bool, process_group):
+    """softce.linear_cross_entropy / linear_distillation_loss (family "ce" / "distill")
+    vocabulary-parallel over `process_group`; `a` as softce.linear builds it."""
+    fn = "linear_cross_entropy" if family == "ce" else "linear_distillation_loss"
+    rank, world = _group_info(fn, process_group)
+    transport = _Transport(process_group, rank, world)
+    grad_mode = torch.is_grad_enabled()
+    prepared = failure = None
+    try:
+        for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+            if t is not None or name != "bias":
+                _check_input(fn, name, t)
+        side = "target" if family == "ce" else "teacher"
+        names = {"target": side, "topk_values": f"{side}.values"}
+        for key in _LINEAR_ARRAYS:
+            v = a[key]
+            if v is None:
+                continue
+            name = names.get(key, key)
+            if not isinstance(v, Tensor):
+                raise TypeError(f"{fn}: {name}: expected a torch.Tensor with process_group, got "
+                                f"{type(v).__name__}")
+            check_cpu(fn, name, v)
+            if grad_mode and v.requires_grad:
+                raise NotImplementedError(
+                    f"{fn}: {name}: a gradient with respect to it is not supported by the "
+                    "fused linear losses (only input, weight and bias); detach it")
+        wants = (return_grad or (grad_mode and input.requires_grad),
+                 return_grad or (grad_mode and weight.requires_grad),
+                 bias is not None and (return_grad or (grad_mode and bias.requires_grad)))
+        prepared = {k: (_detached(v) if isinstance(v, Tensor) else v) for k, v in a.items()}
+    except Exception as e:
+        failure = e
+    local_classes = weight.shape[0] if prepared is not None and weight.dim() == 2 else 0
+    offset, num_classes = _core.agreement_shard_from_local_classes(
+        transport, fn, local_classes, failure)
+    if failure is not None:
+        raise failure  # this rank's own error; the others got "failed on rank R: ..."
+
+    p = prepared
+    h, w, b = input.detach(), weight.detach(), _detached(bias)
+    budget = _linear_budget(h, num_classes, p)
+    if family == "ce":
+        agreement = _core.agreement_describe_linear_cross_entropy(
+            fn, h, w, b, p["target"], p["topk_values"], p["tail"], p["class_weight"],
+            p["ignore_index"], p["reduction"], p["label_smoothing"], p["mask"], budget, wants[0])
+    else:
+        agreement = _core.agreement_describe_linear_distillation(
+            fn, h, w, b, p["target"], p["topk_values"], p["tail"], p["teacher_weight"],
+            p["teacher_bias"], p["temperature"], p["divergence"], p["beta"], p["reduction"],
+            p["mask"], budget, wants[0])
+    cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+
+    def compute():
+        losses = torch.empty(h.shape[:-1], dtype=cdt) if p["reduction"] == "none" else None
+        gi = torch.empty(h.shape, dtype=cdt) if wants[0] else None
+        gw = torch.empty(w.shape, dtype=cdt) if wants[1] else None
+        gb = torch.empty(b.shape, dtype=cdt) if wants[2] else None
+
+        def core(all_reduce):
+            if family == "ce":
+                return _core.class_parallel_linear_cross_entropy(
+                    offset, num_classes, all_reduce, h, w, b, p["target"], p["topk_values"],
+                    p["tail"], p["class_weight"], p["ignore_index"], p["reduction"],
+                    p["label_smoothing"], p["mask"], budget, losses, gi, gw, gb)
+            return _core.class_parallel_linear_distillation_loss(
+                offset, num_classes, all_reduce, h, w, b, p["target"], p["topk_values"],
+                p["tail"], p["teacher_weight"], p["teacher_bias"], p["temperature"],
+                p["divergence"], p["beta"], p["reduction"], p["mask"], budget, losses, gi, gw,
+                gb)
+
+        value = _core.agreement_run(transport, agreement, offset, num_classes, core)
+        loss = losses if losses is not None else torch.tensor(value, dtype=cdt)
+        return (loss,
+                None if gi is None else gi.to(input.dtype),
+                None if gw is None else gw.to(weight.dtype),
+                None if gb is None else gb.to(bias.dtype))
+
+    compute.function = fn
+    if return_grad:
+        return compute()
+    if not any(wants):
+        return compute()[0]
+    return _LinearParallel.apply(input, weight, bias, compute)

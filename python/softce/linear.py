@@ -21,6 +21,9 @@ the classes into blocks too. NumPy arrays: the C++ path (OpenBLAS), ``return_gra
 returns ``(loss, grad_input, grad_weight, grad_bias)``.
 
 No gradient flows to targets, teacher logits or teacher hidden states / weights.
+
+``process_group=`` (torch.distributed): vocabulary-parallel, weight rows per rank, through
+the C++ core's class-parallel protocol (softce/distributed.py, docs/linear.md).
 """
 
 # (no `from __future__ import annotations`: torch.library reads the operator's annotations)
@@ -65,6 +68,7 @@ def linear_cross_entropy(
     mask=None,
     memory_budget: Optional[int] = None,
     return_grad: bool = False,
+    process_group=None,
 ):
     """``cross_entropy(F.linear(input, weight, bias), target, class_weight, ...)``, fused.
 
@@ -75,6 +79,10 @@ def linear_cross_entropy(
     min(N, 512) rows for large V, where smaller blocks slow the products down).
     ``return_grad=True`` (NumPy, or tensors without autograd) returns
     ``(loss, grad_input, grad_weight, grad_bias)``.
+    ``process_group`` (torch.distributed): vocabulary-parallel; ``weight``, ``bias``,
+    ``class_weight`` and probability targets hold this rank's rows / classes (in rank order),
+    ``input`` and index / top-k targets are the same on every rank; the loss is global and the
+    input gradient full (docs/linear.md, "Class-parallel").
     """
     if isinstance(target, TopK):
         t, values, tail = target.indices, target.values, bool(target.tail)
@@ -85,6 +93,10 @@ def linear_cross_entropy(
                 ignore_index=int(ignore_index), reduction=str(reduction),
                 label_smoothing=float(label_smoothing), temperature=1.0, divergence="kl",
                 beta=0.5, memory_budget=memory_budget)
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.run_linear("ce", input, weight, bias, args, bool(return_grad), process_group)
     if _is_tensor(input):
         return _torch_call(input, weight, bias, args, return_grad)
     return _numpy_call(input, weight, bias, args, return_grad)
@@ -105,6 +117,7 @@ def linear_distillation_loss(
     mask=None,
     memory_budget: Optional[int] = None,
     return_grad: bool = False,
+    process_group=None,
 ):
     """``distillation_loss(F.linear(input, weight, bias), teacher_logits, ...)``, fused.
 
@@ -112,6 +125,9 @@ def linear_distillation_loss(
     ``teacher_weight`` (V, Dt) and optional ``teacher_bias`` — the teacher's hidden states
     (..., Dt), whose logits are computed block by block too (neither side's logits exist).
     The class dimension is the last. Gradients flow to the student only.
+    ``process_group``: vocabulary-parallel as in :func:`linear_cross_entropy` (teacher logits,
+    ``teacher_weight`` and ``teacher_bias`` hold this rank's classes; teacher hidden states
+    are the same on every rank).
     """
     t, values, tail = _split_teacher(teacher, teacher_weight)
     args = dict(family="distill", target=t, topk_values=values, tail=tail,
@@ -119,6 +135,11 @@ def linear_distillation_loss(
                 mask=mask, ignore_index=-100, reduction=str(reduction), label_smoothing=0.0,
                 temperature=float(temperature), divergence=str(divergence), beta=float(beta),
                 memory_budget=memory_budget)
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.run_linear("distill", input, weight, bias, args, bool(return_grad),
+                                      process_group)
     if _is_tensor(input):
         return _torch_call(input, weight, bias, args, return_grad)
     return _numpy_call(input, weight, bias, args, return_grad)

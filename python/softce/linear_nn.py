@@ -21,11 +21,14 @@ __all__ = ["LinearCrossEntropyLoss", "LinearDistillationLoss"]
 class LinearCrossEntropyLoss(torch.nn.Module):
     """``cross_entropy(F.linear(input, weight, bias), target)`` fused (see
     :func:`softce.linear_cross_entropy`). ``class_weight`` is a buffer, as torch's
-    ``CrossEntropyLoss.weight``."""
+    ``CrossEntropyLoss.weight``. ``process_group``: vocabulary-parallel (weight rows per
+    rank)."""
 
     def __init__(self, class_weight=None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, memory_budget=None) -> None:
+                 label_smoothing: float = 0.0, *, memory_budget=None,
+                 process_group=None) -> None:
         super().__init__()
+        self.process_group = process_group
         self.register_buffer("class_weight", class_weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -36,7 +39,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return _linear.linear_cross_entropy(
             input, weight, target, bias, class_weight=self.class_weight,
             ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, mask=mask, memory_budget=self.memory_budget)
+            label_smoothing=self.label_smoothing, mask=mask, memory_budget=self.memory_budget,
+            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
@@ -49,8 +53,10 @@ class LinearDistillationLoss(torch.nn.Module):
     states with ``teacher_weight`` (and ``teacher_bias``)."""
 
     def __init__(self, temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5,
-                 reduction: str = "batchmean", *, memory_budget=None) -> None:
+                 reduction: str = "batchmean", *, memory_budget=None,
+                 process_group=None) -> None:
         super().__init__()
+        self.process_group = process_group
         self.temperature = temperature
         self.divergence = divergence
         self.beta = beta
@@ -62,7 +68,8 @@ class LinearDistillationLoss(torch.nn.Module):
         return _linear.linear_distillation_loss(
             input, weight, teacher, teacher_weight=teacher_weight, bias=bias,
             teacher_bias=teacher_bias, temperature=self.temperature, divergence=self.divergence,
-            beta=self.beta, reduction=self.reduction, mask=mask, memory_budget=self.memory_budget)
+            beta=self.beta, reduction=self.reduction, mask=mask, memory_budget=self.memory_budget,
+            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "

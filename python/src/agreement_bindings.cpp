@@ -86,6 +86,7 @@ struct agreement_call {
   std::string function;  // the description's string_view points here
   cp::call_description description;
   std::optional<any_array> input, target, indices, values, weight, mask;
+  std::optional<any_array> layer_weight, teacher_hidden;  // the linear calls
 };
 
 void set_common(agreement_call& c, std::string function, const any_array& input,
@@ -153,6 +154,94 @@ agreement_call* describe_distillation(std::string function, const any_array& stu
   return c;
 }
 
+// The fused output layer (linear calls): `input` is the hidden states, `layer_weight` this
+// rank's rows; `grad_hidden`: whether the call computes grad_hidden (a collective of its own).
+softce::linear_options budget_of(std::optional<std::int64_t> memory_budget) {
+  softce::linear_options lo;
+  if (memory_budget && *memory_budget >= 0) lo.memory_budget = static_cast<std::size_t>(*memory_budget);
+  return lo;
+}
+
+softce::linear_outputs grad_hidden_of(bool grad_hidden) {
+  softce::linear_outputs out;
+  if (grad_hidden) out.grad_hidden = softce::mutable_array_view{};  // only its presence is read
+  return out;
+}
+
+agreement_call* describe_linear_cross_entropy(std::string function, const any_array& hidden, const any_array& weight,
+                                              const std::optional<any_array>& bias, const any_array& target,
+                                              const std::optional<any_array>& values, bool tail,
+                                              const std::optional<any_array>& class_weight, std::int64_t ignore_index,
+                                              std::string_view reduction, double label_smoothing,
+                                              const std::optional<any_array>& mask,
+                                              std::optional<std::int64_t> memory_budget, bool grad_hidden) {
+  auto* c = new agreement_call;
+  set_common(*c, std::move(function), hidden, mask);
+  c->layer_weight = weight;
+  c->weight = class_weight;
+  softce::cross_entropy_options o;
+  o.weight = view_of(class_weight);
+  o.ignore_index = ignore_index;
+  o.reduce = reduction_or_default(reduction);
+  o.label_smoothing = label_smoothing;
+  o.mask = view_of(mask);
+  std::optional<softce::array_view> b;
+  if (bias) b = view_of(*bias);
+  const auto lo = budget_of(memory_budget);
+  const auto out = grad_hidden_of(grad_hidden);
+  if (values) {
+    c->indices = target;
+    c->values = values;
+    const softce::topk t{view_of(target), view_of(*values), tail};
+    c->description = cp::describe_linear(c->function, 0, 0, view_of(hidden), view_of(weight), b, t, o, lo, out);
+  } else {
+    c->target = target;
+    c->description =
+        cp::describe_linear(c->function, 0, 0, view_of(hidden), view_of(weight), b, view_of(target), o, lo, out);
+  }
+  return c;
+}
+
+agreement_call* describe_linear_distillation(std::string function, const any_array& hidden, const any_array& weight,
+                                             const std::optional<any_array>& bias, const any_array& teacher,
+                                             const std::optional<any_array>& values, bool tail,
+                                             const std::optional<any_array>& teacher_weight,
+                                             const std::optional<any_array>& teacher_bias, double temperature,
+                                             std::string_view divergence, double beta, std::string_view reduction,
+                                             const std::optional<any_array>& mask,
+                                             std::optional<std::int64_t> memory_budget, bool grad_hidden) {
+  auto* c = new agreement_call;
+  set_common(*c, std::move(function), hidden, mask);
+  c->layer_weight = weight;
+  softce::distillation_options o;
+  o.temperature = temperature;
+  o.kind = divergence_or_default(divergence);
+  o.beta = beta;
+  o.reduce = reduction_or_default(reduction);
+  o.mask = view_of(mask);
+  std::optional<softce::array_view> b;
+  if (bias) b = view_of(*bias);
+  const auto lo = budget_of(memory_budget);
+  const auto out = grad_hidden_of(grad_hidden);
+  if (teacher_weight) {
+    c->teacher_hidden = teacher;
+    c->target = teacher_weight;  // kept alive; not compared (per shard)
+    c->values = teacher_bias;
+    const softce::linear_teacher t{view_of(teacher), view_of(*teacher_weight), view_of(teacher_bias)};
+    c->description = cp::describe_linear(c->function, 0, 0, view_of(hidden), view_of(weight), b, t, o, lo, out);
+  } else if (values) {
+    c->indices = teacher;
+    c->values = values;
+    const softce::topk t{view_of(teacher), view_of(*values), tail};
+    c->description = cp::describe_linear(c->function, 0, 0, view_of(hidden), view_of(weight), b, t, o, lo, out);
+  } else {
+    c->target = teacher;
+    c->description =
+        cp::describe_linear(c->function, 0, 0, view_of(hidden), view_of(weight), b, view_of(teacher), o, lo, out);
+  }
+  return c;
+}
+
 // ---------------------------------------------------------------------------------------
 // exceptions
 
@@ -216,6 +305,16 @@ cp::transport python_transport(nb::handle object) {
   t.broadcast = [object](char* bytes, std::int64_t count, int root) {
     object.attr("broadcast")(numpy_view(reinterpret_cast<std::uint8_t*>(bytes), count), root);
   };
+  // the commutative form (transport.mode 1): built-in MAX / SUM all-reduces of float64 vectors
+  if (nb::hasattr(object, "mode") && nb::cast<std::int64_t>(object.attr("mode")) == 1) {
+    t.mode = cp::reduce_mode::commutative;
+    t.all_reduce_max = [object](double* values, std::int64_t count) {
+      object.attr("all_reduce_max")(numpy_view(values, count));
+    };
+    t.all_reduce_sum = [object](double* values, std::int64_t count) {
+      object.attr("all_reduce_sum")(numpy_view(values, count));
+    };
+  }
   t.all_reduce = [object](double* records, std::int64_t count, int width, softce::row_stats_merge_fn merge) {
     const std::size_t shape[2] = {static_cast<std::size_t>(count), static_cast<std::size_t>(width)};
     nb::ndarray<nb::numpy, double, nb::ndim<2>, nb::c_contig> view(records, 2, shape, nb::handle());
@@ -286,6 +385,16 @@ void bind_agreement(nb::module_& m) {
   m.def("agreement_describe_distillation", &describe_distillation, "function"_a, "student_logits"_a.noconvert(), "teacher"_a.noconvert(),
         "values"_a.noconvert().none(), "tail"_a, "temperature"_a, "divergence"_a, "beta"_a,
         "reduction"_a, "mask"_a.noconvert().none(), "dim"_a.none(), nb::rv_policy::take_ownership);
+  m.def("agreement_describe_linear_cross_entropy", &describe_linear_cross_entropy, "function"_a,
+        "hidden"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert().none(), "target"_a.noconvert(),
+        "values"_a.noconvert().none(), "tail"_a, "class_weight"_a.noconvert().none(), "ignore_index"_a,
+        "reduction"_a, "label_smoothing"_a, "mask"_a.noconvert().none(), "memory_budget"_a.none(),
+        "grad_hidden"_a, nb::rv_policy::take_ownership);
+  m.def("agreement_describe_linear_distillation", &describe_linear_distillation, "function"_a,
+        "hidden"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert().none(), "teacher"_a.noconvert(),
+        "values"_a.noconvert().none(), "tail"_a, "teacher_weight"_a.noconvert().none(),
+        "teacher_bias"_a.noconvert().none(), "temperature"_a, "divergence"_a, "beta"_a, "reduction"_a,
+        "mask"_a.noconvert().none(), "memory_budget"_a.none(), "grad_hidden"_a, nb::rv_policy::take_ownership);
   m.def("agreement_run", &agreed_run, "transport"_a, "call"_a, "class_offset"_a, "num_classes"_a, "core"_a);
   m.def("agreement_shard_from_local_classes", &shard_from_local_classes, "transport"_a, "function"_a,
         "local_classes"_a, "failure"_a.none());

@@ -12,6 +12,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/string_view.h>
 
+#include <softce/class_parallel.hpp>
 #include <softce/linear.hpp>
 #include <softce/softce.hpp>
 
@@ -55,7 +56,7 @@ softce::linear_options linear_options(std::optional<std::int64_t> memory_budget,
   return o;
 }
 
-double linear_cross_entropy(const input_array& hidden, const input_array& weight,
+double linear_cross_entropy_impl(const input_array& hidden, const input_array& weight,
                             const std::optional<input_array>& bias, const input_array& target,
                             const std::optional<input_array>& topk_values, bool tail,
                             const std::optional<input_array>& class_weight, std::int64_t ignore_index,
@@ -64,7 +65,8 @@ double linear_cross_entropy(const input_array& hidden, const input_array& weight
                             const std::optional<output_array>& losses,
                             const std::optional<output_array>& grad_hidden,
                             const std::optional<output_array>& grad_weight,
-                            const std::optional<output_array>& grad_bias, bool accumulate, bool validate_only) {
+                            const std::optional<output_array>& grad_bias, bool accumulate, bool validate_only,
+                            const softce::class_shard* shard = nullptr) {
   constexpr std::string_view fn = "linear_cross_entropy";
   softce::cross_entropy_options options;
   options.weight = in_view(class_weight, fn, "class_weight");
@@ -81,14 +83,16 @@ double linear_cross_entropy(const input_array& hidden, const input_array& weight
     softce::topk t{make_view<softce::array_view>(target, fn, "target.indices"),
                    make_view<softce::array_view>(*topk_values, fn, "target.values"), tail};
     nb::gil_scoped_release release;
-    return softce::linear_cross_entropy(h, w, b, t, options, lo, out);
+    return shard ? softce::class_parallel::linear_cross_entropy(*shard, h, w, b, t, options, lo, out)
+                 : softce::linear_cross_entropy(h, w, b, t, options, lo, out);
   }
   const auto t = make_view<softce::array_view>(target, fn, "target");
   nb::gil_scoped_release release;
-  return softce::linear_cross_entropy(h, w, b, t, options, lo, out);
+  return shard ? softce::class_parallel::linear_cross_entropy(*shard, h, w, b, t, options, lo, out)
+               : softce::linear_cross_entropy(h, w, b, t, options, lo, out);
 }
 
-double linear_distillation_loss(const input_array& hidden, const input_array& weight,
+double linear_distillation_loss_impl(const input_array& hidden, const input_array& weight,
                                 const std::optional<input_array>& bias, const input_array& teacher,
                                 const std::optional<input_array>& topk_values, bool tail,
                                 const std::optional<input_array>& teacher_weight,
@@ -99,7 +103,8 @@ double linear_distillation_loss(const input_array& hidden, const input_array& we
                                 const std::optional<output_array>& losses,
                                 const std::optional<output_array>& grad_hidden,
                                 const std::optional<output_array>& grad_weight,
-                                const std::optional<output_array>& grad_bias, bool accumulate, bool validate_only) {
+                                const std::optional<output_array>& grad_bias, bool accumulate, bool validate_only,
+                                const softce::class_shard* shard = nullptr) {
   constexpr std::string_view fn = "linear_distillation_loss";
   softce::distillation_options options;
   options.temperature = temperature;
@@ -117,17 +122,104 @@ double linear_distillation_loss(const input_array& hidden, const input_array& we
                              make_view<softce::array_view>(*teacher_weight, fn, "teacher.weight"),
                              in_view(teacher_bias, fn, "teacher.bias")};
     nb::gil_scoped_release release;
-    return softce::linear_distillation_loss(h, w, b, t, options, lo, out);
+    return shard ? softce::class_parallel::linear_distillation_loss(*shard, h, w, b, t, options, lo, out)
+                 : softce::linear_distillation_loss(h, w, b, t, options, lo, out);
   }
   if (topk_values) {
     softce::topk t{make_view<softce::array_view>(teacher, fn, "teacher.indices"),
                    make_view<softce::array_view>(*topk_values, fn, "teacher.values"), tail};
     nb::gil_scoped_release release;
-    return softce::linear_distillation_loss(h, w, b, t, options, lo, out);
+    return shard ? softce::class_parallel::linear_distillation_loss(*shard, h, w, b, t, options, lo, out)
+                 : softce::linear_distillation_loss(h, w, b, t, options, lo, out);
   }
   const auto t = make_view<softce::array_view>(teacher, fn, "teacher");
   nb::gil_scoped_release release;
-  return softce::linear_distillation_loss(h, w, b, t, options, lo, out);
+  return shard ? softce::class_parallel::linear_distillation_loss(*shard, h, w, b, t, options, lo, out)
+               : softce::linear_distillation_loss(h, w, b, t, options, lo, out);
+}
+
+double linear_cross_entropy(const input_array& hidden, const input_array& weight,
+                            const std::optional<input_array>& bias, const input_array& target,
+                            const std::optional<input_array>& topk_values, bool tail,
+                            const std::optional<input_array>& class_weight, std::int64_t ignore_index,
+                            std::string_view reduction, double label_smoothing,
+                            const std::optional<input_array>& mask, std::optional<std::int64_t> memory_budget,
+                            const std::optional<output_array>& losses,
+                            const std::optional<output_array>& grad_hidden,
+                            const std::optional<output_array>& grad_weight,
+                            const std::optional<output_array>& grad_bias, bool accumulate, bool validate_only) {
+  return linear_cross_entropy_impl(hidden, weight, bias, target, topk_values, tail, class_weight, ignore_index,
+                                   reduction, label_smoothing, mask, memory_budget, losses, grad_hidden, grad_weight,
+                                   grad_bias, accumulate, validate_only);
+}
+
+double linear_distillation_loss(const input_array& hidden, const input_array& weight,
+                                const std::optional<input_array>& bias, const input_array& teacher,
+                                const std::optional<input_array>& topk_values, bool tail,
+                                const std::optional<input_array>& teacher_weight,
+                                const std::optional<input_array>& teacher_bias, double temperature,
+                                std::string_view divergence, double beta, std::string_view reduction,
+                                const std::optional<input_array>& mask,
+                                std::optional<std::int64_t> memory_budget,
+                                const std::optional<output_array>& losses,
+                                const std::optional<output_array>& grad_hidden,
+                                const std::optional<output_array>& grad_weight,
+                                const std::optional<output_array>& grad_bias, bool accumulate, bool validate_only) {
+  return linear_distillation_loss_impl(hidden, weight, bias, teacher, topk_values, tail, teacher_weight,
+                                       teacher_bias, temperature, divergence, beta, reduction, mask, memory_budget,
+                                       losses, grad_hidden, grad_weight, grad_bias, accumulate, validate_only);
+}
+
+// ---------------------------------------------------------------------------------------
+// class-parallel (softce/distributed.py): the shard's all_reduce is a Python callable
+
+constexpr const char* kMergeCapsule = "softce.row_stats_merge_fn";  // as bindings.cpp names it
+
+// A class_shard whose all_reduce calls `all_reduce(records, merge)` in Python (records: a
+// float64 (count, width) view of the core's buffer, merge: the capsule of the core's merge
+// function), taking the GIL back: the core runs without it. A borrowed handle: the caller's
+// argument outlives the call.
+softce::class_shard python_shard(std::int64_t class_offset, std::int64_t num_classes, nb::handle all_reduce) {
+  softce::class_shard shard;
+  shard.class_offset = class_offset;
+  shard.num_classes = num_classes;
+  shard.all_reduce = [callable = all_reduce](double* stats, std::int64_t count, int width,
+                                             softce::row_stats_merge_fn merge) {
+    nb::gil_scoped_acquire gil;
+    const std::size_t shape[2] = {static_cast<std::size_t>(count), static_cast<std::size_t>(width)};
+    nb::ndarray<nb::numpy, double, nb::ndim<2>, nb::c_contig> records(stats, 2, shape, nb::handle());
+    nb::capsule capsule(reinterpret_cast<const void*>(merge), kMergeCapsule);
+    callable(records.cast(nb::rv_policy::reference), capsule);
+  };
+  return shard;
+}
+
+double class_parallel_linear_cross_entropy(
+    std::int64_t class_offset, std::int64_t num_classes, nb::callable all_reduce, const input_array& hidden,
+    const input_array& weight, const std::optional<input_array>& bias, const input_array& target,
+    const std::optional<input_array>& topk_values, bool tail, const std::optional<input_array>& class_weight,
+    std::int64_t ignore_index, std::string_view reduction, double label_smoothing,
+    const std::optional<input_array>& mask, std::optional<std::int64_t> memory_budget,
+    const std::optional<output_array>& losses, const std::optional<output_array>& grad_hidden,
+    const std::optional<output_array>& grad_weight, const std::optional<output_array>& grad_bias) {
+  const auto shard = python_shard(class_offset, num_classes, all_reduce);
+  return linear_cross_entropy_impl(hidden, weight, bias, target, topk_values, tail, class_weight, ignore_index, reduction,
+                              label_smoothing, mask, memory_budget, losses, grad_hidden, grad_weight, grad_bias, false,
+                              false, &shard);
+}
+
+double class_parallel_linear_distillation_loss(
+    std::int64_t class_offset, std::int64_t num_classes, nb::callable all_reduce, const input_array& hidden,
+    const input_array& weight, const std::optional<input_array>& bias, const input_array& teacher,
+    const std::optional<input_array>& topk_values, bool tail, const std::optional<input_array>& teacher_weight,
+    const std::optional<input_array>& teacher_bias, double temperature, std::string_view divergence, double beta,
+    std::string_view reduction, const std::optional<input_array>& mask, std::optional<std::int64_t> memory_budget,
+    const std::optional<output_array>& losses, const std::optional<output_array>& grad_hidden,
+    const std::optional<output_array>& grad_weight, const std::optional<output_array>& grad_bias) {
+  const auto shard = python_shard(class_offset, num_classes, all_reduce);
+  return linear_distillation_loss_impl(hidden, weight, bias, teacher, topk_values, tail, teacher_weight, teacher_bias,
+                                  temperature, divergence, beta, reduction, mask, memory_budget, losses, grad_hidden,
+                                  grad_weight, grad_bias, false, false, &shard);
 }
 
 }  // namespace
@@ -145,4 +237,16 @@ void bind_linear(nb::module_& m) {
         "divergence"_a, "beta"_a, "reduction"_a, "mask"_a.noconvert().none(), "memory_budget"_a.none(),
         "losses"_a.noconvert().none(), "grad_hidden"_a.noconvert().none(), "grad_weight"_a.noconvert().none(),
         "grad_bias"_a.noconvert().none(), "accumulate"_a, "validate_only"_a = false);
+  m.def("class_parallel_linear_cross_entropy", &class_parallel_linear_cross_entropy, "class_offset"_a,
+        "num_classes"_a, "all_reduce"_a, "hidden"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert().none(),
+        "target"_a.noconvert(), "topk_values"_a.noconvert().none(), "tail"_a, "class_weight"_a.noconvert().none(),
+        "ignore_index"_a, "reduction"_a, "label_smoothing"_a, "mask"_a.noconvert().none(), "memory_budget"_a.none(),
+        "losses"_a.noconvert().none(), "grad_hidden"_a.noconvert().none(), "grad_weight"_a.noconvert().none(),
+        "grad_bias"_a.noconvert().none());
+  m.def("class_parallel_linear_distillation_loss", &class_parallel_linear_distillation_loss, "class_offset"_a,
+        "num_classes"_a, "all_reduce"_a, "hidden"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert().none(),
+        "teacher"_a.noconvert(), "topk_values"_a.noconvert().none(), "tail"_a, "teacher_weight"_a.noconvert().none(),
+        "teacher_bias"_a.noconvert().none(), "temperature"_a, "divergence"_a, "beta"_a, "reduction"_a,
+        "mask"_a.noconvert().none(), "memory_budget"_a.none(), "losses"_a.noconvert().none(),
+        "grad_hidden"_a.noconvert().none(), "grad_weight"_a.noconvert().none(), "grad_bias"_a.noconvert().none());
 }

@@ -668,7 +668,39 @@ def agreement_calls(ctx):
         return m
 
     x_or_double = xs.double() if changes else xs
-    return {
+    # the fused output layer: hidden (8, 4) replicated, weight rows (local classes, 4)
+    cl = xs.shape[1]
+    hidden, layer = torch.full((8, 4), 0.25), torch.full((cl, 4), 0.5)
+    lce, lkd = "linear_cross_entropy", "linear_distillation_loss"
+
+    def changed_hidden():
+        h = hidden.clone()
+        if changes:
+            h[1, 1] = 0.75
+        return h
+
+    def linear_teacher_form():
+        if changes:
+            return softce.linear_distillation_loss(hidden, layer, torch.full((8, 3), 0.5),
+                                                   teacher_weight=torch.full((cl, 3), 0.1),
+                                                   process_group=g)
+        return softce.linear_distillation_loss(hidden, layer, probs, process_group=g)
+
+    d = 5 if changes else 4
+    linear = {
+        "linear_hidden_values": (lce, lambda: softce.linear_cross_entropy(
+            changed_hidden(), layer, y, process_group=g)),
+        "linear_D": (lce, lambda: softce.linear_cross_entropy(
+            torch.full((8, d), 0.25), torch.full((cl, d), 0.5), y, process_group=g)),
+        "linear_bias_on_one_rank": (lce, lambda: softce.linear_cross_entropy(
+            hidden, layer, y, None if changes else torch.zeros(cl), process_group=g)),
+        "linear_class_weight_on_one_rank": (lce, lambda: softce.linear_cross_entropy(
+            hidden, layer, y, class_weight=None if changes else torch.ones(cl), process_group=g)),
+        "linear_memory_budget": (lce, lambda: softce.linear_cross_entropy(
+            hidden, layer, y, memory_budget=4096 if changes else 8192, process_group=g)),
+        "linear_teacher_form": (lkd, linear_teacher_form),
+    }
+    return linear | {
         "weight_on_one_rank": (ce, lambda: softce.cross_entropy(
             xs, y, None if changes else torch.ones(xs.shape[1]), process_group=g)),
         "input_dtype": (ce, lambda: softce.cross_entropy(x_or_double, y, process_group=g)),
@@ -712,6 +744,29 @@ def error_disagreements_shared_with_mpi(ctx):
             expect_error(ValueError, f"{function}: " + message.replace("{last}", last), call)
         except AssertionError as e:
             raise AssertionError(f"case {name}: {e}") from None
+
+
+@case()
+def commutative_reduce_mode(ctx):
+    # softce.distributed.reduce_mode("commutative"): MAX of the shifts, SUM of the rescaled
+    # records; the same checks as the ordered merge (not bitwise equal to it)
+    import softce.distributed
+
+    g = generator(23)
+    x = logits(g, (8, C), ctx.dtype)
+    y = torch.randint(0, C, (8,), generator=g)
+    w = torch.rand(C, generator=g, dtype=ctx.dtype) + 0.5
+    teacher = logits(g, (8, C), ctx.dtype)
+    with softce.distributed.reduce_mode("commutative"):
+        check(ctx, x, lambda xs: softce.cross_entropy(xs, y, ctx.shard(w), label_smoothing=0.1,
+                                                      process_group=ctx.group),
+              lambda x: softce.cross_entropy(x, y, w, label_smoothing=0.1),
+              lambda x: F.cross_entropy(x, y, w.double(), label_smoothing=0.1))
+        for divergence in ("kl", "reverse_kl", "jsd"):
+            check(ctx, x, lambda xs: softce.distillation_loss(
+                      xs, ctx.shard(teacher), divergence=divergence, process_group=ctx.group),
+                  lambda x: softce.distillation_loss(x, teacher, divergence=divergence),
+                  lambda x: softce.distillation_loss(x, teacher.double(), divergence=divergence))
 
 
 @case(dtypes=False)

@@ -90,8 +90,21 @@ struct reduce_handles {
 // ---------------------------------------------------------------------------------------
 // the transport: the core's agreement protocol (class_parallel.hpp) over MPI
 
-class_parallel::transport mpi_transport(MPI_Comm comm) {
+// A built-in element-wise all-reduce of doubles, in pieces whose counts fit MPI's int.
+void all_reduce_builtin(MPI_Comm comm, double* values, std::int64_t count, MPI_Op op) {
+  constexpr std::int64_t piece = std::int64_t{1} << 27;
+  for (std::int64_t begin = 0; begin < count; begin += piece) {
+    const int n = static_cast<int>(std::min(piece, count - begin));
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, values + begin, n, MPI_DOUBLE, op, comm), "MPI_Allreduce");
+  }
+}
+
+class_parallel::transport mpi_transport(MPI_Comm comm,
+                                        class_parallel::reduce_mode mode = class_parallel::reduce_mode::ordered) {
   class_parallel::transport t;
+  t.mode = mode;
+  t.all_reduce_max = [comm](double* values, std::int64_t count) { all_reduce_builtin(comm, values, count, MPI_MAX); };
+  t.all_reduce_sum = [comm](double* values, std::int64_t count) { all_reduce_builtin(comm, values, count, MPI_SUM); };
   check_mpi(MPI_Comm_rank(comm, &t.rank), "MPI_Comm_rank");
   check_mpi(MPI_Comm_size(comm, &t.size), "MPI_Comm_size");
   // The records gathered are a few dozen int64s and the messages 1 KB: int counts suffice.
@@ -117,7 +130,7 @@ double run(const shard& s, const class_parallel::call_description& call, Core&& 
   if (!initialised || finalised) throw error(std::string(call.function) + ": MPI is not initialised");
   if (s.comm == MPI_COMM_NULL)
     throw error(std::string(call.function) + ": shard: expected a communicator, got MPI_COMM_NULL");
-  return class_parallel::run(mpi_transport(s.comm), call, core);
+  return class_parallel::run(mpi_transport(s.comm, s.mode), call, core);
 }
 
 }  // namespace
@@ -147,7 +160,7 @@ shard shard::from_local_classes(MPI_Comm comm, std::int64_t local_classes) {
   // One MPI_Allgather rather than MPI_Exscan + MPI_Allreduce: one collective, and every rank
   // sees every count, so a bad count is an error on every rank.
   const auto range = class_parallel::shard_from_local_classes(mpi_transport(comm), "mpi::shard", local_classes);
-  return shard(comm, range.class_offset, range.num_classes);
+  return shard(comm, range.class_offset, range.num_classes);  // mode: ordered (set it after)
 }
 
 double cross_entropy(const shard& s, const array_view& input, const array_view& target,
@@ -177,6 +190,61 @@ double distillation_loss(const shard& s, const array_view& student_logits, const
       class_parallel::describe("mpi::distillation_loss", s.class_offset, s.num_classes, student_logits, teacher, options);
   return run(s, call, [&](const class_shard& cs) {
     return class_parallel::distillation_loss(cs, student_logits, teacher, options, out);
+  });
+}
+
+double linear_cross_entropy(const shard& s, const array_view& hidden, const array_view& weight,
+                            const std::optional<array_view>& bias, const array_view& target,
+                            const cross_entropy_options& options, const linear_options& linear,
+                            const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_cross_entropy", s.class_offset, s.num_classes, hidden,
+                                                    weight, bias, target, options, linear, out);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_cross_entropy(cs, hidden, weight, bias, target, options, linear, out);
+  });
+}
+
+double linear_cross_entropy(const shard& s, const array_view& hidden, const array_view& weight,
+                            const std::optional<array_view>& bias, const topk& target,
+                            const cross_entropy_options& options, const linear_options& linear,
+                            const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_cross_entropy", s.class_offset, s.num_classes, hidden,
+                                                    weight, bias, target, options, linear, out);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_cross_entropy(cs, hidden, weight, bias, target, options, linear, out);
+  });
+}
+
+double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const array_view& teacher_logits,
+                                const distillation_options& options, const linear_options& linear,
+                                const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
+                                                    hidden, weight, bias, teacher_logits, options, linear, out);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher_logits, options, linear, out);
+  });
+}
+
+double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const topk& teacher,
+                                const distillation_options& options, const linear_options& linear,
+                                const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
+                                                    hidden, weight, bias, teacher, options, linear, out);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher, options, linear, out);
+  });
+}
+
+double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const linear_teacher& teacher,
+                                const distillation_options& options, const linear_options& linear,
+                                const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
+                                                    hidden, weight, bias, teacher, options, linear, out);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher, options, linear, out);
   });
 }
 

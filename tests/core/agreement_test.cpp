@@ -27,10 +27,29 @@ class fake_group {
  public:
   explicit fake_group(int size) : size_(size), sync_(size), slots_(static_cast<std::size_t>(size)) {}
 
-  cp::transport transport(int rank) {
+  cp::transport transport(int rank, cp::reduce_mode mode = cp::reduce_mode::ordered) {
     cp::transport t;
     t.rank = rank;
     t.size = size_;
+    t.mode = mode;
+    // element-wise MAX / SUM over the ranks, in rank order (the same bits on every rank)
+    auto elementwise = [this, rank](double* values, std::int64_t count, bool max) {
+      std::vector<std::int64_t> bits(static_cast<std::size_t>(count));
+      std::memcpy(bits.data(), values, static_cast<std::size_t>(count) * 8);
+      slots_[static_cast<std::size_t>(rank)] = bits;
+      sync_.arrive_and_wait();
+      for (std::int64_t i = 0; i < count; ++i) {
+        double acc = reinterpret_cast<const double*>(slots_[0].data())[i];
+        for (int r = 1; r < size_; ++r) {
+          const double v = reinterpret_cast<const double*>(slots_[static_cast<std::size_t>(r)].data())[i];
+          acc = max ? std::fmax(acc, v) : acc + v;
+        }
+        values[i] = acc;
+      }
+      sync_.arrive_and_wait();
+    };
+    t.all_reduce_max = [elementwise](double* v, std::int64_t n) { elementwise(v, n, true); };
+    t.all_reduce_sum = [elementwise](double* v, std::int64_t n) { elementwise(v, n, false); };
     t.all_gather = [this, rank](const std::int64_t* mine, std::int64_t count, std::int64_t* all) {
       ++gathers_[static_cast<std::size_t>(rank)];
       slots_[static_cast<std::size_t>(rank)].assign(mine, mine + count);
@@ -60,12 +79,13 @@ class fake_group {
   }
 
   // Runs body(rank, transport) on every rank; returns each rank's error message ("" if none).
-  std::vector<std::string> run(const std::function<void(int, const cp::transport&)>& body) {
+  std::vector<std::string> run(const std::function<void(int, const cp::transport&)>& body,
+                               const std::function<cp::reduce_mode(int)>& mode = {}) {
     std::vector<std::string> messages(static_cast<std::size_t>(size_));
     std::vector<std::thread> threads;
     for (int r = 0; r < size_; ++r)
       threads.emplace_back([&, r] {
-        const cp::transport t = transport(r);
+        const cp::transport t = transport(r, mode ? mode(r) : cp::reduce_mode::ordered);
         try {
           body(r, t);
         } catch (const std::exception& e) {
@@ -394,6 +414,93 @@ TEST(Agreement, TransportWithoutCollectivesIsAnError) {
     FAIL() << "no error";
   } catch (const softce::error& e) {
     EXPECT_STREQ(e.what(), "f: transport: expected 0 <= rank < size, all_gather and broadcast, got rank 0 of 1");
+  }
+}
+
+
+
+// The commutative reduce mode (MAX of the shifts, SUM of the rescaled records) against the
+// ordered merge, for every record kind: index targets (ce records), top-k with a tail (two
+// shifts), distillation kl / reverse_kl (two shifts) and jsd (a second round of plain sums).
+TEST(ReduceMode, CommutativeMatchesOrdered) {
+  problem p;
+  std::vector<float> z(p.x.size()), topv(N * 2, 0.3f);
+  for (std::size_t i = 0; i < z.size(); ++i) z[i] = static_cast<float>(std::cos(0.3 * static_cast<double>(i)) * 3.0);
+  std::vector<std::int64_t> top(N * 2);
+  for (std::int64_t r = 0; r < N; ++r) top[2 * r] = r, top[2 * r + 1] = C - 1 - r;
+  const int P = 3;
+  for (int kind = 0; kind < 5; ++kind) {
+    double loss[2][P] = {};
+    std::vector<float> grad[2][P];
+    for (int m = 0; m < 2; ++m) {
+      const cp::reduce_mode mode = m ? cp::reduce_mode::commutative : cp::reduce_mode::ordered;
+      fake_group group(P);
+      const auto messages = group.run(
+          [&](int r, const cp::transport& t) {
+            const array_view x = p.shard(r, P);
+            const std::int64_t lo = problem::lo(r, P), width = problem::lo(r + 1, P) - lo;
+            const array_view zs = softce::view(z.data() + lo, {N, width}, {C, 1});
+            grad[m][r].assign(static_cast<std::size_t>(N * width), -7.0f);
+            softce::outputs out;
+            out.grad = softce::view(grad[m][r].data(), {N, width});
+            const softce::topk tk{softce::view(top.data(), {N, 2}), softce::view(topv.data(), {N, 2}), true};
+            softce::cross_entropy_options o;
+            o.label_smoothing = 0.1;
+            softce::distillation_options d;
+            d.kind = kind == 3 ? softce::divergence::reverse_kl : kind == 4 ? softce::divergence::jsd
+                                                                            : softce::divergence::kl;
+            d.temperature = 2.0;
+            cp::call_description call;
+            std::function<double(const softce::class_shard&)> core;
+            if (kind == 0) {
+              call = cp::describe("f", lo, C, x, softce::view(p.y.data(), {N}), o);
+              core = [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, softce::view(p.y.data(), {N}), o, out); };
+            } else if (kind == 1) {
+              call = cp::describe("f", lo, C, x, tk, ce{});
+              core = [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, tk, ce{}, out); };
+            } else {
+              call = cp::describe("f", lo, C, x, zs, d);
+              core = [&](const softce::class_shard& s) { return cp::distillation_loss(s, x, zs, d, out); };
+            }
+            loss[m][r] = cp::run(t, call, core);
+          },
+          [&](int) { return mode; });
+      expect_everywhere(messages, "");
+    }
+    for (int r = 0; r < P; ++r) {
+      EXPECT_NEAR(loss[1][r], loss[0][r], 1e-6 * std::abs(loss[0][r])) << "kind " << kind;
+      EXPECT_EQ(std::memcmp(&loss[1][r], &loss[1][0], sizeof(double)), 0) << "kind " << kind << ": ranks differ";
+      for (std::size_t i = 0; i < grad[0][r].size(); ++i)
+        EXPECT_NEAR(grad[1][r][i], grad[0][r][i], 1e-6) << "kind " << kind << " rank " << r << " element " << i;
+    }
+  }
+}
+
+TEST(ReduceMode, DiffersAcrossRanks) {
+  problem p;
+  fake_group group(2);
+  const auto messages = group.run(
+      [&](int r, const cp::transport& t) {
+        const array_view x = p.shard(r, 2), y = softce::view(p.y.data(), {N});
+        const auto call = cp::describe("f", problem::lo(r, 2), C, x, y, ce{});
+        cp::run(t, call, [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, y); });
+      },
+      [](int r) { return r == 1 ? cp::reduce_mode::commutative : cp::reduce_mode::ordered; });
+  expect_everywhere(messages, "f: reduce mode differs across ranks (rank 0: 'ordered', rank 1: 'commutative')");
+}
+
+TEST(ReduceMode, UnknownRecordsAreAnError) {
+  auto merge = [](double* inout, const double* in, std::int64_t count) {
+    for (std::int64_t i = 0; i < count; ++i) inout[i] *= in[i];
+  };
+  double records[3] = {1, 2, 3};
+  auto none = [](double*, std::int64_t) {};
+  try {
+    cp::commutative_all_reduce(records, 1, 3, merge, none, none);
+    ADD_FAILURE() << "no error";
+  } catch (const softce::error& e) {
+    EXPECT_STREQ(e.what(), "commutative_all_reduce: merge: expected one of softce's record merge functions "
+                           "(width 3); use the ordered all-reduce for records of your own");
   }
 }
 

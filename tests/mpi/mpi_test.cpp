@@ -37,6 +37,8 @@ using softce::mutable_array_view;
 using softce::reduction;
 
 int g_rank = 0, g_size = 1;
+// the reduce mode of the comparison cases: every case runs in both
+softce::class_parallel::reduce_mode g_mode = softce::class_parallel::reduce_mode::ordered;
 int g_checks = 0, g_failures = 0;
 std::string g_case;
 
@@ -108,11 +110,12 @@ softce::mpi::shard make_shard(std::int64_t C, split_kind kind) {
   for (int r = 0; r < g_rank; ++r) offset += counts[r];
   if (kind == split_kind::from_local) {
     auto s = softce::mpi::shard::from_local_classes(MPI_COMM_WORLD, counts[g_rank]);
+    s.mode = g_mode;
     check(s.class_offset == offset && s.num_classes == C && s.comm == MPI_COMM_WORLD,
           "from_local_classes: got offset " + std::to_string(s.class_offset) + " of " + std::to_string(s.num_classes));
     return s;
   }
-  return softce::mpi::shard(MPI_COMM_WORLD, offset, C);
+  return softce::mpi::shard(MPI_COMM_WORLD, offset, C, g_mode);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -948,6 +951,47 @@ void test_shared_agreement_cases() {
     softce::mpi::cross_entropy(sh, input, prob_target, o);
   }};
 
+  // the fused output layer: hidden (N, 4) replicated, weight rows (Cl, 4)
+  const std::int64_t D = 4;
+  std::vector<float> hidden(static_cast<std::size_t>(N * (D + 1)), 0.25f), layer(static_cast<std::size_t>(Cl * (D + 1)), 0.5f);
+  std::vector<float> bias(static_cast<std::size_t>(Cl), 0.0f), thidden(static_cast<std::size_t>(N * 3), 0.5f);
+  const array_view h = softce::view(hidden.data(), {N, D}), lw = softce::view(layer.data(), {Cl, D});
+  const std::string lce = "mpi::linear_cross_entropy: ", lkd = "mpi::linear_distillation_loss: ";
+  impl["linear_hidden_values"] = {lce, [&] {
+    std::vector<float> h2(hidden.begin(), hidden.begin() + N * D);
+    if (changes) h2[5] = 0.75f;
+    softce::mpi::linear_cross_entropy(sh, softce::view(h2.data(), {N, D}), lw, std::nullopt, target);
+  }};
+  impl["linear_D"] = {lce, [&] {
+    const std::int64_t d = changes ? D + 1 : D;
+    softce::mpi::linear_cross_entropy(sh, softce::view(hidden.data(), {N, d}), softce::view(layer.data(), {Cl, d}),
+                                      std::nullopt, target);
+  }};
+  impl["linear_bias_on_one_rank"] = {lce, [&] {
+    std::optional<array_view> b;
+    if (!changes) b = softce::view(bias.data(), {Cl});
+    softce::mpi::linear_cross_entropy(sh, h, lw, b, target);
+  }};
+  impl["linear_class_weight_on_one_rank"] = {lce, [&] {
+    softce::cross_entropy_options o;
+    if (!changes) o.weight = softce::view(w.data(), {Cl});
+    softce::mpi::linear_cross_entropy(sh, h, lw, std::nullopt, target, o);
+  }};
+  impl["linear_memory_budget"] = {lce, [&] {
+    softce::linear_options o;
+    o.memory_budget = changes ? 4096 : 8192;
+    softce::mpi::linear_cross_entropy(sh, h, lw, std::nullopt, target, {}, o);
+  }};
+  impl["linear_teacher_form"] = {lkd, [&] {
+    std::vector<float> tw(static_cast<std::size_t>(Cl * 3), 0.1f);
+    if (changes)
+      softce::mpi::linear_distillation_loss(sh, h, lw, std::nullopt,
+                                            softce::linear_teacher{softce::view(thidden.data(), {N, 3}),
+                                                                   softce::view(tw.data(), {Cl, 3}), std::nullopt});
+    else
+      softce::mpi::linear_distillation_loss(sh, h, lw, std::nullopt, prob_target);
+  }};
+
   const auto cases = read_agreement_cases();
   g_case = "agreement_cases.txt";
   check(cases.size() == impl.size(), "agreement_cases.txt has " + std::to_string(cases.size()) + " cases, this test " +
@@ -973,17 +1017,22 @@ int main(int argc, char** argv) {
   const auto start = std::chrono::steady_clock::now();
 
   test_merge_order();
-  std::uint64_t seed = 1;
   int cases = 0;
-  for (const spec& s : comparison_cases()) {
-    spec f32 = s, f64 = s;
-    f32.name += " float32";
-    f64.name += " float64";
-    run_case<float>(f32, seed);
-    run_case<double>(f64, seed);
-    ++seed;
-    cases += 2;
+  for (auto mode : {softce::class_parallel::reduce_mode::ordered, softce::class_parallel::reduce_mode::commutative}) {
+    g_mode = mode;
+    const std::string suffix = mode == softce::class_parallel::reduce_mode::commutative ? " commutative" : "";
+    std::uint64_t seed = 1;
+    for (const spec& s : comparison_cases()) {
+      spec f32 = s, f64 = s;
+      f32.name += " float32" + suffix;
+      f64.name += " float64" + suffix;
+      run_case<float>(f32, seed);
+      run_case<double>(f64, seed);
+      ++seed;
+      cases += 2;
+    }
   }
+  g_mode = softce::class_parallel::reduce_mode::ordered;
   test_errors();
   if (g_size > 1) test_shared_agreement_cases();
 

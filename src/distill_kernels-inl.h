@@ -31,55 +31,79 @@ namespace hn = hwy::HWY_NAMESPACE;
 // ---------------------------------------------------------------------------------------
 // distillation (dense teacher logits)
 
-template <class T>
-distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, distill_kind kind, exp_cache<T> cx,
-                              exp_cache<T> cz) {
+// One vector of the joint statistics pass: the exps (cached when kCache), their sums, and
+// k's term. p = 0 only at z = -inf: a p that underflowed in float against q = 0 gives
+// 0 * inf = NaN, which the driver reads as KL = +inf (likewise for q in reverse KL). k's
+// term is one fused multiply-add, skipped (not zeroed and added) in the excluded lanes.
+template <distill_kind kKind, bool kCache, bool kFull, class D, class T = hn::TFromD<D>>
+HWY_INLINE void DistillStatsVector(D d, const T* xp, const T* zp, size_t r, V<D> vsx, V<D> vsz, V<D> vt, V<D>& sx,
+                                   V<D>& sz, V<D>& vk, T* ex, T* ez) {
+  const auto xv = kFull ? hn::LoadU(d, xp) : LoadPart(d, xp, r, kNegInf<T>);
+  const auto zv = kFull ? hn::LoadU(d, zp) : LoadPart(d, zp, r, kNegInf<T>);
+  const auto dx = hn::Mul(hn::Sub(xv, vsx), vt), dz = hn::Mul(hn::Sub(zv, vsz), vt);
+  const auto ex_v = ExpNonPositive(d, dx), ez_v = ExpNonPositive(d, dz);
+  sx = hn::Add(sx, ex_v);
+  sz = hn::Add(sz, ez_v);
+  if constexpr (kCache) {
+    if (kFull) {
+      hn::StoreU(ex_v, d, ex);
+      hn::StoreU(ez_v, d, ez);
+    } else {
+      StorePart(ex_v, d, ex, r);
+      StorePart(ez_v, d, ez, r);
+    }
+  }
+  const auto vneg_inf = hn::Set(d, kNegInf<T>);
+  if constexpr (kKind == distill_kind::kl)
+    vk = hn::IfThenElse(hn::Eq(zv, vneg_inf), vk, hn::MulAdd(ez_v, hn::Sub(dz, dx), vk));
+  else
+    vk = hn::IfThenElse(hn::Eq(xv, vneg_inf), vk, hn::MulAdd(ex_v, hn::Sub(dx, dz), vk));
+}
+
+template <distill_kind kKind, bool kCache, class T>
+distill_stats DistillRowStatsImpl(const T* x, const T* z, std::int64_t n, T inv_t, exp_cache<T> cx, exp_cache<T> cz) {
   const hn::ScalableTag<T> d;
   const size_t N = hn::Lanes(d);
   distill_stats acc{-kInf, 0.0, -kInf, 0.0, 0.0};
-  const auto vt = hn::Set(d, inv_t), vneg_inf = hn::Set(d, kNegInf<T>);
+  const auto vt = hn::Set(d, inv_t);
   for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
     const T* xc = x + c0;
     const T* zc = z + c0;
     const T mx = ChunkMax(d, xc, len), mz = ChunkMax(d, zc, len);
     const auto vsx = hn::Set(d, FiniteShift(mx)), vsz = hn::Set(d, FiniteShift(mz));
-    const auto zero = hn::Zero(d);
     if (cx.shifts) cx.shifts[c0 / kChunk] = FiniteShift(mx);
     if (cz.shifts) cz.shifts[c0 / kChunk] = FiniteShift(mz);
-    V<decltype(d)> sx = zero, sz = zero, vk = zero;
-    for (size_t i = 0; i < len; i += N) {
-      const bool full = i + N <= len;
+    T* exc = kCache ? cx.e + c0 : nullptr;
+    T* ezc = kCache ? cz.e + c0 : nullptr;
+    V<decltype(d)> sx = hn::Zero(d), sz = hn::Zero(d), vk = hn::Zero(d);
+    size_t i = 0;
+    for (; i + N <= len; i += N) {
       PrefetchNextChunk(xc + i);
       PrefetchNextChunk(zc + i);
-      const auto xv = full ? hn::LoadU(d, xc + i) : LoadPart(d, xc + i, len - i, kNegInf<T>);
-      const auto zv = full ? hn::LoadU(d, zc + i) : LoadPart(d, zc + i, len - i, kNegInf<T>);
-      const auto dx = hn::Mul(hn::Sub(xv, vsx), vt), dz = hn::Mul(hn::Sub(zv, vsz), vt);
-      const auto ex = ExpNonPositive(d, dx), ez = ExpNonPositive(d, dz);
-      sx = hn::Add(sx, ex);
-      sz = hn::Add(sz, ez);
-      if (cx.e) {
-        if (full) {
-          hn::StoreU(ex, d, cx.e + c0 + i);
-          hn::StoreU(ez, d, cz.e + c0 + i);
-        } else {
-          StorePart(ex, d, cx.e + c0 + i, len - i);
-          StorePart(ez, d, cz.e + c0 + i, len - i);
-        }
-      }
-      // p = 0 only at z = -inf: a p that underflowed in float against q = 0 gives
-      // 0 * inf = NaN, which the driver reads as KL = +inf (likewise for q in reverse KL)
-      if (kind == distill_kind::kl)
-        vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(zv, vneg_inf), hn::Mul(ez, hn::Sub(dz, dx))));
-      else
-        vk = hn::Add(vk, hn::IfThenZeroElse(hn::Eq(xv, vneg_inf), hn::Mul(ex, hn::Sub(dx, dz))));
+      DistillStatsVector<kKind, kCache, true>(d, xc + i, zc + i, N, vsx, vsz, vt, sx, sz, vk, kCache ? exc + i : nullptr,
+                                              kCache ? ezc + i : nullptr);
     }
+    if (i < len)
+      DistillStatsVector<kKind, kCache, false>(d, xc + i, zc + i, len - i, vsx, vsz, vt, sx, sz, vk,
+                                               kCache ? exc + i : nullptr, kCache ? ezc + i : nullptr);
     merge_into(acc,
-               distill_stats{static_cast<double>(mx), Total(d, sx), static_cast<double>(mz),
-                             Total(d, sz), Total(d, vk)},
-               static_cast<double>(inv_t), kind);
+               distill_stats{static_cast<double>(mx), Total(d, sx), static_cast<double>(mz), Total(d, sz),
+                             Total(d, vk)},
+               static_cast<double>(inv_t), kKind);
   }
   return acc;
+}
+
+template <class T>
+distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, distill_kind kind, exp_cache<T> cx,
+                              exp_cache<T> cz) {
+  const bool cache = cx.e != nullptr;
+  if (kind == distill_kind::kl)
+    return cache ? DistillRowStatsImpl<distill_kind::kl, true>(x, z, n, inv_t, cx, cz)
+                 : DistillRowStatsImpl<distill_kind::kl, false>(x, z, n, inv_t, cx, cz);
+  return cache ? DistillRowStatsImpl<distill_kind::reverse_kl, true>(x, z, n, inv_t, cx, cz)
+               : DistillRowStatsImpl<distill_kind::reverse_kl, false>(x, z, n, inv_t, cx, cz);
 }
 
 // log m for m = beta p + (1 - beta) q, from log p and log q (logaddexp): stays finite where

@@ -212,13 +212,14 @@ void DistillRowGradKlCached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T 
 
 // JSD's second pass from the statistics pass's exp caches (no exp per element): p and q
 // are the cached exps times their chunk factors, log p and log q come from the logits, and
-// log m = log(beta p + (1 - beta) q) is one log per element. Where m is below the smallest
-// normal float (beta p and (1 - beta) q underflowing while p or q is positive) the vector
-// takes LogMixture's log-space path instead, so log m stays finite and exact there.
-// Writes log m to `log_m` (for the gradient pass; it may be cz.e: each ez is read first).
+// log m = log(beta p + (1 - beta) q) is one log per element (LogNormal: no division on
+// AVX-512). Where m is below the smallest normal float (beta p and (1 - beta) q underflowing
+// while p or q is positive) the vector takes LogMixture's log-space path instead, so log m
+// stays finite and exact there. Writes log q - log m to `log_ratio` (what the gradient pass
+// needs: it then reads neither the logits nor log m; it may be cz.e: each ez is read first).
 template <class T>
 jsd_stats JsdRowStatsCached(const T* x, const T* z, exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T inv_t,
-                            row_normaliser<T> nx, row_normaliser<T> nz, T beta, T* log_m) {
+                            row_normaliser<T> nx, row_normaliser<T> nz, T beta, T* log_ratio) {
   const hn::ScalableTag<T> d;
   const size_t N = hn::Lanes(d);
   const auto vt = hn::Set(d, inv_t);
@@ -234,26 +235,31 @@ jsd_stats JsdRowStatsCached(const T* x, const T* z, exp_cache<T> cx, exp_cache<T
     const auto fx = hn::Set(d, ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
     const auto fz = hn::Set(d, ChunkFactor(cz.shifts[c0 / kChunk], nz, inv_t));
     V<decltype(d)> kp = zero, kq = zero;
-    for (size_t i = 0; i < len; i += N) {
-      const size_t at = static_cast<size_t>(c0) + i;
-      const bool full = i + N <= len;
-      const auto xv = full ? hn::LoadU(d, x + at) : LoadPart(d, x + at, len - i, kNegInf<T>);
-      const auto zv = full ? hn::LoadU(d, z + at) : LoadPart(d, z + at, len - i, kNegInf<T>);
-      const auto q = hn::Mul(full ? hn::LoadU(d, cx.e + at) : LoadPart(d, cx.e + at, len - i, T(0)), fx);
-      const auto p = hn::Mul(full ? hn::LoadU(d, cz.e + at) : LoadPart(d, cz.e + at, len - i, T(0)), fz);
+    // kFull: a whole vector at `at`; otherwise the r < N lanes left
+    auto step = [&](auto full_tag, size_t at, size_t r) HWY_ATTR {
+      constexpr bool kFull = decltype(full_tag)::value;
+      const auto xv = kFull ? hn::LoadU(d, x + at) : LoadPart(d, x + at, r, kNegInf<T>);
+      const auto zv = kFull ? hn::LoadU(d, z + at) : LoadPart(d, z + at, r, kNegInf<T>);
+      const auto q = hn::Mul(kFull ? hn::LoadU(d, cx.e + at) : LoadPart(d, cx.e + at, r, T(0)), fx);
+      const auto p = hn::Mul(kFull ? hn::LoadU(d, cz.e + at) : LoadPart(d, cz.e + at, r, T(0)), fz);
       const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
       const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
       const auto m = hn::MulAdd(vbeta, p, hn::Mul(vbeta1, q));
       const auto small = hn::Lt(m, smallest);
-      auto lm = hn::Log(d, hn::Max(m, smallest));
+      auto lm = LogNormal(d, hn::Max(m, smallest));
       if (!hn::AllFalse(d, small)) lm = hn::IfThenElse(small, LogMixture(d, lp, lq, vlbeta, vlbeta1), lm);
-      kp = hn::Add(kp, hn::IfThenZeroElse(hn::Eq(p, zero), hn::Mul(p, hn::Sub(lp, lm))));
-      kq = hn::Add(kq, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(lq, lm))));
-      if (full)
-        hn::StoreU(lm, d, log_m + at);
+      // p (log p - log m) and q (log q - log m), skipped where p or q is 0 (0 * -inf)
+      const auto ratio_q = hn::Sub(lq, lm);
+      kp = hn::IfThenElse(hn::Eq(p, zero), kp, hn::MulAdd(p, hn::Sub(lp, lm), kp));
+      kq = hn::IfThenElse(hn::Eq(q, zero), kq, hn::MulAdd(q, ratio_q, kq));
+      if (kFull)
+        hn::StoreU(ratio_q, d, log_ratio + at);
       else
-        StorePart(lm, d, log_m + at, len - i);
-    }
+        StorePart(ratio_q, d, log_ratio + at, r);
+    };
+    size_t i = 0;
+    for (; i + N <= len; i += N) step(std::true_type(), static_cast<size_t>(c0) + i, N);
+    if (i < len) step(std::false_type(), static_cast<size_t>(c0) + i, len - i);
     acc.kl_pm += Total(d, kp);
     acc.kl_qm += Total(d, kq);
   }
@@ -261,10 +267,11 @@ jsd_stats JsdRowStatsCached(const T* x, const T* z, exp_cache<T> cx, exp_cache<T
 }
 
 // reverse_kl / jsd gradient from the student's exp cache (no exp per element):
-// g = coef q (log q - log ref - r), q = cached exp times its chunk factor, log q from x,
-// log ref = log p from z (reverse_kl, log_m null) or the JSD pass's log m. g may be x.
+// g = coef q (log q - log ref - r), q = cached exp times its chunk factor. reverse_kl
+// (log_ratio null): log q from x, log ref = log p from z; jsd: log q - log m is the JSD
+// pass's log_ratio (x and z are not read). g may be x.
 template <class T>
-void DistillRowGradLogCached(const T* x, const T* z, const T* log_m, exp_cache<T> cx, std::int64_t n, T inv_t,
+void DistillRowGradLogCached(const T* x, const T* z, const T* log_ratio, exp_cache<T> cx, std::int64_t n, T inv_t,
                              row_normaliser<T> nx, row_normaliser<T> nz, T r, T coef, T* g) {
   const hn::ScalableTag<T> d;
   const size_t N = hn::Lanes(d);
@@ -279,17 +286,16 @@ void DistillRowGradLogCached(const T* x, const T* z, const T* log_m, exp_cache<T
     for (size_t i = 0; i < len; i += N) {
       const size_t at = static_cast<size_t>(c0) + i;
       const bool full = i + N <= len;
-      const auto xv = full ? hn::LoadU(d, x + at) : LoadPart(d, x + at, len - i, kNegInf<T>);
       const auto q = hn::Mul(full ? hn::LoadU(d, cx.e + at) : LoadPart(d, cx.e + at, len - i, T(0)), fx);
-      const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
-      V<decltype(d)> lref;
-      if (log_m) {
-        lref = full ? hn::LoadU(d, log_m + at) : LoadPart(d, log_m + at, len - i, T(0));
+      V<decltype(d)> ratio;
+      if (log_ratio) {
+        ratio = full ? hn::LoadU(d, log_ratio + at) : LoadPart(d, log_ratio + at, len - i, T(0));
       } else {
+        const auto xv = full ? hn::LoadU(d, x + at) : LoadPart(d, x + at, len - i, kNegInf<T>);
         const auto zv = full ? hn::LoadU(d, z + at) : LoadPart(d, z + at, len - i, kNegInf<T>);
-        lref = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
+        ratio = hn::Sub(hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx), hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz));
       }
-      const auto gv = hn::Mul(vcoef, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(hn::Sub(lq, lref), vr))));
+      const auto gv = hn::Mul(vcoef, hn::IfThenZeroElse(hn::Eq(q, zero), hn::Mul(q, hn::Sub(ratio, vr))));
       if (full)
         hn::StoreU(gv, d, g + at);
       else

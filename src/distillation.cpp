@@ -204,7 +204,7 @@ jsd_stats distill_rows<T>::jsd_of(context& c, const distill_stats& st) const {
   return row_stats_in_pieces<jsd_stats>(
       C_,
       [&](std::int64_t c0, std::int64_t len) {
-        if (scratch_)  // log m replaces the teacher's exps, for the gradient pass
+        if (scratch_)  // log q - log m replaces the teacher's exps, for the gradient pass
           return kern_.jsd_row_stats_cached(c.xr + c0, c.zr + c0, cache_from(cx, c0), cache_from(cz, c0), len, it, nx,
                                             nz, beta, c.ez.data() + c0);
         return kern_.jsd_row_stats(c.xr + c0, c.zr + c0, len, it, nx, nz, beta);

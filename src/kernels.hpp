@@ -123,12 +123,13 @@ struct kernel_table {
                                      row_normaliser<T> nx, row_normaliser<T> nz, T coef, T* g);
   jsd_stats (*jsd_row_stats)(const T* x, const T* z, std::int64_t n, T inv_temperature, row_normaliser<T> nx,
                              row_normaliser<T> nz, T beta);
-  // jsd's second pass from exp caches (one log per element); writes log m (may be cz.e)
+  // jsd's second pass from exp caches (one log per element); writes log q - log m (may be cz.e)
   jsd_stats (*jsd_row_stats_cached)(const T* x, const T* z, exp_cache<T> cx, exp_cache<T> cz, std::int64_t n,
-                                    T inv_temperature, row_normaliser<T> nx, row_normaliser<T> nz, T beta, T* log_m);
-  // reverse_kl (log_m null: log p from z) / jsd (log m given) gradient from the student's
-  // exp cache: g = coef q (log q - log ref - r), no exp per element; g may be x
-  void (*distill_row_grad_log_cached)(const T* x, const T* z, const T* log_m, exp_cache<T> cx, std::int64_t n,
+                                    T inv_temperature, row_normaliser<T> nx, row_normaliser<T> nz, T beta, T* log_ratio);
+  // reverse_kl (log_ratio null: log q - log p from x and z) / jsd (log_ratio = log q - log m
+  // from jsd_row_stats_cached) gradient from the student's exp cache:
+  // g = coef q (log q - log ref - r), no exp per element; g may be x
+  void (*distill_row_grad_log_cached)(const T* x, const T* z, const T* log_ratio, exp_cache<T> cx, std::int64_t n,
                                       T inv_temperature, row_normaliser<T> nx, row_normaliser<T> nz, T r, T coef,
                                       T* g);
   // kl: g = coef (q - p); reverse_kl: g = coef q (log q - log p - r);

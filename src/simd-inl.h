@@ -146,6 +146,40 @@ HWY_INLINE V<D> SafeLog(D d, V<D> v) {
   return hn::IfThenElse(hn::Lt(v, zero), hn::Set(d, std::numeric_limits<T>::quiet_NaN()), out);
 }
 
+// log(v) for v >= the smallest normal (callers route smaller values elsewhere); NaN stays
+// NaN, +inf gives +inf. Highway's Log (musl's method: log = 2 atanh(z), z = (y - 1) / (y + 1)
+// for the mantissa y in [sqrt(2)/2, sqrt(2)), exponent times ln 2 in two parts) with, on
+// AVX-512, the exponent and mantissa from vgetexpps / vgetmantps and the division z replaced
+// by a reciprocal estimate and one Newton step on the quotient (~1 ulp; vdivps alone costs
+// about as much as the rest of the log, and it ran once per element in the JSD pass).
+template <class D>
+HWY_INLINE V<D> LogNormal(D d, V<D> v) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  if constexpr (std::is_same_v<V<D>, hn::Vec512<float>>) {
+    __m512 y = _mm512_maskz_getmant_ps(0xFFFF, v.raw, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);  // [1, 2)
+    __m512 e = _mm512_maskz_getexp_ps(0xFFFF, v.raw);                                         // floor(log2 v)
+    const __mmask16 big = _mm512_cmp_ps_mask(y, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+    y = _mm512_mask_mul_ps(y, big, y, _mm512_set1_ps(0.5f));
+    e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 ym1 = _mm512_sub_ps(y, one);
+    const __m512 den = _mm512_add_ps(y, one);
+    const __m512 rcp = _mm512_maskz_rcp14_ps(0xFFFF, den);
+    const __m512 z0 = _mm512_mul_ps(ym1, rcp);
+    const __m512 z = _mm512_fmadd_ps(rcp, _mm512_fnmadd_ps(den, z0, ym1), z0);
+    // Highway's LogImpl<float>::LogPoly and reconstruction
+    const __m512 x2 = _mm512_mul_ps(z, z);
+    const __m512 x4 = _mm512_mul_ps(x2, x2);
+    const __m512 poly = _mm512_fmadd_ps(
+        _mm512_fmadd_ps(_mm512_set1_ps(0.28498786688f), x4, _mm512_set1_ps(0.66666662693f)), x2,
+        _mm512_mul_ps(_mm512_fmadd_ps(_mm512_set1_ps(0.24279078841f), x4, _mm512_set1_ps(0.40000972152f)), x4));
+    const __m512 lo = _mm512_fmsub_ps(z, _mm512_sub_ps(ym1, poly), _mm512_mul_ps(e, _mm512_set1_ps(9.0580006145e-6f)));
+    return V<D>{_mm512_fmsub_ps(e, _mm512_set1_ps(0.69313812256f), _mm512_sub_ps(lo, ym1))};
+  }
+#endif
+  return hn::Log(d, v);
+}
+
 // Partial vectors at the end of a slice go through a stack buffer: Highway 1.0.3's
 // MaskedLoad / BlendedStore touch the whole vector on targets without masked memory
 // operations (SSE4), which would read or write past the end of the caller's array.

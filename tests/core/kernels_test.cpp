@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -121,6 +122,44 @@ TEST(Kernels, LogOfTheMixtureMatchesFloat64OnEveryTarget) {
       ASSERT_LE(rel, 2.0 * kUlp) << "log(" << m[i] << "): " << -ratio[i] << ", float64 " << -want;
     }
     RecordProperty(std::string("log_worst_ulp_") + hwy::TargetName(target), std::to_string(worst / kUlp));
+  }
+}
+
+
+// The bfloat16 statistics pass's chunk max (AVX-512: on integer keys, 32 at a time) is the
+// float max of the chunk: a wrong max would mostly hide behind softmax's shift invariance,
+// so it is checked directly (target_stats.shift of a one-chunk slice), with mixed signs,
+// signed zeros, subnormals, -inf and every length from 1 to 100 (partial vectors).
+float bf16_value(std::uint16_t bits) {
+  const std::uint32_t u = static_cast<std::uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+TEST(Kernels, Bfloat16ChunkMaxIsTheFloatMaxOnEveryTarget) {
+  restore_targets restore;
+  std::mt19937_64 rng(5);
+  const std::vector<std::uint16_t> specials = {0x0000, 0x8000, 0x0001, 0x8001, 0xFF80, 0x7F7F, 0xFF7F, 0x3F80, 0xBF80};
+  for (std::int64_t target : runnable_targets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    SCOPED_TRACE(hwy::TargetName(target));
+    const auto& half = softce::detail::kernels().half;
+    for (int trial = 0; trial < 400; ++trial) {
+      const std::size_t n = trial < 100 ? static_cast<std::size_t>(trial + 1) : 1 + rng() % kChunk;
+      std::vector<std::uint16_t> x(n), t(n, 0);
+      const bool all_negative = trial % 3 == 0;
+      for (auto& v : x) {
+        const std::uint64_t r = rng();
+        v = r % 5 == 0 ? specials[(r >> 8) % specials.size()] : static_cast<std::uint16_t>((r >> 16) & 0x7F7F);
+        if (all_negative || (r >> 40) % 2) v |= 0x8000;  // sign
+      }
+      float want = -std::numeric_limits<float>::infinity();
+      for (auto v : x) want = std::max(want, bf16_value(v));
+      const auto st = half.target_row_stats_bf16(x.data(), t.data(), static_cast<std::int64_t>(n), 1.0f, 0.0f,
+                                                   exp_cache<float>{});
+      ASSERT_EQ(st.shift, static_cast<double>(want)) << "n = " << n << ", trial " << trial;
+    }
   }
 }
 

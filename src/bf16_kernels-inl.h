@@ -38,39 +38,51 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
-// g = coef (e f a - (keep t + add)) for one chunk, rounded to bfloat16: the arithmetic of
-// TargetRowGradCachedBf16 (the same fused operations, so the same floats). (GCC 12 warns
+// g = coef (e f a - (keep t + add)) for one chunk, rounded to bfloat16, as
+// e (coef f a) - ((coef keep) t + coef add): the arithmetic of TargetRowGradCachedBf16's
+// generic path (the same fused operations, so the same floats). (GCC 12 warns
 // about _mm512_undefined_epi32 inside its own intrinsics headers: a false positive.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// One vector of 16: g rounded to bfloat16 and stored under the lane mask m.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) inline void store_grad_bf16_native(
+    __m512 gv, __mmask16 m, std::uint16_t* g) {
+  __m256i bits = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(gv));
+  // subnormal lanes (vfpclassps class 0x20: one instruction), rare: the integer rule
+  const __mmask16 subnormal = _mm512_fpclass_ps_mask(gv, 0x20) & m;
+  if (subnormal) {
+    alignas(64) float lanes[16];
+    alignas(32) std::uint16_t out[16];
+    _mm512_store_ps(lanes, gv);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out), bits);
+    for (int j = 0; j < 16; ++j)
+      if (subnormal & (1u << j)) {
+        std::uint32_t u;
+        std::memcpy(&u, &lanes[j], 4);
+        out[j] = static_cast<std::uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      }
+    bits = _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
+  }
+  _mm256_mask_storeu_epi16(g, m, bits);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) void grad_cached_bf16_native(
     const float* e, const std::uint16_t* t, std::int64_t len, float factor, float a, float coef, float keep, float add,
     std::uint16_t* g) {
-  const __m512 vf = _mm512_set1_ps(factor), va = _mm512_set1_ps(a), vcoef = _mm512_set1_ps(coef);
-  const __m512 vkeep = _mm512_set1_ps(keep), vadd = _mm512_set1_ps(add), smallest = _mm512_set1_ps(FLT_MIN);
-  for (std::int64_t i = 0; i < len; i += 16) {
-    const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1u);
-    const __m512 q = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e + i), vf);
+  // g = coef (e f a - wt) = e (coef f a) - coef wt: one multiply-add after the target's
+  const __m512 vqa = _mm512_set1_ps(coef * factor * a);
+  const __m512 vkeep = _mm512_set1_ps(coef * keep), vadd = _mm512_set1_ps(coef * add);
+  std::int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512i t32 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + i))), 16);
+    const __m512 wt = _mm512_fmadd_ps(_mm512_castsi512_ps(t32), vkeep, vadd);
+    store_grad_bf16_native(_mm512_fmsub_ps(_mm512_loadu_ps(e + i), vqa, wt), __mmask16(0xFFFF), g + i);
+  }
+  if (i < len) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (len - i)) - 1u);
     const __m512i t32 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, t + i)), 16);
     const __m512 wt = _mm512_fmadd_ps(_mm512_castsi512_ps(t32), vkeep, vadd);
-    const __m512 gv = _mm512_mul_ps(vcoef, _mm512_fmsub_ps(q, va, wt));
-    __m256i bits = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(gv));
-    const __mmask16 subnormal = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_NEQ_OQ),
-                                                        _mm512_abs_ps(gv), smallest, _CMP_LT_OQ) & m;
-    if (subnormal) {
-      alignas(64) float lanes[16];
-      alignas(32) std::uint16_t out[16];
-      _mm512_store_ps(lanes, gv);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out), bits);
-      for (int j = 0; j < 16; ++j)
-        if (subnormal & (1u << j)) {
-          std::uint32_t u;
-          std::memcpy(&u, &lanes[j], 4);
-          out[j] = static_cast<std::uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-        }
-      bits = _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
-    }
-    _mm256_mask_storeu_epi16(g + i, m, bits);
+    store_grad_bf16_native(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, e + i), vqa, wt), m, g + i);
   }
 }
 #pragma GCC diagnostic pop
@@ -237,7 +249,6 @@ void TargetRowGradCachedBf16(exp_cache<float> cache, const std::uint16_t* t, std
                              row_normaliser<float> norm, float a, float coef, std::uint16_t* g) {
   const hn::ScalableTag<float> d;
   const size_t N = hn::Lanes(d);
-  const auto va = hn::Set(d, a), vcoef = hn::Set(d, coef), vkeep = hn::Set(d, keep), vadd = hn::Set(d, add);
 #if defined(SOFTCE_NATIVE_BF16) && (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL)
   if (cpu_has_avx512_bf16()) {
     for (std::int64_t c0 = 0; c0 < n; c0 += kChunk)
@@ -246,22 +257,23 @@ void TargetRowGradCachedBf16(exp_cache<float> cache, const std::uint16_t* t, std
     return;
   }
 #endif
+  // g = coef (e f a - (keep t + add)) = e (coef f a) - ((coef keep) t + coef add): one
+  // multiply-add per element after the target's (the native path computes the same floats)
+  const auto vkeep_c = hn::Set(d, coef * keep), vadd_c = hn::Set(d, coef * add);
   for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
-    const auto vf = hn::Set(d, ChunkFactor(cache.shifts[c0 / kChunk], norm, 1.0f));
+    const auto vqa = hn::Set(d, coef * ChunkFactor(cache.shifts[c0 / kChunk], norm, 1.0f) * a);
     const float* ec = cache.e + c0;
     const std::uint16_t* tc = t + c0;
     std::uint16_t* gc = g + c0;
     size_t i = 0;
     for (; i + N <= len; i += N) {
-      const auto q = hn::Mul(hn::LoadU(d, ec + i), vf);
-      const auto wt = hn::MulAdd(LoadBf16(d, tc + i), vkeep, vadd);
-      StoreBf16(d, hn::Mul(vcoef, hn::MulSub(q, va, wt)), gc + i, N);
+      const auto wt = hn::MulAdd(LoadBf16(d, tc + i), vkeep_c, vadd_c);
+      StoreBf16(d, hn::MulSub(hn::LoadU(d, ec + i), vqa, wt), gc + i, N);
     }
     if (i < len) {
-      const auto q = hn::Mul(LoadPart(d, ec + i, len - i, 0.0f), vf);
-      const auto wt = hn::MulAdd(LoadBf16Part(d, tc + i, len - i, 0), vkeep, vadd);
-      StoreBf16(d, hn::Mul(vcoef, hn::MulSub(q, va, wt)), gc + i, len - i);
+      const auto wt = hn::MulAdd(LoadBf16Part(d, tc + i, len - i, 0), vkeep_c, vadd_c);
+      StoreBf16(d, hn::MulSub(LoadPart(d, ec + i, len - i, 0.0f), vqa, wt), gc + i, len - i);
     }
   }
 }

@@ -187,25 +187,26 @@ void DistillRowGrad(const T* x, const T* z, std::int64_t n, T inv_t, row_normali
   }
 }
 
+// g = coef (q - p) = ex (coef fx) - ez (coef fz): the chunk factors carry coef, so an element
+// costs one multiply and one multiply-add.
 template <class T>
 void DistillRowGradKlCached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T inv_t, row_normaliser<T> nx,
                             row_normaliser<T> nz, T coef, T* g) {
   const hn::ScalableTag<T> d;
   const size_t N = hn::Lanes(d);
-  const auto vcoef = hn::Set(d, coef);
   for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
-    const auto fx = hn::Set(d, ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
-    const auto fz = hn::Set(d, ChunkFactor(cz.shifts[c0 / kChunk], nz, inv_t));
-    for (size_t i = 0; i < len; i += N) {
+    const auto fx = hn::Set(d, coef * ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
+    const auto fz = hn::Set(d, coef * ChunkFactor(cz.shifts[c0 / kChunk], nz, inv_t));
+    size_t i = 0;
+    for (; i + N <= len; i += N) {
       const size_t at = static_cast<size_t>(c0) + i;
-      if (i + N <= len) {
-        const auto q = hn::Mul(hn::LoadU(d, cx.e + at), fx);
-        hn::StoreU(hn::Mul(vcoef, hn::NegMulAdd(hn::LoadU(d, cz.e + at), fz, q)), d, g + at);
-      } else {
-        const auto q = hn::Mul(LoadPart(d, cx.e + at, len - i, T(0)), fx);
-        StorePart(hn::Mul(vcoef, hn::NegMulAdd(LoadPart(d, cz.e + at, len - i, T(0)), fz, q)), d, g + at, len - i);
-      }
+      hn::StoreU(hn::NegMulAdd(hn::LoadU(d, cz.e + at), fz, hn::Mul(hn::LoadU(d, cx.e + at), fx)), d, g + at);
+    }
+    if (i < len) {
+      const size_t at = static_cast<size_t>(c0) + i;
+      const auto q = hn::Mul(LoadPart(d, cx.e + at, len - i, T(0)), fx);
+      StorePart(hn::NegMulAdd(LoadPart(d, cz.e + at, len - i, T(0)), fz, q), d, g + at, len - i);
     }
   }
 }

@@ -56,8 +56,10 @@ HWY_INLINE void DistillStatsVector(D d, const T* xp, const T* zp, size_t r, V<D>
   const auto vneg_inf = hn::Set(d, kNegInf<T>);
   if constexpr (kKind == distill_kind::kl)
     vk = hn::IfThenElse(hn::Eq(zv, vneg_inf), vk, hn::MulAdd(ez_v, hn::Sub(dz, dx), vk));
-  else
+  else if constexpr (kKind == distill_kind::reverse_kl)
     vk = hn::IfThenElse(hn::Eq(xv, vneg_inf), vk, hn::MulAdd(ex_v, hn::Sub(dx, dz), vk));
+  else
+    (void)vk;
 }
 
 template <distill_kind kKind, bool kCache, class T>
@@ -102,8 +104,11 @@ distill_stats DistillRowStats(const T* x, const T* z, std::int64_t n, T inv_t, d
   if (kind == distill_kind::kl)
     return cache ? DistillRowStatsImpl<distill_kind::kl, true>(x, z, n, inv_t, cx, cz)
                  : DistillRowStatsImpl<distill_kind::kl, false>(x, z, n, inv_t, cx, cz);
-  return cache ? DistillRowStatsImpl<distill_kind::reverse_kl, true>(x, z, n, inv_t, cx, cz)
-               : DistillRowStatsImpl<distill_kind::reverse_kl, false>(x, z, n, inv_t, cx, cz);
+  if (kind == distill_kind::reverse_kl)
+    return cache ? DistillRowStatsImpl<distill_kind::reverse_kl, true>(x, z, n, inv_t, cx, cz)
+                 : DistillRowStatsImpl<distill_kind::reverse_kl, false>(x, z, n, inv_t, cx, cz);
+  return cache ? DistillRowStatsImpl<distill_kind::none, true>(x, z, n, inv_t, cx, cz)
+               : DistillRowStatsImpl<distill_kind::none, false>(x, z, n, inv_t, cx, cz);
 }
 
 // log m for m = beta p + (1 - beta) q, from log p and log q (logaddexp): stays finite where

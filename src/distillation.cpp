@@ -143,7 +143,9 @@ distill_rows<T>::distill_rows(std::string_view fn, const array_view& student, co
       t2_(T_ * T_),
       beta_(opt.beta),
       kind_(gradient_kind(opt)),
-      stats_kind_(kind_ == grad_kind::reverse_kl ? distill_kind::reverse_kl : distill_kind::kl),
+      stats_kind_(kind_ == grad_kind::reverse_kl ? distill_kind::reverse_kl
+                  : kind_ == grad_kind::jsd      ? distill_kind::none
+                                                 : distill_kind::kl),
       plan_{opt.reduce, 1.0} {
   if (out.grad) g_op_ = class_operand(space_, *out.grad);
   if (out.grad_target) gt_op_ = class_operand(space_, *out.grad_target);
@@ -301,7 +303,8 @@ double distill_rows<T>::finish(context& c, std::int64_t r, const distill_stats& 
   return t2_ * v.divergence;
 }
 
-// The all-reduce of the statistics; for jsd then every row's second pass, all-reduced too.
+// The all-reduce of the statistics (jsd leaves k 0 and never reads it, whichever merge);
+// for jsd then every row's second pass, all-reduced too.
 template <class T>
 void distill_rows<T>::exchange(std::vector<distill_stats>& records) {
   all_reduce_records(*shard_, records, stats_kind_ == distill_kind::kl ? merge_distill_kl : merge_distill_reverse,

@@ -67,7 +67,8 @@ struct row_normaliser {
   T log_sum;
 };
 
-enum class distill_kind { kl, reverse_kl };
+// none: the sums only, k left 0 (jsd, whose divergence comes from its second pass)
+enum class distill_kind { kl, reverse_kl, none };
 
 // Optional output of a statistics pass, so that the gradient pass needs no second exp:
 // e[i] = exp((x[i] - shift_c) / T) and shifts[c] = shift_c for each chunk c. `e` may be

@@ -229,8 +229,9 @@ jsd_stats JsdRowStatsCached(const T* x, const T* z, exp_cache<T> cx, exp_cache<T
   const hn::ScalableTag<T> d;
   const size_t N = hn::Lanes(d);
   const auto vt = hn::Set(d, inv_t);
-  const auto vsx = hn::Set(d, nx.shift), vlx = hn::Set(d, nx.log_sum);
-  const auto vsz = hn::Set(d, nz.shift), vlz = hn::Set(d, nz.log_sum);
+  // log q = (x - shift) / T - log_sum as one multiply-add (likewise log p)
+  const auto vsx = hn::Set(d, nx.shift), vnlx = hn::Set(d, -nx.log_sum);
+  const auto vsz = hn::Set(d, nz.shift), vnlz = hn::Set(d, -nz.log_sum);
   const auto vbeta = hn::Set(d, beta), vbeta1 = hn::Set(d, T(1) - beta);
   const auto vlbeta = hn::Set(d, std::log(beta)), vlbeta1 = hn::Set(d, std::log1p(-beta));
   const auto smallest = hn::Set(d, std::numeric_limits<T>::min());
@@ -248,8 +249,8 @@ jsd_stats JsdRowStatsCached(const T* x, const T* z, exp_cache<T> cx, exp_cache<T
       const auto zv = kFull ? hn::LoadU(d, z + at) : LoadPart(d, z + at, r, kNegInf<T>);
       const auto q = hn::Mul(kFull ? hn::LoadU(d, cx.e + at) : LoadPart(d, cx.e + at, r, T(0)), fx);
       const auto p = hn::Mul(kFull ? hn::LoadU(d, cz.e + at) : LoadPart(d, cz.e + at, r, T(0)), fz);
-      const auto lq = hn::Sub(hn::Mul(hn::Sub(xv, vsx), vt), vlx);
-      const auto lp = hn::Sub(hn::Mul(hn::Sub(zv, vsz), vt), vlz);
+      const auto lq = hn::MulAdd(hn::Sub(xv, vsx), vt, vnlx);
+      const auto lp = hn::MulAdd(hn::Sub(zv, vsz), vt, vnlz);
       const auto m = hn::MulAdd(vbeta, p, hn::Mul(vbeta1, q));
       const auto small = hn::Lt(m, smallest);
       auto lm = LogNormal(d, hn::Max(m, smallest));

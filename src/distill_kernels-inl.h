@@ -45,12 +45,15 @@ HWY_INLINE void DistillStatsVector(D d, const T* xp, const T* zp, size_t r, V<D>
   sx = hn::Add(sx, ex_v);
   sz = hn::Add(sz, ez_v);
   if constexpr (kCache) {
+    // reverse_kl caches dx - dz in place of the teacher's exps: its gradient needs
+    // log q - log p, not p (DistillRowGradReverseCached)
+    const auto second = kKind == distill_kind::reverse_kl ? hn::Sub(dx, dz) : ez_v;
     if (kFull) {
       hn::StoreU(ex_v, d, ex);
-      hn::StoreU(ez_v, d, ez);
+      hn::StoreU(second, d, ez);
     } else {
       StorePart(ex_v, d, ex, r);
-      StorePart(ez_v, d, ez, r);
+      StorePart(second, d, ez, r);
     }
   }
   const auto vneg_inf = hn::Set(d, kNegInf<T>);
@@ -308,6 +311,42 @@ void DistillRowGradLogCached(const T* x, const T* z, const T* log_ratio, exp_cac
       else
         StorePart(gv, d, g + at, len - i);
     }
+  }
+}
+
+// reverse_kl gradient from the statistics pass's caches alone (neither logits row is read):
+// g = coef q (log q - log p - r), q = ex times its chunk factor, and
+// log q - log p = (dx - dz) + ((sx_c - Sx) - (sz_c - Sz)) / T - log Σx + log Σz with dx - dz
+// the pass's cached difference (chunk shifts sx_c, sz_c; row shifts Sx, Sz). Per element:
+// g = (ex coef fx) ((dx - dz) - (r - offset_c)), zero where q = 0.
+template <class T>
+void DistillRowGradReverseCached(exp_cache<T> cx, exp_cache<T> cdiff, std::int64_t n, T inv_t, row_normaliser<T> nx,
+                                 row_normaliser<T> nz, T r, T coef, T* g) {
+  const hn::ScalableTag<T> d;
+  const size_t N = hn::Lanes(d);
+  const auto zero = hn::Zero(d);
+  for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
+    const std::size_t c = static_cast<std::size_t>(c0 / kChunk);
+    const double offset = ((static_cast<double>(cx.shifts[c]) - static_cast<double>(nx.shift)) -
+                           (static_cast<double>(cdiff.shifts[c]) - static_cast<double>(nz.shift))) *
+                              static_cast<double>(inv_t) -
+                          static_cast<double>(nx.log_sum) + static_cast<double>(nz.log_sum);
+    const auto vf = hn::Set(d, coef * ChunkFactor(cx.shifts[c], nx, inv_t));
+    const auto vr = hn::Set(d, static_cast<T>(static_cast<double>(r) - offset));
+    auto step = [&](auto full_tag, size_t at, size_t rest) HWY_ATTR {
+      constexpr bool kFull = decltype(full_tag)::value;
+      const auto e = kFull ? hn::LoadU(d, cx.e + at) : LoadPart(d, cx.e + at, rest, T(0));
+      const auto diff = kFull ? hn::LoadU(d, cdiff.e + at) : LoadPart(d, cdiff.e + at, rest, T(0));
+      const auto gv = hn::IfThenZeroElse(hn::Eq(e, zero), hn::Mul(hn::Mul(e, vf), hn::Sub(diff, vr)));
+      if (kFull)
+        hn::StoreU(gv, d, g + at);
+      else
+        StorePart(gv, d, g + at, rest);
+    };
+    size_t i = 0;
+    for (; i + N <= len; i += N) step(std::true_type(), static_cast<size_t>(c0) + i, N);
+    if (i < len) step(std::false_type(), static_cast<size_t>(c0) + i, len - i);
   }
 }
 

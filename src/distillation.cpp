@@ -69,7 +69,7 @@ struct distill_context {
   const T* xr = nullptr;
   const T* zr = nullptr;
   T* gr = nullptr;                    // gradient row, holding exp of the student
-  scratch_row<T> ez;                  // exp of the teacher
+  scratch_row<T> ez;                  // exp of the teacher (reverse_kl: dx - dz; jsd, later: log q - log m)
   std::vector<T> shifts_x, shifts_z;  // the chunk shifts
   scratch_row<T> ex;                  // exp of the student (scratch: reverse_kl, jsd)
 };
@@ -257,10 +257,14 @@ void distill_rows<T>::student_gradient(context& c, std::int64_t r, const distill
   const T row_coef = static_cast<T>(kind_ == grad_kind::jsd ? coef_ * (1.0 - beta_) : coef_);
   const T rv = static_cast<T>(v.r);
   const exp_cache<T> cx{c.ex.data(), c.shifts_x.data()};
+  const exp_cache<T> cdiff{c.ez.data(), c.shifts_z.data()};  // reverse_kl: dx - dz
   row_in_pieces(C_, [&](std::int64_t c0, std::int64_t len) {
-    if (scratch_)
-      kern_.distill_row_grad_log_cached(c.xr + c0, c.zr + c0, kind_ == grad_kind::jsd ? c.ez.data() + c0 : nullptr,
-                                        cache_from(cx, c0), len, it, nx, nz, rv, row_coef, g + c0);
+    if (scratch_ && kind_ == grad_kind::reverse_kl)
+      kern_.distill_row_grad_reverse_cached(cache_from(cx, c0), cache_from(cdiff, c0), len, it, nx, nz, rv, row_coef,
+                                            g + c0);
+    else if (scratch_)
+      kern_.distill_row_grad_log_cached(c.xr + c0, c.zr + c0, c.ez.data() + c0, cache_from(cx, c0), len, it, nx, nz,
+                                        rv, row_coef, g + c0);
     else
       kern_.distill_row_grad(c.xr + c0, c.zr + c0, len, it, nx, nz, kind_, static_cast<T>(beta_), rv, row_coef,
                              g + c0);

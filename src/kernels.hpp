@@ -133,6 +133,11 @@ struct kernel_table {
   void (*distill_row_grad_log_cached)(const T* x, const T* z, const T* log_ratio, exp_cache<T> cx, std::int64_t n,
                                       T inv_temperature, row_normaliser<T> nx, row_normaliser<T> nz, T r, T coef,
                                       T* g);
+  // reverse_kl gradient from the statistics pass's caches alone: cx the student's exps,
+  // cdiff.e = dx - dz (what distill_row_stats caches for reverse_kl in place of the
+  // teacher's exps), cdiff.shifts the teacher's chunk shifts; g may be x
+  void (*distill_row_grad_reverse_cached)(exp_cache<T> cx, exp_cache<T> cdiff, std::int64_t n, T inv_temperature,
+                                          row_normaliser<T> nx, row_normaliser<T> nz, T r, T coef, T* g);
   // kl: g = coef (q - p); reverse_kl: g = coef q (log q - log p - r);
   // jsd: g = coef q (log q - log m - r), m = beta p + (1 - beta) q
   void (*distill_row_grad)(const T* x, const T* z, std::int64_t n, T inv_temperature, row_normaliser<T> nx,

@@ -172,9 +172,16 @@ HWY_INLINE float Bf16ChunkMax(D d, const std::uint16_t* x, size_t len) {
       const __mmask32 lanes = len - i >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (len - i)) - 1u);
       m0 = _mm512_max_epi16(m0, key(_mm512_mask_loadu_epi16(neg_inf, lanes, x + i)));
     }
-    alignas(64) std::int16_t keys[32];
-    _mm512_store_si512(keys, _mm512_max_epi16(m0, m1));
-    const std::uint16_t k16 = static_cast<std::uint16_t>(*std::max_element(keys, keys + 32));
+    // the max of the 32 keys: halves, quarters, then within 128 bits
+    m0 = _mm512_max_epi16(m0, m1);
+    m0 = _mm512_max_epi16(m0, _mm512_maskz_shuffle_i64x2(0xFF, m0, m0, 0x4E));
+    m0 = _mm512_max_epi16(m0, _mm512_maskz_shuffle_i64x2(0xFF, m0, m0, 0xB1));
+    m0 = _mm512_max_epi16(m0, _mm512_maskz_shuffle_epi32(0xFFFF, m0, _MM_PERM_BADC));
+    m0 = _mm512_max_epi16(m0, _mm512_maskz_shuffle_epi32(0xFFFF, m0, _MM_PERM_CDAB));
+    m0 = _mm512_max_epi16(m0, _mm512_maskz_srli_epi32(0xFFFF, m0, 16));
+    alignas(64) std::uint32_t lanes[16];
+    _mm512_store_si512(lanes, m0);
+    const std::uint16_t k16 = static_cast<std::uint16_t>(lanes[0]);
     const std::uint32_t bits = static_cast<std::uint32_t>((k16 & 0x8000u) ? (k16 ^ 0x7FFFu) : k16) << 16;
     float f;
     std::memcpy(&f, &bits, 4);
@@ -191,7 +198,7 @@ HWY_INLINE float Bf16ChunkMax(D d, const std::uint16_t* x, size_t len) {
 
 // One vector of TargetRowStatsBf16: e = exp(x - shift) (cached), Σ e, Σ wt, Σ wt (x - shift)
 // (the last skipped where wt = 0: 0 * -inf).
-template <bool kFull, class D>
+template <bool kFull, bool kCache, class D>
 HWY_INLINE void Bf16StatsVector(D d, const std::uint16_t* xp, const std::uint16_t* tp, size_t r, V<D> vshift,
                                 V<D> vkeep, V<D> vadd, V<D>& vs, V<D>& va, V<D>& vb, float* ec) {
   const auto zero = hn::Zero(d);
@@ -203,7 +210,7 @@ HWY_INLINE void Bf16StatsVector(D d, const std::uint16_t* xp, const std::uint16_
   vs = hn::Add(vs, e);
   va = hn::Add(va, wt);
   vb = hn::IfThenElse(hn::Eq(wt, zero), vb, hn::MulAdd(wt, diff, vb));
-  if (ec) {
+  if constexpr (kCache) {
     if (kFull)
       hn::StoreU(e, d, ec);
     else
@@ -213,8 +220,9 @@ HWY_INLINE void Bf16StatsVector(D d, const std::uint16_t* xp, const std::uint16_
 
 // TargetRowStats for bfloat16 logits and dense bfloat16 targets without class weights:
 // wt = keep * t + add. The cache is float.
-target_stats TargetRowStatsBf16(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep, float add,
-                                exp_cache<float> cache) {
+template <bool kCache>
+target_stats TargetRowStatsBf16Impl(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep,
+                                    float add, exp_cache<float> cache) {
   const hn::ScalableTag<float> d;
   const size_t N = hn::Lanes(d);
   const auto vkeep = hn::Set(d, keep), vadd = hn::Set(d, add), zero = hn::Zero(d);
@@ -225,22 +233,29 @@ target_stats TargetRowStatsBf16(const std::uint16_t* x, const std::uint16_t* t, 
     const std::uint16_t* tc = t + c0;
     const float m = Bf16ChunkMax(d, xc, len);
     const auto vshift = hn::Set(d, FiniteShift(m));
-    float* ec = cache.e ? cache.e + c0 : nullptr;
+    float* ec = kCache ? cache.e + c0 : nullptr;
     if (cache.shifts) cache.shifts[c0 / kChunk] = FiniteShift(m);
     V<decltype(d)> vs = zero, va = zero, vb = zero;
     size_t i = 0;
     for (; i + N <= len; i += N) {
       PrefetchNextChunk(xc + i);
       PrefetchNextChunk(tc + i);
-      Bf16StatsVector<true>(d, xc + i, tc + i, N, vshift, vkeep, vadd, vs, va, vb, ec ? ec + i : nullptr);
+      Bf16StatsVector<true, kCache>(d, xc + i, tc + i, N, vshift, vkeep, vadd, vs, va, vb, kCache ? ec + i : nullptr);
     }
 #if HWY_TARGET != HWY_SCALAR  // one lane: no partial vector
     if (i < len)
-      Bf16StatsVector<false>(d, xc + i, tc + i, len - i, vshift, vkeep, vadd, vs, va, vb, ec ? ec + i : nullptr);
+      Bf16StatsVector<false, kCache>(d, xc + i, tc + i, len - i, vshift, vkeep, vadd, vs, va, vb,
+                                     kCache ? ec + i : nullptr);
 #endif
     merge_into(acc, target_stats{static_cast<double>(m), Total(d, vs), Total(d, va), Total(d, vb)});
   }
   return acc;
+}
+
+target_stats TargetRowStatsBf16(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep, float add,
+                                exp_cache<float> cache) {
+  return cache.e ? TargetRowStatsBf16Impl<true>(x, t, n, keep, add, cache)
+                 : TargetRowStatsBf16Impl<false>(x, t, n, keep, add, cache);
 }
 
 // g = coef (q a - wt) from the float cache and the bfloat16 targets (read again, from

@@ -38,39 +38,51 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
-// g = coef (e f a - (keep t + add)) for one chunk, rounded to bfloat16: the arithmetic of
-// TargetRowGradCachedBf16 (the same fused operations, so the same floats). (GCC 12 warns
+// g = coef (e f a - (keep t + add)) for one chunk, rounded to bfloat16, as
+// e (coef f a) - ((coef keep) t + coef add): the arithmetic of TargetRowGradCachedBf16's
+// generic path (the same fused operations, so the same floats). (GCC 12 warns
 // about _mm512_undefined_epi32 inside its own intrinsics headers: a false positive.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// One vector of 16: g rounded to bfloat16 and stored under the lane mask m.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) inline void store_grad_bf16_native(
+    __m512 gv, __mmask16 m, std::uint16_t* g) {
+  __m256i bits = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(gv));
+  // subnormal lanes (vfpclassps class 0x20: one instruction), rare: the integer rule
+  const __mmask16 subnormal = _mm512_fpclass_ps_mask(gv, 0x20) & m;
+  if (subnormal) {
+    alignas(64) float lanes[16];
+    alignas(32) std::uint16_t out[16];
+    _mm512_store_ps(lanes, gv);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out), bits);
+    for (int j = 0; j < 16; ++j)
+      if (subnormal & (1u << j)) {
+        std::uint32_t u;
+        std::memcpy(&u, &lanes[j], 4);
+        out[j] = static_cast<std::uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      }
+    bits = _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
+  }
+  _mm256_mask_storeu_epi16(g, m, bits);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) void grad_cached_bf16_native(
     const float* e, const std::uint16_t* t, std::int64_t len, float factor, float a, float coef, float keep, float add,
     std::uint16_t* g) {
-  const __m512 vf = _mm512_set1_ps(factor), va = _mm512_set1_ps(a), vcoef = _mm512_set1_ps(coef);
-  const __m512 vkeep = _mm512_set1_ps(keep), vadd = _mm512_set1_ps(add), smallest = _mm512_set1_ps(FLT_MIN);
-  for (std::int64_t i = 0; i < len; i += 16) {
-    const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1u);
-    const __m512 q = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e + i), vf);
+  // g = coef (e f a - wt) = e (coef f a) - coef wt: one multiply-add after the target's
+  const __m512 vqa = _mm512_set1_ps(coef * factor * a);
+  const __m512 vkeep = _mm512_set1_ps(coef * keep), vadd = _mm512_set1_ps(coef * add);
+  std::int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512i t32 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + i))), 16);
+    const __m512 wt = _mm512_fmadd_ps(_mm512_castsi512_ps(t32), vkeep, vadd);
+    store_grad_bf16_native(_mm512_fmsub_ps(_mm512_loadu_ps(e + i), vqa, wt), __mmask16(0xFFFF), g + i);
+  }
+  if (i < len) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (len - i)) - 1u);
     const __m512i t32 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, t + i)), 16);
     const __m512 wt = _mm512_fmadd_ps(_mm512_castsi512_ps(t32), vkeep, vadd);
-    const __m512 gv = _mm512_mul_ps(vcoef, _mm512_fmsub_ps(q, va, wt));
-    __m256i bits = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(gv));
-    const __mmask16 subnormal = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_NEQ_OQ),
-                                                        _mm512_abs_ps(gv), smallest, _CMP_LT_OQ) & m;
-    if (subnormal) {
-      alignas(64) float lanes[16];
-      alignas(32) std::uint16_t out[16];
-      _mm512_store_ps(lanes, gv);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out), bits);
-      for (int j = 0; j < 16; ++j)
-        if (subnormal & (1u << j)) {
-          std::uint32_t u;
-          std::memcpy(&u, &lanes[j], 4);
-          out[j] = static_cast<std::uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-        }
-      bits = _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
-    }
-    _mm256_mask_storeu_epi16(g + i, m, bits);
+    store_grad_bf16_native(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, e + i), vqa, wt), m, g + i);
   }
 }
 #pragma GCC diagnostic pop
@@ -135,10 +147,82 @@ HWY_INLINE void StoreBf16(D d, V<D> v, std::uint16_t* p, size_t r) {
 
 constexpr std::uint16_t kBf16NegInf = 0xFF80;
 
+// Max of n bfloat16 values. On AVX-512 32 at a time, on integer keys: a bfloat16's bits
+// with the magnitude bits flipped where the sign is set order like the floats (the flip is
+// its own inverse), so vpmaxsw takes the max of 32 values in one instruction with no
+// widening. A NaN (its key is above +inf's) wins, as it may: its row is NaN anyway (the sum
+// pass turns NaN - NaN into NaN).
+template <class D>
+HWY_INLINE float Bf16ChunkMax(D d, const std::uint16_t* x, size_t len) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  if constexpr (std::is_same_v<V<D>, hn::Vec512<float>>) {
+    const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
+    const __m512i neg_inf = _mm512_set1_epi16(static_cast<short>(kBf16NegInf));
+    // bits ^ (sign ? 0x7FFF : 0): vpternlogd's a ^ (b & c)
+    auto key = [&](__m512i bits) HWY_ATTR {
+      return _mm512_ternarylogic_epi32(bits, _mm512_srai_epi16(bits, 15), magnitude, 0x78);
+    };
+    __m512i m0 = key(neg_inf), m1 = m0;
+    size_t i = 0;
+    for (; i + 64 <= len; i += 64) {
+      m0 = _mm512_max_epi16(m0, key(_mm512_loadu_si512(x + i)));
+      m1 = _mm512_max_epi16(m1, key(_mm512_loadu_si512(x + i + 32)));
+    }
+    for (; i < len; i += 32) {
+      const __mmask32 lanes = len - i >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (len - i)) - 1u);
+      m0 = _mm512_max_epi16(m0, key(_mm512_mask_loadu_epi16(neg_inf, lanes, x + i)));
+    }
+    // the max of the 32 keys: halves, quarters, then within 128 bits
+    m0 = _mm512_max_epi16(m0, m1);
+    m0 = _mm512_max_epi16(m0, _mm512_maskz_shuffle_i64x2(0xFF, m0, m0, 0x4E));
+    m0 = _mm512_max_epi16(m0, _mm512_maskz_shuffle_i64x2(0xFF, m0, m0, 0xB1));
+    m0 = _mm512_max_epi16(m0, _mm512_maskz_shuffle_epi32(0xFFFF, m0, _MM_PERM_BADC));
+    m0 = _mm512_max_epi16(m0, _mm512_maskz_shuffle_epi32(0xFFFF, m0, _MM_PERM_CDAB));
+    m0 = _mm512_max_epi16(m0, _mm512_maskz_srli_epi32(0xFFFF, m0, 16));
+    alignas(64) std::uint32_t lanes[16];
+    _mm512_store_si512(lanes, m0);
+    const std::uint16_t k16 = static_cast<std::uint16_t>(lanes[0]);
+    const std::uint32_t bits = static_cast<std::uint32_t>((k16 & 0x8000u) ? (k16 ^ 0x7FFFu) : k16) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+#endif
+  const size_t N = hn::Lanes(d);
+  V<D> m0 = hn::Set(d, kNegInf<float>);
+  size_t i = 0;
+  for (; i + N <= len; i += N) m0 = hn::Max(m0, LoadBf16(d, x + i));
+  if (i < len) m0 = hn::Max(m0, LoadBf16Part(d, x + i, len - i, kBf16NegInf));
+  return hn::GetLane(hn::MaxOfLanes(d, m0));
+}
+
+// One vector of TargetRowStatsBf16: e = exp(x - shift) (cached), Σ e, Σ wt, Σ wt (x - shift)
+// (the last skipped where wt = 0: 0 * -inf).
+template <bool kFull, bool kCache, class D>
+HWY_INLINE void Bf16StatsVector(D d, const std::uint16_t* xp, const std::uint16_t* tp, size_t r, V<D> vshift,
+                                V<D> vkeep, V<D> vadd, V<D>& vs, V<D>& va, V<D>& vb, float* ec) {
+  const auto zero = hn::Zero(d);
+  const auto xv = kFull ? LoadBf16(d, xp) : LoadBf16Part(d, xp, r, kBf16NegInf);
+  auto wt = hn::MulAdd(kFull ? LoadBf16(d, tp) : LoadBf16Part(d, tp, r, 0), vkeep, vadd);
+  if (!kFull) wt = hn::IfThenElseZero(hn::FirstN(d, r), wt);
+  const auto diff = hn::Sub(xv, vshift);
+  const auto e = ExpNonPositive(d, diff);
+  vs = hn::Add(vs, e);
+  va = hn::Add(va, wt);
+  vb = hn::IfThenElse(hn::Eq(wt, zero), vb, hn::MulAdd(wt, diff, vb));
+  if constexpr (kCache) {
+    if (kFull)
+      hn::StoreU(e, d, ec);
+    else
+      StorePart(e, d, ec, r);
+  }
+}
+
 // TargetRowStats for bfloat16 logits and dense bfloat16 targets without class weights:
 // wt = keep * t + add. The cache is float.
-target_stats TargetRowStatsBf16(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep, float add,
-                                exp_cache<float> cache) {
+template <bool kCache>
+target_stats TargetRowStatsBf16Impl(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep,
+                                    float add, exp_cache<float> cache) {
   const hn::ScalableTag<float> d;
   const size_t N = hn::Lanes(d);
   const auto vkeep = hn::Set(d, keep), vadd = hn::Set(d, add), zero = hn::Zero(d);
@@ -147,37 +231,31 @@ target_stats TargetRowStatsBf16(const std::uint16_t* x, const std::uint16_t* t, 
     const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
     const std::uint16_t* xc = x + c0;
     const std::uint16_t* tc = t + c0;
-    V<decltype(d)> m0 = hn::Set(d, kNegInf<float>);
-    size_t i = 0;
-    for (; i + N <= len; i += N) m0 = hn::Max(m0, LoadBf16(d, xc + i));
-    if (i < len) m0 = hn::Max(m0, LoadBf16Part(d, xc + i, len - i, kBf16NegInf));
-    const float m = hn::GetLane(hn::MaxOfLanes(d, m0));
+    const float m = Bf16ChunkMax(d, xc, len);
     const auto vshift = hn::Set(d, FiniteShift(m));
-    float* ec = cache.e ? cache.e + c0 : nullptr;
+    float* ec = kCache ? cache.e + c0 : nullptr;
     if (cache.shifts) cache.shifts[c0 / kChunk] = FiniteShift(m);
     V<decltype(d)> vs = zero, va = zero, vb = zero;
-    for (i = 0; i < len; i += N) {
-      const bool full = i + N <= len;
+    size_t i = 0;
+    for (; i + N <= len; i += N) {
       PrefetchNextChunk(xc + i);
       PrefetchNextChunk(tc + i);
-      const auto xv = full ? LoadBf16(d, xc + i) : LoadBf16Part(d, xc + i, len - i, kBf16NegInf);
-      auto wt = hn::MulAdd(full ? LoadBf16(d, tc + i) : LoadBf16Part(d, tc + i, len - i, 0), vkeep, vadd);
-      if (!full) wt = hn::IfThenElseZero(hn::FirstN(d, len - i), wt);
-      const auto diff = hn::Sub(xv, vshift);
-      const auto e = ExpNonPositive(d, diff);
-      vs = hn::Add(vs, e);
-      va = hn::Add(va, wt);
-      vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
-      if (ec) {
-        if (full)
-          hn::StoreU(e, d, ec + i);
-        else
-          StorePart(e, d, ec + i, len - i);
-      }
+      Bf16StatsVector<true, kCache>(d, xc + i, tc + i, N, vshift, vkeep, vadd, vs, va, vb, kCache ? ec + i : nullptr);
     }
+#if HWY_TARGET != HWY_SCALAR  // one lane: no partial vector
+    if (i < len)
+      Bf16StatsVector<false, kCache>(d, xc + i, tc + i, len - i, vshift, vkeep, vadd, vs, va, vb,
+                                     kCache ? ec + i : nullptr);
+#endif
     merge_into(acc, target_stats{static_cast<double>(m), Total(d, vs), Total(d, va), Total(d, vb)});
   }
   return acc;
+}
+
+target_stats TargetRowStatsBf16(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep, float add,
+                                exp_cache<float> cache) {
+  return cache.e ? TargetRowStatsBf16Impl<true>(x, t, n, keep, add, cache)
+                 : TargetRowStatsBf16Impl<false>(x, t, n, keep, add, cache);
 }
 
 // g = coef (q a - wt) from the float cache and the bfloat16 targets (read again, from
@@ -186,7 +264,6 @@ void TargetRowGradCachedBf16(exp_cache<float> cache, const std::uint16_t* t, std
                              row_normaliser<float> norm, float a, float coef, std::uint16_t* g) {
   const hn::ScalableTag<float> d;
   const size_t N = hn::Lanes(d);
-  const auto va = hn::Set(d, a), vcoef = hn::Set(d, coef), vkeep = hn::Set(d, keep), vadd = hn::Set(d, add);
 #if defined(SOFTCE_NATIVE_BF16) && (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL)
   if (cpu_has_avx512_bf16()) {
     for (std::int64_t c0 = 0; c0 < n; c0 += kChunk)
@@ -195,22 +272,23 @@ void TargetRowGradCachedBf16(exp_cache<float> cache, const std::uint16_t* t, std
     return;
   }
 #endif
+  // g = coef (e f a - (keep t + add)) = e (coef f a) - ((coef keep) t + coef add): one
+  // multiply-add per element after the target's (the native path computes the same floats)
+  const auto vkeep_c = hn::Set(d, coef * keep), vadd_c = hn::Set(d, coef * add);
   for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
-    const auto vf = hn::Set(d, ChunkFactor(cache.shifts[c0 / kChunk], norm, 1.0f));
+    const auto vqa = hn::Set(d, coef * ChunkFactor(cache.shifts[c0 / kChunk], norm, 1.0f) * a);
     const float* ec = cache.e + c0;
     const std::uint16_t* tc = t + c0;
     std::uint16_t* gc = g + c0;
     size_t i = 0;
     for (; i + N <= len; i += N) {
-      const auto q = hn::Mul(hn::LoadU(d, ec + i), vf);
-      const auto wt = hn::MulAdd(LoadBf16(d, tc + i), vkeep, vadd);
-      StoreBf16(d, hn::Mul(vcoef, hn::MulSub(q, va, wt)), gc + i, N);
+      const auto wt = hn::MulAdd(LoadBf16(d, tc + i), vkeep_c, vadd_c);
+      StoreBf16(d, hn::MulSub(hn::LoadU(d, ec + i), vqa, wt), gc + i, N);
     }
     if (i < len) {
-      const auto q = hn::Mul(LoadPart(d, ec + i, len - i, 0.0f), vf);
-      const auto wt = hn::MulAdd(LoadBf16Part(d, tc + i, len - i, 0), vkeep, vadd);
-      StoreBf16(d, hn::Mul(vcoef, hn::MulSub(q, va, wt)), gc + i, len - i);
+      const auto wt = hn::MulAdd(LoadBf16Part(d, tc + i, len - i, 0), vkeep_c, vadd_c);
+      StoreBf16(d, hn::MulSub(LoadPart(d, ec + i, len - i, 0.0f), vqa, wt), gc + i, len - i);
     }
   }
 }

@@ -69,7 +69,7 @@ struct distill_context {
   const T* xr = nullptr;
   const T* zr = nullptr;
   T* gr = nullptr;                    // gradient row, holding exp of the student
-  scratch_row<T> ez;                  // exp of the teacher
+  scratch_row<T> ez;                  // exp of the teacher (reverse_kl: dx - dz; jsd, later: log q - log m)
   std::vector<T> shifts_x, shifts_z;  // the chunk shifts
   scratch_row<T> ex;                  // exp of the student (scratch: reverse_kl, jsd)
 };
@@ -143,7 +143,9 @@ distill_rows<T>::distill_rows(std::string_view fn, const array_view& student, co
       t2_(T_ * T_),
       beta_(opt.beta),
       kind_(gradient_kind(opt)),
-      stats_kind_(kind_ == grad_kind::reverse_kl ? distill_kind::reverse_kl : distill_kind::kl),
+      stats_kind_(kind_ == grad_kind::reverse_kl ? distill_kind::reverse_kl
+                  : kind_ == grad_kind::jsd      ? distill_kind::none
+                                                 : distill_kind::kl),
       plan_{opt.reduce, 1.0} {
   if (out.grad) g_op_ = class_operand(space_, *out.grad);
   if (out.grad_target) gt_op_ = class_operand(space_, *out.grad_target);
@@ -204,7 +206,7 @@ jsd_stats distill_rows<T>::jsd_of(context& c, const distill_stats& st) const {
   return row_stats_in_pieces<jsd_stats>(
       C_,
       [&](std::int64_t c0, std::int64_t len) {
-        if (scratch_)  // log m replaces the teacher's exps, for the gradient pass
+        if (scratch_)  // log q - log m replaces the teacher's exps, for the gradient pass
           return kern_.jsd_row_stats_cached(c.xr + c0, c.zr + c0, cache_from(cx, c0), cache_from(cz, c0), len, it, nx,
                                             nz, beta, c.ez.data() + c0);
         return kern_.jsd_row_stats(c.xr + c0, c.zr + c0, len, it, nx, nz, beta);
@@ -255,10 +257,14 @@ void distill_rows<T>::student_gradient(context& c, std::int64_t r, const distill
   const T row_coef = static_cast<T>(kind_ == grad_kind::jsd ? coef_ * (1.0 - beta_) : coef_);
   const T rv = static_cast<T>(v.r);
   const exp_cache<T> cx{c.ex.data(), c.shifts_x.data()};
+  const exp_cache<T> cdiff{c.ez.data(), c.shifts_z.data()};  // reverse_kl: dx - dz
   row_in_pieces(C_, [&](std::int64_t c0, std::int64_t len) {
-    if (scratch_)
-      kern_.distill_row_grad_log_cached(c.xr + c0, c.zr + c0, kind_ == grad_kind::jsd ? c.ez.data() + c0 : nullptr,
-                                        cache_from(cx, c0), len, it, nx, nz, rv, row_coef, g + c0);
+    if (scratch_ && kind_ == grad_kind::reverse_kl)
+      kern_.distill_row_grad_reverse_cached(cache_from(cx, c0), cache_from(cdiff, c0), len, it, nx, nz, rv, row_coef,
+                                            g + c0);
+    else if (scratch_)
+      kern_.distill_row_grad_log_cached(c.xr + c0, c.zr + c0, c.ez.data() + c0, cache_from(cx, c0), len, it, nx, nz,
+                                        rv, row_coef, g + c0);
     else
       kern_.distill_row_grad(c.xr + c0, c.zr + c0, len, it, nx, nz, kind_, static_cast<T>(beta_), rv, row_coef,
                              g + c0);
@@ -301,7 +307,8 @@ double distill_rows<T>::finish(context& c, std::int64_t r, const distill_stats& 
   return t2_ * v.divergence;
 }
 
-// The all-reduce of the statistics; for jsd then every row's second pass, all-reduced too.
+// The all-reduce of the statistics (jsd leaves k 0 and never reads it, whichever merge);
+// for jsd then every row's second pass, all-reduced too.
 template <class T>
 void distill_rows<T>::exchange(std::vector<distill_stats>& records) {
   all_reduce_records(*shard_, records, stats_kind_ == distill_kind::kl ? merge_distill_kl : merge_distill_reverse,

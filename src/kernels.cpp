@@ -49,6 +49,7 @@ constexpr kernel_table<T> TableFor() {
       .jsd_row_stats = &JsdRowStats<T>,
       .jsd_row_stats_cached = &JsdRowStatsCached<T>,
       .distill_row_grad_log_cached = &DistillRowGradLogCached<T>,
+      .distill_row_grad_reverse_cached = &DistillRowGradReverseCached<T>,
       .distill_row_grad = &DistillRowGrad<T>,
       .kl_div_elements = &KlDivElements<T>,
       .bce_elements = &BceElements<T>,

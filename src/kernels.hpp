@@ -67,7 +67,8 @@ struct row_normaliser {
   T log_sum;
 };
 
-enum class distill_kind { kl, reverse_kl };
+// none: the sums only, k left 0 (jsd, whose divergence comes from its second pass)
+enum class distill_kind { kl, reverse_kl, none };
 
 // Optional output of a statistics pass, so that the gradient pass needs no second exp:
 // e[i] = exp((x[i] - shift_c) / T) and shifts[c] = shift_c for each chunk c. `e` may be
@@ -123,14 +124,20 @@ struct kernel_table {
                                      row_normaliser<T> nx, row_normaliser<T> nz, T coef, T* g);
   jsd_stats (*jsd_row_stats)(const T* x, const T* z, std::int64_t n, T inv_temperature, row_normaliser<T> nx,
                              row_normaliser<T> nz, T beta);
-  // jsd's second pass from exp caches (one log per element); writes log m (may be cz.e)
+  // jsd's second pass from exp caches (one log per element); writes log q - log m (may be cz.e)
   jsd_stats (*jsd_row_stats_cached)(const T* x, const T* z, exp_cache<T> cx, exp_cache<T> cz, std::int64_t n,
-                                    T inv_temperature, row_normaliser<T> nx, row_normaliser<T> nz, T beta, T* log_m);
-  // reverse_kl (log_m null: log p from z) / jsd (log m given) gradient from the student's
-  // exp cache: g = coef q (log q - log ref - r), no exp per element; g may be x
-  void (*distill_row_grad_log_cached)(const T* x, const T* z, const T* log_m, exp_cache<T> cx, std::int64_t n,
+                                    T inv_temperature, row_normaliser<T> nx, row_normaliser<T> nz, T beta, T* log_ratio);
+  // reverse_kl (log_ratio null: log q - log p from x and z) / jsd (log_ratio = log q - log m
+  // from jsd_row_stats_cached) gradient from the student's exp cache:
+  // g = coef q (log q - log ref - r), no exp per element; g may be x
+  void (*distill_row_grad_log_cached)(const T* x, const T* z, const T* log_ratio, exp_cache<T> cx, std::int64_t n,
                                       T inv_temperature, row_normaliser<T> nx, row_normaliser<T> nz, T r, T coef,
                                       T* g);
+  // reverse_kl gradient from the statistics pass's caches alone: cx the student's exps,
+  // cdiff.e = dx - dz (what distill_row_stats caches for reverse_kl in place of the
+  // teacher's exps), cdiff.shifts the teacher's chunk shifts; g may be x
+  void (*distill_row_grad_reverse_cached)(exp_cache<T> cx, exp_cache<T> cdiff, std::int64_t n, T inv_temperature,
+                                          row_normaliser<T> nx, row_normaliser<T> nz, T r, T coef, T* g);
   // kl: g = coef (q - p); reverse_kl: g = coef q (log q - log p - r);
   // jsd: g = coef q (log q - log m - r), m = beta p + (1 - beta) q
   void (*distill_row_grad)(const T* x, const T* z, std::int64_t n, T inv_temperature, row_normaliser<T> nx,

@@ -73,6 +73,7 @@ inline void merge_into(distill_stats& acc, const distill_stats& part, double inv
   }
   double sx = std::fmax(acc.shift_x, part.shift_x), sz = std::fmax(acc.shift_z, part.shift_z);
   auto moved_k = [&](const distill_stats& s) {
+    if (kind == distill_kind::none) return 0.0;
     double ref_sum = kind == distill_kind::kl ? s.sum_z : s.sum_x;
     if (ref_sum == 0.0) return 0.0;
     double dz = s.shift_z == -kInf ? 0.0 : (s.shift_z - sz) * inv_t;

@@ -15,6 +15,8 @@
 // one rank's bad argument and every disagreement of the fused layer raise on every rank.
 //
 // No GoogleTest: a failed check must not skip the collectives that follow it.
+#include "mpi_harness.hpp"
+
 #include <softce/mpi.hpp>
 
 #include <bit>
@@ -29,53 +31,11 @@
 
 namespace {
 
+using namespace mpi_harness;
 using softce::array_view;
 using softce::divergence;
 using softce::dtype;
 using softce::reduction;
-
-int g_rank = 0, g_size = 1;
-// the reduce mode of the comparison cases: every case runs in both
-softce::class_parallel::reduce_mode g_mode = softce::class_parallel::reduce_mode::ordered;
-int g_checks = 0, g_failures = 0;
-std::string g_case;
-
-void check(bool ok, const std::string& what) {
-  ++g_checks;
-  if (ok) return;
-  ++g_failures;
-  if (g_failures <= 40) std::fprintf(stderr, "[rank %d] FAIL %s: %s\n", g_rank, g_case.c_str(), what.c_str());
-}
-
-struct rng {
-  std::uint64_t state;
-  explicit rng(std::uint64_t seed) : state(seed) {}
-  std::uint64_t next() {
-    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1p-53; }
-  std::int64_t below(std::int64_t n) { return static_cast<std::int64_t>(next() % static_cast<std::uint64_t>(n)); }
-};
-
-template <class Pointer>
-softce::basic_view<Pointer> make_view(Pointer data, dtype type, const std::vector<std::int64_t>& shape) {
-  softce::basic_view<Pointer> v;
-  v.data = data;
-  v.type = type;
-  v.ndim = static_cast<int>(shape.size());
-  std::int64_t stride = 1;
-  for (int i = v.ndim - 1; i >= 0; --i) v.shape[i] = shape[i], v.strides[i] = stride, stride *= shape[i];
-  return v;
-}
-
-std::string num(double v) {
-  char b[64];
-  std::snprintf(b, sizeof b, "%.17g", v);
-  return b;
-}
 
 bool close(double got, double want, double rel, double abs_floor = 0.0) {
   if (std::isnan(want)) return std::isnan(got);
@@ -113,30 +73,6 @@ void check_close_array(const T* got, const T* want, std::int64_t n, double tol, 
   }
   check(n == 0 || worst <= tol * std::max(scale, 1e-30),
         what + ": max difference " + num(worst) + " at " + std::to_string(at) + " (scale " + num(scale) + ")");
-}
-
-// ---------------------------------------------------------------------------------------
-// splits
-
-enum class split_kind { even, skewed, empty_first };
-
-std::vector<std::int64_t> split_counts(std::int64_t V, int P, split_kind kind) {
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(P));
-  if (kind == split_kind::even || (kind == split_kind::empty_first && P == 1)) {
-    for (int r = 0; r < P; ++r) counts[r] = V / P + (r < V % P ? 1 : 0);
-  } else if (kind == split_kind::empty_first) {
-    counts[0] = 0;
-    for (int r = 1; r < P; ++r) counts[r] = V / (P - 1) + (r - 1 < V % (P - 1) ? 1 : 0);
-  } else {
-    const std::int64_t total = static_cast<std::int64_t>(P) * (P + 1) / 2;
-    std::int64_t cum = 0;
-    for (int r = 0; r < P; ++r) {
-      const std::int64_t a = V * cum / total;
-      cum += r + 1;
-      counts[r] = V * cum / total - a;
-    }
-  }
-  return counts;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -378,24 +314,6 @@ void run_case(const spec& s, std::uint64_t seed) {
 // ---------------------------------------------------------------------------------------
 // errors: the same softce::error on every rank
 
-template <class Call>
-void expect_error(const std::string& name, Call call, const std::string& want,
-                  softce::error_kind kind = softce::error_kind::value) {
-  g_case = name;
-  std::string got = "(no error)";
-  softce::error_kind got_kind = softce::error_kind::value;
-  try {
-    call();
-  } catch (const softce::error& e) {
-    got = e.what();
-    got_kind = e.kind();
-  } catch (const std::exception& e) {
-    got = std::string("(not a softce::error) ") + e.what();
-  }
-  check(got == want, "message\n    got:  " + got + "\n    want: " + want);
-  check(got_kind == kind, "error kind " + std::to_string(static_cast<int>(got_kind)));
-}
-
 void test_errors() {
   const std::int64_t N = 8, V = 37, D = 4, Dt = 3;
   const int P = g_size, last = P - 1;
@@ -551,12 +469,7 @@ void test_errors() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-  softce::set_num_threads(1);  // ranks share the cores
-  const auto start = std::chrono::steady_clock::now();
+  const auto started = start(argc, argv);
   int cases = 0;
   for (auto mode : {softce::class_parallel::reduce_mode::ordered, softce::class_parallel::reduce_mode::commutative}) {
     g_mode = mode;
@@ -569,13 +482,5 @@ int main(int argc, char** argv) {
     }
   }
   test_errors();
-  int failures = g_failures, total_failures = 0, total_checks = 0;
-  MPI_Allreduce(&failures, &total_failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  MPI_Allreduce(&g_checks, &total_checks, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  if (g_rank == 0)
-    std::printf("mpi_linear_test: %d ranks, %d comparison cases, %d checks, %d failures (%.2f s)\n", g_size, cases,
-                total_checks, total_failures, seconds);
-  MPI_Finalize();
-  return total_failures == 0 ? 0 : 1;
+  return finish("mpi_linear_test", cases, started);
 }

@@ -133,6 +133,31 @@ double run(const shard& s, const class_parallel::call_description& call, Core&& 
   return class_parallel::run(mpi_transport(s.comm, s.mode), call, core);
 }
 
+// The fused output layer's calls, one per target (teacher) form: describe, then run.
+template <class Target>
+double run_linear_cross_entropy(const shard& s, const array_view& hidden, const array_view& weight,
+                                const std::optional<array_view>& bias, const Target& target,
+                                const cross_entropy_options& options, const linear_options& linear,
+                                const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_cross_entropy", s.class_offset, s.num_classes, hidden,
+                                                    weight, bias, target, options, linear, out);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_cross_entropy(cs, hidden, weight, bias, target, options, linear, out);
+  });
+}
+
+template <class Teacher>
+double run_linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
+                                    const std::optional<array_view>& bias, const Teacher& teacher,
+                                    const distillation_options& options, const linear_options& linear,
+                                    const linear_outputs& out) {
+  const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
+                                                    hidden, weight, bias, teacher, options, linear, out);
+  return run(s, call, [&](const class_shard& cs) {
+    return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher, options, linear, out);
+  });
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
@@ -197,55 +222,35 @@ double linear_cross_entropy(const shard& s, const array_view& hidden, const arra
                             const std::optional<array_view>& bias, const array_view& target,
                             const cross_entropy_options& options, const linear_options& linear,
                             const linear_outputs& out) {
-  const auto call = class_parallel::describe_linear("mpi::linear_cross_entropy", s.class_offset, s.num_classes, hidden,
-                                                    weight, bias, target, options, linear, out);
-  return run(s, call, [&](const class_shard& cs) {
-    return class_parallel::linear_cross_entropy(cs, hidden, weight, bias, target, options, linear, out);
-  });
+  return run_linear_cross_entropy(s, hidden, weight, bias, target, options, linear, out);
 }
 
 double linear_cross_entropy(const shard& s, const array_view& hidden, const array_view& weight,
                             const std::optional<array_view>& bias, const topk& target,
                             const cross_entropy_options& options, const linear_options& linear,
                             const linear_outputs& out) {
-  const auto call = class_parallel::describe_linear("mpi::linear_cross_entropy", s.class_offset, s.num_classes, hidden,
-                                                    weight, bias, target, options, linear, out);
-  return run(s, call, [&](const class_shard& cs) {
-    return class_parallel::linear_cross_entropy(cs, hidden, weight, bias, target, options, linear, out);
-  });
+  return run_linear_cross_entropy(s, hidden, weight, bias, target, options, linear, out);
 }
 
 double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
                                 const std::optional<array_view>& bias, const array_view& teacher_logits,
                                 const distillation_options& options, const linear_options& linear,
                                 const linear_outputs& out) {
-  const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
-                                                    hidden, weight, bias, teacher_logits, options, linear, out);
-  return run(s, call, [&](const class_shard& cs) {
-    return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher_logits, options, linear, out);
-  });
+  return run_linear_distillation_loss(s, hidden, weight, bias, teacher_logits, options, linear, out);
 }
 
 double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
                                 const std::optional<array_view>& bias, const topk& teacher,
                                 const distillation_options& options, const linear_options& linear,
                                 const linear_outputs& out) {
-  const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
-                                                    hidden, weight, bias, teacher, options, linear, out);
-  return run(s, call, [&](const class_shard& cs) {
-    return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher, options, linear, out);
-  });
+  return run_linear_distillation_loss(s, hidden, weight, bias, teacher, options, linear, out);
 }
 
 double linear_distillation_loss(const shard& s, const array_view& hidden, const array_view& weight,
                                 const std::optional<array_view>& bias, const linear_teacher& teacher,
                                 const distillation_options& options, const linear_options& linear,
                                 const linear_outputs& out) {
-  const auto call = class_parallel::describe_linear("mpi::linear_distillation_loss", s.class_offset, s.num_classes,
-                                                    hidden, weight, bias, teacher, options, linear, out);
-  return run(s, call, [&](const class_shard& cs) {
-    return class_parallel::linear_distillation_loss(cs, hidden, weight, bias, teacher, options, linear, out);
-  });
+  return run_linear_distillation_loss(s, hidden, weight, bias, teacher, options, linear, out);
 }
 
 }  // namespace softce::mpi

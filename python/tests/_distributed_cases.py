@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import softce
+from _distributed_harness import RankContext
 
 C = 11
 SPLITS = {1: [11], 2: [7, 4], 3: [2, 6, 3]}  # classes per rank: uneven shards
@@ -34,13 +35,9 @@ GLOO_TIMEOUT_S = 20  # a collective that waits longer raises: a hang becomes an 
 CASES = {}  # name -> function(ctx)
 
 
-class Context:
+class Context(RankContext):
     def __init__(self, rank, world, dtype=None, splits=None):
-        self.rank, self.world, self.dtype = rank, world, dtype
-        self.group = dist.group.WORLD
-        sizes = (splits or SPLITS)[world]
-        self.lo = sum(sizes[:rank])
-        self.hi = self.lo + sizes[rank]
+        super().__init__(rank, world, dtype, splits or SPLITS)
 
     def shard(self, v):
         """This rank's classes of a global (class dim 1, or the only dim) tensor."""

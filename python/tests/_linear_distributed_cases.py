@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import softce
 import softce.distributed
+from _distributed_harness import RankContext
 from softce import TopK
 
 V, D, DT, K = 29, 6, 5, 4
@@ -39,13 +40,9 @@ TOL = {torch.float32: (1e-6, 1e-5), torch.float64: (1e-10, 1e-9)}
 CASES = {}
 
 
-class Context:
+class Context(RankContext):
     def __init__(self, rank, world, dtype=None, splits=None):
-        self.rank, self.world, self.dtype = rank, world, dtype
-        self.group = dist.group.WORLD
-        sizes = (splits or SPLITS)[world]
-        self.lo = sum(sizes[:rank])
-        self.hi = self.lo + sizes[rank]
+        super().__init__(rank, world, dtype, splits or SPLITS)
 
     def rows(self, v, dim=0):
         """This rank's classes of a global tensor (classes in `dim`)."""

@@ -5,16 +5,13 @@ cases of one world size run in one spawned job; a job past its deadline is kille
 fails the cases it did not finish instead of blocking the suite.
 """
 
-import json
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import _linear_distributed_cases as cases
-from test_distributed import free_ports
+from _distributed_harness import check_case, free_ports
+from _distributed_harness import run_job as run_job_of
 
 assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is not available"
 
@@ -24,28 +21,7 @@ DEADLINE_S = 150
 
 def run_job(world, out_dir):
     (port,) = free_ports(1)
-    context = mp.start_processes(cases.worker, args=(world, port, str(out_dir)), nprocs=world,
-                                 join=False, start_method="spawn")
-    problem = None
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                problem = f"the job ran past {DEADLINE_S} s and was killed"
-                break
-    except Exception as e:  # noqa: BLE001
-        problem = f"a rank failed: {e}"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
-    results = {}
-    for rank in range(world):
-        path = out_dir / f"rank{rank}.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        results[rank] = {r["case"]: r["error"] for r in map(json.loads, lines)}
-    return results, problem
+    return run_job_of(cases.worker, (world, port, str(out_dir)), world, out_dir, DEADLINE_S)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +39,7 @@ def job(tmp_path_factory):
 @pytest.mark.parametrize("name", list(cases.CASES))
 @pytest.mark.parametrize("world", WORLDS)
 def test_case(job, world, name):
-    results, problem = job(world)
-    for rank in range(world):
-        assert name in results[rank], f"rank {rank} did not finish this case ({problem})"
-        error = results[rank][name]
-        assert error is None, f"rank {rank} of {world}:\n{error}"
+    check_case(*job(world), world, name)
 
 
 def test_process_group_without_torch_distributed_initialised():

@@ -51,6 +51,25 @@ def run_job(worker, args, world, out_dir, deadline_s):
     return results, problem
 
 
+def job_fixture(run_job, prefix):
+    """A module-scoped fixture: get(world) runs run_job(world, a fresh <prefix><world> folder)
+    once per world size and hands back its (results, problem) after that."""
+    import pytest  # here, not at the top: the spawned ranks import this module too
+
+    @pytest.fixture(scope="module")
+    def job(tmp_path_factory):
+        done = {}
+
+        def get(world):
+            if world not in done:
+                done[world] = run_job(world, tmp_path_factory.mktemp(f"{prefix}{world}"))
+            return done[world]
+
+        return get
+
+    return job
+
+
 def check_case(results, problem, world, name):
     """Every rank finished case `name` without an error."""
     for rank in range(world):

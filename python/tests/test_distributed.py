@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import _distributed_cases as cases
-from _distributed_harness import check_case, free_ports
+from _distributed_harness import check_case, free_ports, job_fixture
 from _distributed_harness import run_job as run_job_of
 
 # the pinned CPU torch has gloo; without it these tests must fail, not be skipped
@@ -34,16 +34,7 @@ def run_job(world, out_dir):
     return run_job_of(cases.worker, args, world, out_dir, DEADLINE_S)
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    done = {}
-
-    def get(world):
-        if world not in done:
-            done[world] = run_job(world, tmp_path_factory.mktemp(f"world{world}"))
-        return done[world]
-
-    return get
+job = job_fixture(run_job, "world")
 
 
 @pytest.mark.parametrize("name", list(cases.CASES))

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import _linear_distributed_cases as cases
-from _distributed_harness import check_case, free_ports
+from _distributed_harness import check_case, free_ports, job_fixture
 from _distributed_harness import run_job as run_job_of
 
 assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is not available"
@@ -24,16 +24,7 @@ def run_job(world, out_dir):
     return run_job_of(cases.worker, (world, port, str(out_dir)), world, out_dir, DEADLINE_S)
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    done = {}
-
-    def get(world):
-        if world not in done:
-            done[world] = run_job(world, tmp_path_factory.mktemp(f"linear_world{world}"))
-        return done[world]
-
-    return get
+job = job_fixture(run_job, "linear_world")
 
 
 @pytest.mark.parametrize("name", list(cases.CASES))

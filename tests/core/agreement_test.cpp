@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -472,6 +473,77 @@ TEST(ReduceMode, CommutativeMatchesOrdered) {
       EXPECT_EQ(std::memcmp(&loss[1][r], &loss[1][0], sizeof(double)), 0) << "kind " << kind << ": ranks differ";
       for (std::size_t i = 0; i < grad[0][r].size(); ++i)
         EXPECT_NEAR(grad[1][r][i], grad[0][r][i], 1e-6) << "kind " << kind << " rank " << r << " element " << i;
+    }
+  }
+}
+
+// The commutative mode must keep the NaN contract: a NaN or +inf logit on one rank, or a NaN
+// teacher logit, poisons its row's loss and whole gradient row on every rank. The fake
+// transport's MAX is std::fmax, which drops NaN (as an MPI or gloo MAX may): the poison has
+// to travel in the sums.
+TEST(ReduceMode, CommutativeKeepsPoisonedRowsNaN) {
+  problem p;
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  p.x[1 * C + 4] = static_cast<float>(nan);  // row 1: a NaN on rank 1 (classes [3, 6))
+  p.x[2 * C + 8] = static_cast<float>(inf);  // row 2: +inf on rank 2 (classes [6, 10))
+  std::vector<float> z(p.x.size());
+  for (std::size_t i = 0; i < z.size(); ++i) z[i] = static_cast<float>(std::cos(0.3 * static_cast<double>(i)));
+  z[3 * C + 1] = static_cast<float>(nan);  // row 3: a NaN teacher logit on rank 0 (distillation)
+  std::vector<float> topv(N * 2, 0.3f);
+  std::vector<std::int64_t> top(N * 2);
+  for (std::int64_t r = 0; r < N; ++r) top[2 * r] = r, top[2 * r + 1] = C - 1 - r;
+  const int P = 3;
+  for (int kind = 0; kind < 5; ++kind) {
+    for (int m = 0; m < 2; ++m) {
+      const cp::reduce_mode mode = m ? cp::reduce_mode::commutative : cp::reduce_mode::ordered;
+      double losses[P][N];
+      std::vector<float> grad[P];
+      fake_group group(P);
+      const auto messages = group.run(
+          [&](int r, const cp::transport& t) {
+            const array_view x = p.shard(r, P);
+            const std::int64_t lo = problem::lo(r, P), width = problem::lo(r + 1, P) - lo;
+            const array_view zs = softce::view(z.data() + lo, {N, width}, {C, 1});
+            grad[r].assign(static_cast<std::size_t>(N * width), -7.0f);
+            softce::outputs out;
+            out.grad = softce::view(grad[r].data(), {N, width});
+            out.losses = softce::view(losses[r], {N});
+            const softce::topk tk{softce::view(top.data(), {N, 2}), softce::view(topv.data(), {N, 2}), true};
+            softce::cross_entropy_options o;
+            o.reduce = softce::reduction::none;
+            softce::distillation_options d;
+            d.reduce = softce::reduction::none;
+            d.kind = kind == 3 ? softce::divergence::reverse_kl : kind == 4 ? softce::divergence::jsd
+                                                                            : softce::divergence::kl;
+            cp::call_description call;
+            std::function<double(const softce::class_shard&)> core;
+            if (kind == 0) {
+              call = cp::describe("f", lo, C, x, softce::view(p.y.data(), {N}), o);
+              core = [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, softce::view(p.y.data(), {N}), o, out); };
+            } else if (kind == 1) {
+              call = cp::describe("f", lo, C, x, tk, o);
+              core = [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, tk, o, out); };
+            } else {
+              call = cp::describe("f", lo, C, x, zs, d);
+              core = [&](const softce::class_shard& s) { return cp::distillation_loss(s, x, zs, d, out); };
+            }
+            cp::run(t, call, core);
+          },
+          [&](int) { return mode; });
+      expect_everywhere(messages, "");
+      for (int r = 0; r < P; ++r) {
+        const std::int64_t width = problem::lo(r + 1, P) - problem::lo(r, P);
+        for (std::int64_t row = 0; row < N; ++row) {
+          const bool poisoned = row == 1 || row == 2 || (kind >= 2 && row == 3);
+          EXPECT_EQ(std::isnan(losses[r][row]), poisoned)
+              << "kind " << kind << " mode " << m << " rank " << r << " row " << row << ": " << losses[r][row];
+          for (std::int64_t c = 0; c < width; ++c) {
+            const float g = grad[r][static_cast<std::size_t>(row * width + c)];
+            EXPECT_EQ(std::isnan(g), poisoned) << "kind " << kind << " mode " << m << " rank " << r << " row " << row
+                                               << " class " << c << ": " << g;
+          }
+        }
+      }
     }
   }
 }

@@ -524,10 +524,12 @@ def tail_latency(fn, between):
         if between is not None:
             between()
         times.append(timed(fn, 1))
+    in_order = list(times)
     times.sort()
     median = statistics.median(times)
     p90 = times[math.ceil(0.9 * len(times)) - 1]
-    return {"median_s": median, "p90_s": p90, "p90_over_median": p90 / median, "max_s": times[-1]}
+    return {"median_s": median, "p90_s": p90, "p90_over_median": p90 / median, "max_s": times[-1],
+            "times_s": in_order}
 
 
 def fragmenting_workload(impls, quick):

@@ -94,6 +94,10 @@ def child(shape, target, impl, threads, reps, budget):
         run()
         cold_time = time.perf_counter() - s
         cold_extra = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - max(base_max, base_rss))
+    # softce keeps released gradients and blocks for reuse (softce.set_gradient_cache): let
+    # them go, so that the warm call's peak counts every buffer the call uses
+    softce.set_gradient_cache(0)
+    softce.set_gradient_cache(4)
     have_hwm = reset_hwm()
     before = rss_kib("VmRSS")
     s = time.perf_counter()

@@ -11,6 +11,8 @@ How: the cache keeps the last few large buffers and hands one out again only whe
 but the cache refers to its storage. The storage's use count says so exactly: a gradient
 still held anywhere (as `x.grad` during gradient accumulation, in a list, as a NumPy view)
 holds a reference and its buffer is never reused. `set_gradient_cache(0)` turns it off.
+The fused linear losses take their hidden-state and weight gradients and their blocks of
+logits (scratch, released when the call returns) from the same cache.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ MIN_BYTES = 1 << 20
 
 _lock = threading.Lock()
 _slots: list[tuple[torch.Tensor, int]] = []  # (flat buffer, use count when only we hold it)
-_max_buffers = 2
+_max_buffers = 4
 
 
 def _use_count(buffer: torch.Tensor) -> int:
@@ -34,8 +36,8 @@ def _use_count(buffer: torch.Tensor) -> int:
 
 
 def set_gradient_cache(buffers: int) -> None:
-    """Keep at most `buffers` gradient buffers of 1 MiB or more for reuse (default 2; 0
-    turns the cache off and releases what it holds)."""
+    """Keep at most `buffers` gradient buffers of 1 MiB or more for reuse (default 4: a fused
+    linear loss uses up to four per call; 0 turns the cache off and releases what it holds)."""
     global _max_buffers
     if not isinstance(buffers, int) or isinstance(buffers, bool) or buffers < 0:
         raise ValueError(f"set_gradient_cache: buffers: expected an integer >= 0, got {buffers!r}")
@@ -47,18 +49,27 @@ def set_gradient_cache(buffers: int) -> None:
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """torch.empty_like(x) for a contiguous CPU x, from a released cached buffer if one fits
     (same dtype, at least as large, at most twice as large)."""
-    n = x.numel()
-    if (_max_buffers == 0 or n * x.element_size() < MIN_BYTES or x.device.type != "cpu"
-            or not x.is_contiguous()):
+    if x.device.type != "cpu" or not x.is_contiguous():
         return torch.empty_like(x)
+    return empty(x.shape, x.dtype)
+
+
+def empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty(shape, dtype=dtype) on the CPU, contiguous, from a released cached buffer
+    if one fits (same dtype, at least as large, at most twice as large)."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if _max_buffers == 0 or n * torch.empty((), dtype=dtype).element_size() < MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
     with _lock:
         for i, (buffer, baseline) in enumerate(_slots):
-            if (buffer.dtype == x.dtype and n <= buffer.numel() <= 2 * n
+            if (buffer.dtype == dtype and n <= buffer.numel() <= 2 * n
                     and _use_count(buffer) == baseline):
                 _slots.append(_slots.pop(i))  # most recently used last
-                return buffer[:n].view(x.shape)
-        buffer = torch.empty(n, dtype=x.dtype)
+                return buffer[:n].view(shape)
+        buffer = torch.empty(n, dtype=dtype)
         _slots.append((buffer, _use_count(buffer)))
         if len(_slots) > _max_buffers:
             _slots.pop(0)  # the least recently used; a holder of it keeps its memory alive
-        return buffer.view(x.shape)
+        return buffer.view(shape)

@@ -345,6 +345,8 @@ def _torch_forward(input, weight, bias, a, grads, row_scale):
     the gradient products by torch.mm / addmm (alpha = the reduction's 1 / denominator)."""
     import torch
 
+    from . import _gradient_cache
+
     # every argument checked by the C++ core (same messages as the C++ API), nothing computed
     _core_call(input.detach(), weight.detach(), _det(bias), _detach_args(a), validate_only=True)
     want_gi, want_gw, want_gb = grads
@@ -413,11 +415,13 @@ def _torch_forward(input, weight, bias, a, grads, row_scale):
         tb = None if a["teacher_bias"] is None else a["teacher_bias"].detach().to(cdt)
 
     losses = torch.empty(N, dtype=loss_dtype) if per_row and row_scale is None else None
-    gi = torch.empty(N, D, dtype=cdt) if want_gi else None
-    gw = (torch.zeros if N == 0 else torch.empty)(V, D, dtype=cdt) if want_gw else None
+    # the gradients and the blocks from the cache of released buffers: a fresh (V, D) weight
+    # gradient and a fresh block are page faults on every call (~0.3 s per GiB here)
+    gi = _gradient_cache.empty((N, D), cdt) if want_gi else None
+    gw = (torch.zeros(V, D, dtype=cdt) if N == 0 else _gradient_cache.empty((V, D), cdt)) if want_gw else None
     gb = torch.zeros(V, dtype=torch.float64) if want_gb else None
-    block = torch.empty(max(rows_per_block, 0) * V, dtype=cdt)
-    tblock = torch.empty(max(rows_per_block, 0) * V, dtype=cdt) if teacher_hidden else None
+    block = _gradient_cache.empty((max(rows_per_block, 0) * V,), cdt)
+    tblock = _gradient_cache.empty((max(rows_per_block, 0) * V,), cdt) if teacher_hidden else None
     block_reduction = "none" if losses is not None else "sum"
     total = 0.0
     for r0 in range(0, N, max(rows_per_block, 1)):

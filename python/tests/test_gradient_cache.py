@@ -16,9 +16,9 @@ N, C = 64, 8192
 @pytest.fixture(autouse=True)
 def fresh_cache():
     softce.set_gradient_cache(0)
-    softce.set_gradient_cache(2)
+    softce.set_gradient_cache(4)
     yield
-    softce.set_gradient_cache(2)
+    softce.set_gradient_cache(4)
 
 
 def soft_target(n=N, c=C, seed=0):
@@ -112,3 +112,83 @@ def test_cache_off_and_bad_sizes():
         softce.set_gradient_cache(-1)
     with pytest.raises(ValueError, match="expected an integer"):
         softce.set_gradient_cache(1.5)
+
+
+# the fused linear losses: weight gradient (V, D) and block of logits from the cache
+LN, LD, LV = 64, 64, 8192  # grad_weight and a block of 64 rows: 2 MiB each
+
+
+def linear_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(LN, LD, generator=g)
+    w = torch.randn(LV, LD, generator=g) / LD ** 0.5
+    y = torch.randint(0, LV, (LN,), generator=g)
+    return h, w, y
+
+
+def torch_linear_grads(h, w, y):
+    h = h.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    F.cross_entropy(F.linear(h, w), y).backward()
+    return h.grad, w.grad
+
+
+def cached_pointers():
+    return {buffer.data_ptr() for buffer, _ in _gradient_cache._slots}
+
+
+def test_linear_training_loop_reuses_its_buffers_and_stays_exact():
+    h, w0, _ = linear_problem()
+    w = w0.clone().requires_grad_()
+    hh = h.clone().requires_grad_()
+    opt = torch.optim.SGD([w, hh], lr=1.0)
+    pointers = []
+    for step in range(4):
+        y = linear_problem(seed=step)[2]
+        expected_h, expected_w = torch_linear_grads(hh, w, y)
+        opt.zero_grad(set_to_none=True)
+        softce.linear_cross_entropy(hh, w, y).backward()
+        torch.testing.assert_close(w.grad, expected_w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(hh.grad, expected_h, rtol=1e-4, atol=1e-6)
+        pointers.append(w.grad.data_ptr())
+        opt.step()
+    # the weight gradient comes back in the same cached buffer once zero_grad released it
+    assert set(pointers) <= cached_pointers() and len(set(pointers)) == 1
+
+
+def test_linear_held_weight_gradient_is_never_overwritten():
+    h, w0, y1 = linear_problem(seed=1)
+    y2 = linear_problem(seed=2)[2]
+    w = w0.clone().requires_grad_()
+    softce.linear_cross_entropy(h, w, y1).backward()
+    held = w.grad
+    expected1 = torch_linear_grads(h, w, y1)[1]
+    w.grad = None  # the caller keeps `held`
+    softce.linear_cross_entropy(h, w, y2).backward()
+    assert w.grad.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held, expected1, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, torch_linear_grads(h, w, y2)[1], rtol=1e-4, atol=1e-6)
+
+
+def test_linear_gradient_accumulation_and_tied_weights_sum_exactly():
+    h, w0, _ = linear_problem(seed=3)
+    w = w0.clone().requires_grad_()
+    targets = [linear_problem(seed=s)[2] for s in (4, 5, 6)]
+    for y in targets:  # no zero_grad: autograd adds into w.grad
+        softce.linear_cross_entropy(h, w, y).backward()
+    expected = sum(torch_linear_grads(h, w, y)[1] for y in targets)
+    torch.testing.assert_close(w.grad, expected, rtol=1e-4, atol=1e-6)
+    # two losses on one weight in one graph: both gradients are live together
+    w.grad = None
+    (softce.linear_cross_entropy(h, w, targets[0]) + softce.linear_cross_entropy(h, w, targets[1])).backward()
+    expected = torch_linear_grads(h, w, targets[0])[1] + torch_linear_grads(h, w, targets[1])[1]
+    torch.testing.assert_close(w.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_with_the_cache_off_allocates_fresh_buffers():
+    softce.set_gradient_cache(0)
+    h, w0, y = linear_problem(seed=7)
+    w = w0.clone().requires_grad_()
+    softce.linear_cross_entropy(h, w, y).backward()
+    torch.testing.assert_close(w.grad, torch_linear_grads(h, w, y)[1], rtol=1e-4, atol=1e-6)
+    assert _gradient_cache._slots == []

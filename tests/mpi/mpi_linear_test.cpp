@@ -13,6 +13,8 @@
 // the small memory budgets make row blocks of one row and class blocks of 20 classes, so
 // the in-process class-block merge composes with the cross-rank all-reduce. Then errors:
 // one rank's bad argument and every disagreement of the fused layer raise on every rank.
+// bfloat16 operands (hidden, weight, bias, a teacher's hidden states and weight) are run in
+// float32 cases: the one-process oracle takes the same bfloat16 arrays.
 //
 // No GoogleTest: a failed check must not skip the collectives that follow it.
 #include "mpi_harness.hpp"
@@ -27,6 +29,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -89,6 +92,7 @@ struct spec {
   reduction reduce = reduction::mean;
   bool bias = false, class_weight = false, mask = false, ignore_rows = false, tail = false;
   bool teacher_bias = false, accumulate = false;
+  bool bf16 = false;  // hidden, weight, bias (and a teacher's) as bfloat16; float32 outputs
   double smoothing = 0.0;
   divergence kind = divergence::kl;
   double temperature = 1.0, beta = 0.5;
@@ -133,11 +137,32 @@ std::vector<spec> comparison_cases() {
   s.kind = divergence::reverse_kl; s.budget = budget_kind::whole; s.accumulate = true; s.bias = true; add(s);
   s = {}; s.name = "ce index accumulate, empty first, bias"; s.accumulate = true; s.bias = true;
   s.split = split_kind::empty_first; add(s);
+  // bfloat16 operands (run as float32 cases only)
+  s = {}; s.name = "bf16 ce index, weights, bias, skewed"; s.bf16 = true; s.class_weight = true; s.bias = true;
+  s.split = split_kind::skewed; add(s);
+  s = {}; s.name = "bf16 ce probabilities none, empty first, row blocks"; s.bf16 = true; s.loss = loss_kind::ce_prob;
+  s.reduce = reduction::none; s.split = split_kind::empty_first; s.budget = budget_kind::rows; add(s);
+  s = {}; s.name = "bf16 distill hidden jsd, teacher bias, mask"; s.bf16 = true; s.loss = loss_kind::distill_hidden;
+  s.kind = divergence::jsd; s.teacher_bias = true; s.mask = true; add(s);
   return v;
+}
+
+// bfloat16 bits of a float that is exactly representable (round_to_bf16 made it so)
+std::uint16_t bf16_bits(float f) { return static_cast<std::uint16_t>(std::bit_cast<std::uint32_t>(f) >> 16); }
+float round_to_bf16(float f) {
+  std::uint32_t u = std::bit_cast<std::uint32_t>(f);
+  u += 0x7FFFu + ((u >> 16) & 1u);  // nearest even (finite inputs)
+  return std::bit_cast<float>(u & 0xFFFF0000u);
+}
+std::vector<std::uint16_t> to_bf16(const std::vector<float>& v) {
+  std::vector<std::uint16_t> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = bf16_bits(v[i]);
+  return out;
 }
 
 template <class T>
 void run_case(const spec& s, std::uint64_t seed) {
+  if (s.bf16 && !std::is_same_v<T, float>) return;  // bfloat16 operands, float32 outputs
   g_case = s.name + (sizeof(T) == 4 ? " float32" : " float64") +
            (g_mode == softce::class_parallel::reduce_mode::commutative ? " commutative" : "");
   const dtype type = softce::dtype_of<T>();
@@ -159,6 +184,16 @@ void run_case(const spec& s, std::uint64_t seed) {
   fill(thidden, -1.0, 1.0);
   fill(tweight, -1.5, 1.5);
   fill(tbias, -0.5, 0.5);
+  if constexpr (std::is_same_v<T, float>) {
+    if (s.bf16)
+      for (auto* a : {&hidden, &weight, &bias, &thidden, &tweight, &tbias})
+        for (float& x : *a) x = round_to_bf16(x);
+  }
+  const dtype op_type = s.bf16 ? dtype::bfloat16 : type;  // the layer's operands
+  std::vector<std::uint16_t> hidden16, thidden16;
+  if constexpr (std::is_same_v<T, float>) {
+    if (s.bf16) hidden16 = to_bf16(hidden), thidden16 = to_bf16(thidden);
+  }
   for (std::int64_t r = 0; r < N; ++r) {
     double sum = 0.0;
     for (std::int64_t c = 0; c < V; ++c) sum += static_cast<double>(probs[r * V + c] = static_cast<T>(gen.uniform()));
@@ -188,8 +223,10 @@ void run_case(const spec& s, std::uint64_t seed) {
 
   std::vector<std::int64_t> hidden_shape = s.rows, thidden_shape = s.rows, prob_shape = s.rows, top_shape = s.rows;
   hidden_shape.push_back(D), thidden_shape.push_back(Dt), prob_shape.push_back(V), top_shape.push_back(K);
-  const array_view h = make_view<const void*>(hidden.data(), type, hidden_shape);
-  const array_view th = make_view<const void*>(thidden.data(), type, thidden_shape);
+  const array_view h = make_view<const void*>(s.bf16 ? static_cast<const void*>(hidden16.data()) : hidden.data(),
+                                              op_type, hidden_shape);
+  const array_view th = make_view<const void*>(
+      s.bf16 ? static_cast<const void*>(thidden16.data()) : thidden.data(), op_type, thidden_shape);
   const array_view yv = make_view<const void*>(y.data(), dtype::int64, s.rows);
   const array_view mv = make_view<const void*>(static_cast<const bool*>(mask), dtype::boolean, s.rows);
   const softce::topk tk{make_view<const void*>(top.data(), dtype::int64, top_shape),
@@ -232,9 +269,16 @@ void run_case(const spec& s, std::uint64_t seed) {
       for (std::int64_t c = 0; c < Vl; ++c) p[r * Vl + c] = probs[r * V + c0 + c], z[r * Vl + c] = teacher[r * V + c0 + c];
     std::vector<std::int64_t> local_shape = s.rows;
     local_shape.push_back(Vl);
-    const array_view wv = make_view<const void*>(w.data(), type, {Vl, D});
+    std::vector<std::uint16_t> w16, b16, tw16, tb16;
+    if constexpr (std::is_same_v<T, float>) {
+      if (s.bf16) w16 = to_bf16(w), b16 = to_bf16(b), tw16 = to_bf16(tw), tb16 = to_bf16(tb);
+    }
+    auto op = [&](const std::vector<T>& full, const std::vector<std::uint16_t>& half) {
+      return s.bf16 ? static_cast<const void*>(half.data()) : static_cast<const void*>(full.data());
+    };
+    const array_view wv = make_view<const void*>(op(w, w16), op_type, {Vl, D});
     std::optional<array_view> bv;
-    if (s.bias) bv = make_view<const void*>(b.data(), type, {Vl});
+    if (s.bias) bv = make_view<const void*>(op(b, b16), op_type, {Vl});
     auto c = ce;
     if (s.class_weight) c.weight = make_view<const void*>(cwl.data(), type, {Vl});
     out.losses.assign(static_cast<std::size_t>(N), T(-7));
@@ -254,8 +298,8 @@ void run_case(const spec& s, std::uint64_t seed) {
     const array_view pv = make_view<const void*>(p.data(), type, local_shape);
     const array_view zv = make_view<const void*>(z.data(), type, local_shape);
     std::optional<array_view> tbv;
-    if (s.teacher_bias) tbv = make_view<const void*>(tb.data(), type, {Vl});
-    const softce::linear_teacher lt{th, make_view<const void*>(tw.data(), type, {Vl, Dt}), tbv};
+    if (s.teacher_bias) tbv = make_view<const void*>(op(tb, tb16), op_type, {Vl});
+    const softce::linear_teacher lt{th, make_view<const void*>(op(tw, tw16), op_type, {Vl, Dt}), tbv};
     try {
       switch (s.loss) {
         case loss_kind::ce_index:
@@ -476,9 +520,9 @@ int main(int argc, char** argv) {
     std::uint64_t seed = 11;
     for (const spec& s : comparison_cases()) {
       run_case<float>(s, seed);
-      run_case<double>(s, seed);
+      run_case<double>(s, seed);  // returns at once for bfloat16 operands
       ++seed;
-      cases += 2;
+      cases += s.bf16 ? 1 : 2;
     }
   }
   test_errors();

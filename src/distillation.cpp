@@ -92,6 +92,8 @@ class distill_rows {
  private:
   using context = distill_context<T>;
   context make_context() const;
+  // where the statistics pass leaves the student's exps (scratch_)
+  T* student_exps(const context& c) const { return ex_in_grad_ ? c.gr : c.ex.data(); }
   void stage(context& c, std::int64_t r) const {
     c.xr = c.x.row(r);
     c.zr = c.z.row(r);
@@ -123,6 +125,10 @@ class distill_rows {
   // exps in scratch rows (the logits stay intact: log q and log p are read from them), so
   // the JSD pass and the gradient pass need no exp per element (jsd: one log, of m).
   bool scratch_;
+  // ... with the student's exps in the gradient row instead of a scratch row (one row of C
+  // less per thread): when the gradient is not the logits (jsd reads them again) and no
+  // teacher gradient needs the logits after the statistics pass
+  bool ex_in_grad_ = false;
   std::vector<jsd_stats> jsd_;  // class-parallel jsd: every row's second pass, exchanged
 };
 
@@ -156,6 +162,7 @@ distill_rows<T>::distill_rows(std::string_view fn, const array_view& student, co
   coef_ = gradient_coef(plan_) * T_;
   cached_ = out.grad && !shard && kind_ == grad_kind::kl && !out.grad_target;
   scratch_ = !shard && ((out.grad && kind_ == grad_kind::reverse_kl) || kind_ == grad_kind::jsd);
+  ex_in_grad_ = scratch_ && out.grad && !out.grad_target && g_op_->base != x_op_.base;
 }
 
 template <class T>
@@ -169,7 +176,7 @@ typename distill_rows<T>::context distill_rows<T>::make_context() const {
     c.shifts_x.resize(chunk_count(C_));
     c.shifts_z.resize(c.shifts_x.size());
   }
-  if (scratch_) c.ex = scratch_row<T>(static_cast<std::size_t>(C_));
+  if (scratch_ && !ex_in_grad_) c.ex = scratch_row<T>(static_cast<std::size_t>(C_));
   return c;
 }
 
@@ -183,7 +190,8 @@ distill_stats distill_rows<T>::stats(context& c, std::int64_t r) const {
     cx = exp_cache<T>{c.gr, c.shifts_x.data()};
     cz = exp_cache<T>{c.ez.data(), c.shifts_z.data()};
   } else if (scratch_) {
-    cx = exp_cache<T>{c.ex.data(), c.shifts_x.data()};
+    if (ex_in_grad_) c.gr = c.g->begin(r);
+    cx = exp_cache<T>{student_exps(c), c.shifts_x.data()};
     cz = exp_cache<T>{c.ez.data(), c.shifts_z.data()};
   }
   return row_stats_in_pieces<distill_stats>(
@@ -201,7 +209,7 @@ distill_stats distill_rows<T>::stats(context& c, std::int64_t r) const {
 template <class T>
 jsd_stats distill_rows<T>::jsd_of(context& c, const distill_stats& st) const {
   const row_normaliser<T> nx = normaliser<T>(st.shift_x, st.sum_x), nz = normaliser<T>(st.shift_z, st.sum_z);
-  const exp_cache<T> cx{c.ex.data(), c.shifts_x.data()}, cz{c.ez.data(), c.shifts_z.data()};
+  const exp_cache<T> cx{student_exps(c), c.shifts_x.data()}, cz{c.ez.data(), c.shifts_z.data()};
   const T it = static_cast<T>(inv_t_), beta = static_cast<T>(beta_);
   return row_stats_in_pieces<jsd_stats>(
       C_,
@@ -256,7 +264,7 @@ void distill_rows<T>::student_gradient(context& c, std::int64_t r, const distill
   T* g = c.g->begin(r);
   const T row_coef = static_cast<T>(kind_ == grad_kind::jsd ? coef_ * (1.0 - beta_) : coef_);
   const T rv = static_cast<T>(v.r);
-  const exp_cache<T> cx{c.ex.data(), c.shifts_x.data()};
+  const exp_cache<T> cx{student_exps(c), c.shifts_x.data()};
   const exp_cache<T> cdiff{c.ez.data(), c.shifts_z.data()};  // reverse_kl: dx - dz
   row_in_pieces(C_, [&](std::int64_t c0, std::int64_t len) {
     if (scratch_ && kind_ == grad_kind::reverse_kl)

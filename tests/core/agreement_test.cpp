@@ -420,6 +420,27 @@ TEST(Agreement, TransportWithoutCollectivesIsAnError) {
 
 
 
+// One rank's class-parallel call for the reduce-mode tests: kind 0 index targets, 1 top-k
+// with a tail, 2 / 3 / 4 distillation kl / reverse_kl / jsd against the teacher slice zs.
+double run_kind(int kind, const cp::transport& t, std::int64_t lo, const array_view& x, const array_view& y,
+                const softce::topk& tk, const array_view& zs, const softce::cross_entropy_options& o,
+                softce::distillation_options d, const softce::outputs& out) {
+  d.kind = kind == 3 ? softce::divergence::reverse_kl : kind == 4 ? softce::divergence::jsd : softce::divergence::kl;
+  cp::call_description call;
+  std::function<double(const softce::class_shard&)> core;
+  if (kind == 0) {
+    call = cp::describe("f", lo, C, x, y, o);
+    core = [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, y, o, out); };
+  } else if (kind == 1) {
+    call = cp::describe("f", lo, C, x, tk, o);
+    core = [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, tk, o, out); };
+  } else {
+    call = cp::describe("f", lo, C, x, zs, d);
+    core = [&](const softce::class_shard& s) { return cp::distillation_loss(s, x, zs, d, out); };
+  }
+  return cp::run(t, call, core);
+}
+
 // The commutative reduce mode (MAX of the shifts, SUM of the rescaled records) against the
 // ordered merge, for every record kind: index targets (ce records), top-k with a tail (two
 // shifts), distillation kl / reverse_kl (two shifts) and jsd (a second round of plain sums).
@@ -448,22 +469,10 @@ TEST(ReduceMode, CommutativeMatchesOrdered) {
             softce::cross_entropy_options o;
             o.label_smoothing = 0.1;
             softce::distillation_options d;
-            d.kind = kind == 3 ? softce::divergence::reverse_kl : kind == 4 ? softce::divergence::jsd
-                                                                            : softce::divergence::kl;
             d.temperature = 2.0;
-            cp::call_description call;
-            std::function<double(const softce::class_shard&)> core;
-            if (kind == 0) {
-              call = cp::describe("f", lo, C, x, softce::view(p.y.data(), {N}), o);
-              core = [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, softce::view(p.y.data(), {N}), o, out); };
-            } else if (kind == 1) {
-              call = cp::describe("f", lo, C, x, tk, ce{});
-              core = [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, tk, ce{}, out); };
-            } else {
-              call = cp::describe("f", lo, C, x, zs, d);
-              core = [&](const softce::class_shard& s) { return cp::distillation_loss(s, x, zs, d, out); };
-            }
-            loss[m][r] = cp::run(t, call, core);
+            // top-k (kind 1) without label smoothing
+            loss[m][r] = run_kind(kind, t, lo, x, softce::view(p.y.data(), {N}), tk, zs,
+                                  kind == 1 ? softce::cross_entropy_options{} : o, d, out);
           },
           [&](int) { return mode; });
       expect_everywhere(messages, "");
@@ -513,21 +522,7 @@ TEST(ReduceMode, CommutativeKeepsPoisonedRowsNaN) {
             o.reduce = softce::reduction::none;
             softce::distillation_options d;
             d.reduce = softce::reduction::none;
-            d.kind = kind == 3 ? softce::divergence::reverse_kl : kind == 4 ? softce::divergence::jsd
-                                                                            : softce::divergence::kl;
-            cp::call_description call;
-            std::function<double(const softce::class_shard&)> core;
-            if (kind == 0) {
-              call = cp::describe("f", lo, C, x, softce::view(p.y.data(), {N}), o);
-              core = [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, softce::view(p.y.data(), {N}), o, out); };
-            } else if (kind == 1) {
-              call = cp::describe("f", lo, C, x, tk, o);
-              core = [&](const softce::class_shard& s) { return cp::cross_entropy(s, x, tk, o, out); };
-            } else {
-              call = cp::describe("f", lo, C, x, zs, d);
-              core = [&](const softce::class_shard& s) { return cp::distillation_loss(s, x, zs, d, out); };
-            }
-            cp::run(t, call, core);
+            run_kind(kind, t, lo, x, softce::view(p.y.data(), {N}), tk, zs, o, d, out);
           },
           [&](int) { return mode; });
       expect_everywhere(messages, "");

@@ -196,9 +196,11 @@ HWY_INLINE float Bf16ChunkMax(D d, const std::uint16_t* x, size_t len) {
   return hn::GetLane(hn::MaxOfLanes(d, m0));
 }
 
-// One vector of TargetRowStatsBf16: e = exp(x - shift) (cached), Σ e, Σ wt, Σ wt (x - shift)
-// (the last skipped where wt = 0: 0 * -inf).
-template <bool kFull, bool kCache, class D>
+// One vector of TargetRowStatsBf16: e = exp(x - shift) (cached), Σ e, Σ wt, Σ wt (x - shift),
+// the last skipped where wt = 0 (0 * -inf) when kGuard. Unguarded, a lane adds wt (x - shift)
+// exactly as the guarded one where it is not NaN (wt = 0 adds +-0), so a chunk whose
+// unguarded Σ is not NaN has the guarded Σ's bits; Bf16ChunkGuardedB redoes the others.
+template <bool kFull, bool kCache, bool kGuard, class D>
 HWY_INLINE void Bf16StatsVector(D d, const std::uint16_t* xp, const std::uint16_t* tp, size_t r, V<D> vshift,
                                 V<D> vkeep, V<D> vadd, V<D>& vs, V<D>& va, V<D>& vb, float* ec) {
   const auto zero = hn::Zero(d);
@@ -209,7 +211,10 @@ HWY_INLINE void Bf16StatsVector(D d, const std::uint16_t* xp, const std::uint16_
   const auto e = ExpNonPositive(d, diff);
   vs = hn::Add(vs, e);
   va = hn::Add(va, wt);
-  vb = hn::IfThenElse(hn::Eq(wt, zero), vb, hn::MulAdd(wt, diff, vb));
+  if constexpr (kGuard)
+    vb = hn::IfThenElse(hn::Eq(wt, zero), vb, hn::MulAdd(wt, diff, vb));
+  else
+    vb = hn::MulAdd(wt, diff, vb);
   if constexpr (kCache) {
     if (kFull)
       hn::StoreU(e, d, ec);
@@ -240,12 +245,25 @@ target_stats TargetRowStatsBf16Impl(const std::uint16_t* x, const std::uint16_t*
     for (; i + N <= len; i += N) {
       PrefetchNextChunk(xc + i);
       PrefetchNextChunk(tc + i);
-      Bf16StatsVector<true, kCache>(d, xc + i, tc + i, N, vshift, vkeep, vadd, vs, va, vb, kCache ? ec + i : nullptr);
+      Bf16StatsVector<true, kCache, false>(d, xc + i, tc + i, N, vshift, vkeep, vadd, vs, va, vb,
+                                           kCache ? ec + i : nullptr);
+    }
+    const size_t full = i;
+    // the full vectors' Σ wt (x - shift) unguarded: NaN only from a -inf logit under a zero
+    // weight (or a NaN logit, target or an infinite target, which the guard keeps NaN too)
+    if (hn::AllFalse(d, hn::IsNaN(vb))) [[likely]] {
+    } else {
+      vb = zero;
+      for (size_t j = 0; j < full; j += N) {
+        V<decltype(d)> s_unused = zero, a_unused = zero;
+        Bf16StatsVector<true, false, true>(d, xc + j, tc + j, N, vshift, vkeep, vadd, s_unused, a_unused, vb,
+                                           nullptr);
+      }
     }
 #if HWY_TARGET != HWY_SCALAR  // one lane: no partial vector
     if (i < len)
-      Bf16StatsVector<false, kCache>(d, xc + i, tc + i, len - i, vshift, vkeep, vadd, vs, va, vb,
-                                     kCache ? ec + i : nullptr);
+      Bf16StatsVector<false, kCache, true>(d, xc + i, tc + i, len - i, vshift, vkeep, vadd, vs, va, vb,
+                                           kCache ? ec + i : nullptr);
 #endif
     merge_into(acc, target_stats{static_cast<double>(m), Total(d, vs), Total(d, va), Total(d, vb)});
   }

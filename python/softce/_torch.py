@@ -172,7 +172,7 @@ def _forward(call, input: Tensor, reduction: str, per_row: bool, compute_grad: b
     else:
         grad_target = torch.empty_like(target.detach())
         value = call(dl(x), dl(grad), dl(losses), dl(grad_target))
-    loss = losses if losses is not None else torch.tensor(value, dtype=x.dtype)
+    loss = losses if losses is not None else torch.scalar_tensor(value, dtype=x.dtype)
     return loss, grad, grad_target
 
 

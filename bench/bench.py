@@ -12,7 +12,9 @@ server that has imported torch, numpy and softce once (multiprocessing "forkserv
   median over rounds of each implementation's time divided by softce's time in the same
   round ("x softce"; also against softce in place), and softce's fraction of the bound: the
   unavoidable bytes of the call (read the logits and the targets once, write the gradient
-  once) / time / triad bandwidth. Then the default call's tail latency: 20 consecutive
+  once) / time / triad bandwidth. After a JAX peer's sample the round pauses JAX_SETTLE_S:
+  XLA's pool threads spin on after a call and would take the cores from whatever is timed
+  next. Then the default call's tail latency: 20 consecutive
   calls timed one by one, alone and between steps of a workload that fragments memory
   (tensors of random sizes allocated, kept and freed, and the JAX peer run), reporting the
   90th percentile over the median (the stalls a median hides).
@@ -79,6 +81,8 @@ SOFTCE_INPLACE = "softce in place"
 TORCH = "PyTorch"
 TORCH_COMPILE = "torch.compile"
 OPTAX_JSD = "jax.jit TRL JSD"
+# the pause after a JAX peer's sample (its pool threads stop spinning well within it)
+JAX_SETTLE_S = 0.1
 OPTAX_TOPK = "optax softmax_cross_entropy (scattered top-k)"
 
 
@@ -399,7 +403,7 @@ def implementations(case, inp, with_jax, only=None):
     if kind == "topk":
         factories["softce index CE, same shape"] = lambda: softce_index_same_shape(case, inp)
     if only is not None:
-        if only.startswith("optax") or only.startswith("jax"):
+        if is_jax(only):
             return {only: jax_impls(case, inp)[only]}
         return {only: factories[only]()}
     impls = {name: factories[name]() for name in factories}
@@ -492,6 +496,11 @@ def timing_worker(case, threads, quick, with_jax, rounds, min_sample):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             times[name].append(timed(impls[name], inner[name]))
+            if is_jax(name):
+                # XLA's pool threads spin on after a jax.jit call (bench/jax_after_step.py:
+                # a softce call right after one took 1.7x as long on 2 cores); let them
+                # sleep so the next implementation in the round gets the cores
+                time.sleep(JAX_SETTLE_S)
         triad_times.append(timed(triad, 1))
     triad_bw = 12.0 * n_triad / statistics.median(triad_times)
     tails = {"alone": tail_latency(impls[SOFTCE], None),
@@ -513,6 +522,10 @@ def timing_worker(case, threads, quick, with_jax, rounds, min_sample):
 
 
 TAIL_CALLS = 20
+
+
+def is_jax(name):
+    return name.startswith(("optax", "jax"))
 
 
 def tail_latency(fn, between):
@@ -542,7 +555,7 @@ def fragmenting_workload(impls, quick):
 
     rng = random.Random(0)
     kept = []
-    jax_peer = next((fn for name, fn in impls.items() if name.startswith(("optax", "jax"))), None)
+    jax_peer = next((fn for name, fn in impls.items() if is_jax(name)), None)
 
     def between():
         for _ in range(4):

@@ -19,7 +19,7 @@ server that has imported torch, numpy and softce once (multiprocessing "forkserv
   (tensors of random sizes allocated, kept and freed, and the JAX peer run), reporting the
   90th percentile over the median (the stalls a median hides).
 - memory: one process per (case, implementation): build the inputs, warm the code path up
-  on a tiny problem, reset the RSS high-water mark, run one call, report the high-water mark
+  on a tiny problem, start the OpenMP team, reset the RSS high-water mark, run one call, report the high-water mark
   above the baseline (VmHWM after /proc/self/clear_refs; ru_maxrss where that is missing).
 
   python bench/bench.py                 # full run, 1 and 2 threads, text tables

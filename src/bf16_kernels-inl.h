@@ -199,7 +199,7 @@ HWY_INLINE float Bf16ChunkMax(D d, const std::uint16_t* x, size_t len) {
 // One vector of TargetRowStatsBf16: e = exp(x - shift) (cached), Σ e, Σ wt, Σ wt (x - shift),
 // the last skipped where wt = 0 (0 * -inf) when kGuard. Unguarded, a lane adds wt (x - shift)
 // exactly as the guarded one where it is not NaN (wt = 0 adds +-0), so a chunk whose
-// unguarded Σ is not NaN has the guarded Σ's bits; Bf16ChunkGuardedB redoes the others.
+// unguarded Σ is not NaN has the guarded Σ's bits; TargetRowStatsBf16Impl redoes the others.
 template <bool kFull, bool kCache, bool kGuard, class D>
 HWY_INLINE void Bf16StatsVector(D d, const std::uint16_t* xp, const std::uint16_t* tp, size_t r, V<D> vshift,
                                 V<D> vkeep, V<D> vadd, V<D>& vs, V<D>& va, V<D>& vb, float* ec) {
@@ -251,8 +251,7 @@ target_stats TargetRowStatsBf16Impl(const std::uint16_t* x, const std::uint16_t*
     const size_t full = i;
     // the full vectors' Σ wt (x - shift) unguarded: NaN only from a -inf logit under a zero
     // weight (or a NaN logit, target or an infinite target, which the guard keeps NaN too)
-    if (hn::AllFalse(d, hn::IsNaN(vb))) [[likely]] {
-    } else {
+    if (!hn::AllFalse(d, hn::IsNaN(vb))) [[unlikely]] {
       vb = zero;
       for (size_t j = 0; j < full; j += N) {
         V<decltype(d)> s_unused = zero, a_unused = zero;

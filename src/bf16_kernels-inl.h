@@ -38,10 +38,8 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
-// g = coef (e f a - (keep t + add)) for one chunk, rounded to bfloat16, as
-// e (coef f a) - ((coef keep) t + coef add): the arithmetic of TargetRowGradCachedBf16's
-// generic path (the same fused operations, so the same floats). (GCC 12 warns
-// about _mm512_undefined_epi32 inside its own intrinsics headers: a false positive.)
+// (GCC 12 warns about _mm512_undefined_epi32 inside its own intrinsics headers: a false
+// positive.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // One vector of 16: g rounded to bfloat16 and stored under the lane mask m.
@@ -66,13 +64,53 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) inl
   _mm256_mask_storeu_epi16(g, m, bits);
 }
 
+// A pair block of 32 (kBf16Pairs): the even classes' gradients ge and the odd ones' go,
+// rounded to bfloat16 and stored in class order. Both rounded by one instruction, then
+// interleaved by one permutation; a block with a subnormal lane takes the integer rule
+// for all of its lanes (the same bits for the others).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) inline void store_grad_pair_bf16_native(
+    __m512 ge, __m512 go, std::uint16_t* g) {
+  if (_mm512_fpclass_ps_mask(ge, 0x20) | _mm512_fpclass_ps_mask(go, 0x20)) [[unlikely]] {
+    alignas(64) float lanes[32];
+    _mm512_store_ps(lanes, ge);
+    _mm512_store_ps(lanes + 16, go);
+    for (int j = 0; j < 32; ++j) {
+      std::uint32_t u;
+      std::memcpy(&u, &lanes[(j & 1) * 16 + j / 2], 4);
+      g[j] = static_cast<std::uint16_t>(std::isnan(lanes[(j & 1) * 16 + j / 2]) ? (u >> 16) | 0x40u
+                                                                            : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+    return;
+  }
+  // words 0-15 the even classes, 16-31 the odd ones; class 2j comes from word j, 2j + 1
+  // from word 16 + j
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(go, ge));
+  _mm512_storeu_si512(g, _mm512_permutexvar_epi16(order, packed));
+}
+
+// g = coef (e f a - (keep t + add)) for one chunk, rounded to bfloat16, as
+// e (coef f a) - ((coef keep) t + coef add): the arithmetic of TargetRowGradCachedBf16's
+// generic path (the same fused operations, so the same floats). `pairs`: the cache holds
+// the chunk's pair blocks (kBf16Pairs).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) void grad_cached_bf16_native(
     const float* e, const std::uint16_t* t, std::int64_t len, float factor, float a, float coef, float keep, float add,
-    std::uint16_t* g) {
+    std::uint16_t* g, bool pairs) {
   // g = coef (e f a - wt) = e (coef f a) - coef wt: one multiply-add after the target's
   const __m512 vqa = _mm512_set1_ps(coef * factor * a);
   const __m512 vkeep = _mm512_set1_ps(coef * keep), vadd = _mm512_set1_ps(coef * add);
   std::int64_t i = 0;
+  if (pairs) {
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (; i + 32 <= len; i += 32) {
+      const __m512i tb = _mm512_loadu_si512(t + i);
+      const __m512 w0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(tb, 16)), vkeep, vadd);
+      const __m512 w1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(tb, high)), vkeep, vadd);
+      store_grad_pair_bf16_native(_mm512_fmsub_ps(_mm512_loadu_ps(e + i), vqa, w0),
+                                  _mm512_fmsub_ps(_mm512_loadu_ps(e + i + 16), vqa, w1), g + i);
+    }
+  }
   for (; i + 16 <= len; i += 16) {
     const __m512i t32 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + i))), 16);
     const __m512 wt = _mm512_fmadd_ps(_mm512_castsi512_ps(t32), vkeep, vadd);
@@ -145,6 +183,24 @@ HWY_INLINE void StoreBf16(D d, V<D> v, std::uint16_t* p, size_t r) {
   }
 }
 
+// A pair block's even (ve) and odd (vo) classes rounded as StoreBf16 does, stored in class
+// order: the even ones' bits land in the low halves of the 32-bit lanes, the odd ones' in
+// the high halves.
+template <class D>
+HWY_INLINE void StoreBf16Pair(D d, V<D> ve, V<D> vo, std::uint16_t* p) {
+  const hn::RebindToUnsigned<D> du32;
+  const hn::Repartition<std::uint16_t, D> du16;
+  const auto one = hn::Set(du32, 1u), half = hn::Set(du32, 0x7FFFu), quiet = hn::Set(du32, 0x00400000u);
+  const auto ue = hn::BitCast(du32, ve), uo = hn::BitCast(du32, vo);
+  // nearest even in the high halves (NaN: kept, made quiet)
+  const auto re = hn::IfThenElse(hn::RebindMask(du32, hn::IsNaN(ve)), hn::Or(ue, quiet),
+                                 hn::Add(ue, hn::Add(half, hn::And(hn::ShiftRight<16>(ue), one))));
+  const auto ro = hn::IfThenElse(hn::RebindMask(du32, hn::IsNaN(vo)), hn::Or(uo, quiet),
+                                 hn::Add(uo, hn::Add(half, hn::And(hn::ShiftRight<16>(uo), one))));
+  const auto bits = hn::Or(hn::ShiftRight<16>(re), hn::And(ro, hn::Set(du32, 0xFFFF0000u)));
+  hn::StoreU(hn::BitCast(du16, bits), du16, p);
+}
+
 constexpr std::uint16_t kBf16NegInf = 0xFF80;
 
 // Max of n bfloat16 values. On AVX-512 32 at a time, on integer keys: a bfloat16's bits
@@ -196,30 +252,70 @@ HWY_INLINE float Bf16ChunkMax(D d, const std::uint16_t* x, size_t len) {
   return hn::GetLane(hn::MaxOfLanes(d, m0));
 }
 
-// One vector of TargetRowStatsBf16: e = exp(x - shift) (cached), Σ e, Σ wt, Σ wt (x - shift),
-// the last skipped where wt = 0 (0 * -inf) when kGuard. Unguarded, a lane adds wt (x - shift)
-// exactly as the guarded one where it is not NaN (wt = 0 adds +-0), so a chunk whose
-// unguarded Σ is not NaN has the guarded Σ's bits; TargetRowStatsBf16Impl redoes the others.
-template <bool kFull, bool kCache, bool kGuard, class D>
-HWY_INLINE void Bf16StatsVector(D d, const std::uint16_t* xp, const std::uint16_t* tp, size_t r, V<D> vshift,
-                                V<D> vkeep, V<D> vadd, V<D>& vs, V<D>& va, V<D>& vb, float* ec) {
-  const auto zero = hn::Zero(d);
-  const auto xv = kFull ? LoadBf16(d, xp) : LoadBf16Part(d, xp, r, kBf16NegInf);
-  auto wt = hn::MulAdd(kFull ? LoadBf16(d, tp) : LoadBf16Part(d, tp, r, 0), vkeep, vadd);
-  if (!kFull) wt = hn::IfThenElseZero(hn::FirstN(d, r), wt);
+// On vector targets a block of 2 vectors' classes (32 on AVX-512) is read with one load per
+// operand and split into its even classes (the low halves of the 32-bit lanes, shifted up)
+// and its odd ones (the high halves, masked): 2 operations where widening takes 4. The statistics
+// are sums, free in their order; the exp cache then holds each block's 16 even classes
+// followed by its 16 odd ones, and the gradient pass (TargetRowGradCachedBf16, the same
+// target) reads it so and writes the classes back in their order. A chunk's blocks start
+// at its first class; what is left of it (less than a block) is in class order.
+inline constexpr bool kBf16Pairs = HWY_TARGET != HWY_SCALAR;
+
+template <class D>
+HWY_INLINE void LoadBf16Pairs(D d, const std::uint16_t* p, V<D>& even, V<D>& odd) {
+  const hn::RebindToUnsigned<D> du32;
+  const hn::Repartition<std::uint16_t, D> du16;
+  const auto bits = hn::BitCast(du32, hn::LoadU(du16, p));
+  even = hn::BitCast(d, hn::ShiftLeft<16>(bits));
+  odd = hn::BitCast(d, hn::And(bits, hn::Set(du32, 0xFFFF0000u)));
+}
+
+// The statistics of one vector of logits xv and weighted targets wt: e = exp(x - shift)
+// (returned, for the cache), Σ e, Σ wt, Σ wt (x - shift), the last skipped where wt = 0
+// (0 * -inf) when kGuard. Unguarded, a lane adds wt (x - shift) exactly as the guarded one
+// where it is not NaN (wt = 0 adds +-0), so a chunk whose unguarded Σ is not NaN has the
+// guarded Σ's bits; TargetRowStatsBf16Impl redoes the others.
+template <bool kGuard, class D>
+HWY_INLINE V<D> Bf16Stats(D d, V<D> xv, V<D> wt, V<D> vshift, V<D>& vs, V<D>& va, V<D>& vb) {
   const auto diff = hn::Sub(xv, vshift);
   const auto e = ExpNonPositive(d, diff);
   vs = hn::Add(vs, e);
   va = hn::Add(va, wt);
   if constexpr (kGuard)
-    vb = hn::IfThenElse(hn::Eq(wt, zero), vb, hn::MulAdd(wt, diff, vb));
+    vb = hn::IfThenElse(hn::Eq(wt, hn::Zero(d)), vb, hn::MulAdd(wt, diff, vb));
   else
     vb = hn::MulAdd(wt, diff, vb);
-  if constexpr (kCache) {
-    if (kFull)
-      hn::StoreU(e, d, ec);
-    else
-      StorePart(e, d, ec, r);
+  return e;
+}
+
+// The statistics of the classes [0, full) of a chunk (full: the chunk's whole vectors), in
+// pair blocks where the target has them, then vectors in class order.
+template <bool kCache, bool kGuard, class D>
+HWY_INLINE void Bf16StatsFull(D d, const std::uint16_t* xc, const std::uint16_t* tc, size_t full, V<D> vshift,
+                              V<D> vkeep, V<D> vadd, V<D>& vs, V<D>& va, V<D>& vb, float* ec) {
+  const size_t N = hn::Lanes(d);
+  size_t i = 0;
+  if constexpr (kBf16Pairs) {
+    for (; i + 2 * N <= full; i += 2 * N) {
+      PrefetchNextChunk(xc + i);  // one line of each per block
+      PrefetchNextChunk(tc + i);
+      V<D> x0, x1, t0, t1;
+      LoadBf16Pairs(d, xc + i, x0, x1);
+      LoadBf16Pairs(d, tc + i, t0, t1);
+      const auto e0 = Bf16Stats<kGuard>(d, x0, hn::MulAdd(t0, vkeep, vadd), vshift, vs, va, vb);
+      const auto e1 = Bf16Stats<kGuard>(d, x1, hn::MulAdd(t1, vkeep, vadd), vshift, vs, va, vb);
+      if constexpr (kCache) {
+        hn::StoreU(e0, d, ec + i);
+        hn::StoreU(e1, d, ec + i + N);
+      }
+    }
+  }
+  for (; i + N <= full; i += N) {
+    PrefetchNextChunk(xc + i);
+    PrefetchNextChunk(tc + i);
+    const auto e = Bf16Stats<kGuard>(d, LoadBf16(d, xc + i), hn::MulAdd(LoadBf16(d, tc + i), vkeep, vadd), vshift,
+                                     vs, va, vb);
+    if constexpr (kCache) hn::StoreU(e, d, ec + i);
   }
 }
 
@@ -241,28 +337,22 @@ target_stats TargetRowStatsBf16Impl(const std::uint16_t* x, const std::uint16_t*
     float* ec = kCache ? cache.e + c0 : nullptr;
     if (cache.shifts) cache.shifts[c0 / kChunk] = FiniteShift(m);
     V<decltype(d)> vs = zero, va = zero, vb = zero;
-    size_t i = 0;
-    for (; i + N <= len; i += N) {
-      PrefetchNextChunk(xc + i);
-      PrefetchNextChunk(tc + i);
-      Bf16StatsVector<true, kCache, false>(d, xc + i, tc + i, N, vshift, vkeep, vadd, vs, va, vb,
-                                           kCache ? ec + i : nullptr);
-    }
-    const size_t full = i;
+    const size_t full = len / N * N;
+    Bf16StatsFull<kCache, false>(d, xc, tc, full, vshift, vkeep, vadd, vs, va, vb, ec);
     // the full vectors' Σ wt (x - shift) unguarded: NaN only from a -inf logit under a zero
     // weight (or a NaN logit, target or an infinite target, which the guard keeps NaN too)
     if (!hn::AllFalse(d, hn::IsNaN(vb))) [[unlikely]] {
       vb = zero;
-      for (size_t j = 0; j < full; j += N) {
-        V<decltype(d)> s_unused = zero, a_unused = zero;
-        Bf16StatsVector<true, false, true>(d, xc + j, tc + j, N, vshift, vkeep, vadd, s_unused, a_unused, vb,
-                                           nullptr);
-      }
+      V<decltype(d)> s_unused = zero, a_unused = zero;
+      Bf16StatsFull<false, true>(d, xc, tc, full, vshift, vkeep, vadd, s_unused, a_unused, vb, nullptr);
     }
 #if HWY_TARGET != HWY_SCALAR  // one lane: no partial vector
-    if (i < len)
-      Bf16StatsVector<false, kCache, true>(d, xc + i, tc + i, len - i, vshift, vkeep, vadd, vs, va, vb,
-                                           kCache ? ec + i : nullptr);
+    if (full < len) {
+      const size_t r = len - full;
+      const auto wt = hn::IfThenElseZero(hn::FirstN(d, r), hn::MulAdd(LoadBf16Part(d, tc + full, r, 0), vkeep, vadd));
+      const auto e = Bf16Stats<true>(d, LoadBf16Part(d, xc + full, r, kBf16NegInf), wt, vshift, vs, va, vb);
+      if constexpr (kCache) StorePart(e, d, ec + full, r);
+    }
 #endif
     merge_into(acc, target_stats{static_cast<double>(m), Total(d, vs), Total(d, va), Total(d, vb)});
   }
@@ -285,7 +375,8 @@ void TargetRowGradCachedBf16(exp_cache<float> cache, const std::uint16_t* t, std
   if (cpu_has_avx512_bf16()) {
     for (std::int64_t c0 = 0; c0 < n; c0 += kChunk)
       grad_cached_bf16_native(cache.e + c0, t + c0, std::min<std::int64_t>(kChunk, n - c0),
-                              ChunkFactor(cache.shifts[c0 / kChunk], norm, 1.0f), a, coef, keep, add, g + c0);
+                              ChunkFactor(cache.shifts[c0 / kChunk], norm, 1.0f), a, coef, keep, add, g + c0,
+                              kBf16Pairs);
     return;
   }
 #endif
@@ -299,6 +390,14 @@ void TargetRowGradCachedBf16(exp_cache<float> cache, const std::uint16_t* t, std
     const std::uint16_t* tc = t + c0;
     std::uint16_t* gc = g + c0;
     size_t i = 0;
+    if constexpr (kBf16Pairs) {
+      for (; i + 2 * N <= len; i += 2 * N) {
+        V<decltype(d)> t0, t1;
+        LoadBf16Pairs(d, tc + i, t0, t1);
+        StoreBf16Pair(d, hn::MulSub(hn::LoadU(d, ec + i), vqa, hn::MulAdd(t0, vkeep_c, vadd_c)),
+                      hn::MulSub(hn::LoadU(d, ec + i + N), vqa, hn::MulAdd(t1, vkeep_c, vadd_c)), gc + i);
+      }
+    }
     for (; i + N <= len; i += N) {
       const auto wt = hn::MulAdd(LoadBf16(d, tc + i), vkeep_c, vadd_c);
       StoreBf16(d, hn::MulSub(hn::LoadU(d, ec + i), vqa, wt), gc + i, N);

@@ -70,7 +70,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) inl
 // for all of its lanes (the same bits for the others).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) inline void store_grad_pair_bf16_native(
     __m512 ge, __m512 go, std::uint16_t* g) {
-  if (_mm512_fpclass_ps_mask(ge, 0x20) | _mm512_fpclass_ps_mask(go, 0x20)) [[unlikely]] {
+  if (!_kortestz_mask16_u8(_mm512_fpclass_ps_mask(ge, 0x20), _mm512_fpclass_ps_mask(go, 0x20))) [[unlikely]] {
     alignas(64) float lanes[32];
     _mm512_store_ps(lanes, ge);
     _mm512_store_ps(lanes + 16, go);
@@ -290,7 +290,17 @@ HWY_INLINE V<D> Bf16Stats(D d, V<D> xv, V<D> wt, V<D> vshift, V<D>& vs, V<D>& va
 
 // The statistics of the classes [0, full) of a chunk (full: the chunk's whole vectors), in
 // pair blocks where the target has them, then vectors in class order.
-template <bool kCache, bool kGuard, class D>
+// The weighted target keep t + add; t itself for plain targets (keep 1, add 0: no label
+// smoothing), one operation less per vector (the same value; a -0 target stays -0).
+template <bool kPlain, class D>
+HWY_INLINE V<D> Bf16Weighted(V<D> t, V<D> vkeep, V<D> vadd) {
+  if constexpr (kPlain)
+    return t;
+  else
+    return hn::MulAdd(t, vkeep, vadd);
+}
+
+template <bool kCache, bool kGuard, bool kPlain, class D>
 HWY_INLINE void Bf16StatsFull(D d, const std::uint16_t* xc, const std::uint16_t* tc, size_t full, V<D> vshift,
                               V<D> vkeep, V<D> vadd, V<D>& vs, V<D>& va, V<D>& vb, float* ec) {
   const size_t N = hn::Lanes(d);
@@ -302,8 +312,8 @@ HWY_INLINE void Bf16StatsFull(D d, const std::uint16_t* xc, const std::uint16_t*
       V<D> x0, x1, t0, t1;
       LoadBf16Pairs(d, xc + i, x0, x1);
       LoadBf16Pairs(d, tc + i, t0, t1);
-      const auto e0 = Bf16Stats<kGuard>(d, x0, hn::MulAdd(t0, vkeep, vadd), vshift, vs, va, vb);
-      const auto e1 = Bf16Stats<kGuard>(d, x1, hn::MulAdd(t1, vkeep, vadd), vshift, vs, va, vb);
+      const auto e0 = Bf16Stats<kGuard>(d, x0, Bf16Weighted<kPlain, D>(t0, vkeep, vadd), vshift, vs, va, vb);
+      const auto e1 = Bf16Stats<kGuard>(d, x1, Bf16Weighted<kPlain, D>(t1, vkeep, vadd), vshift, vs, va, vb);
       if constexpr (kCache) {
         hn::StoreU(e0, d, ec + i);
         hn::StoreU(e1, d, ec + i + N);
@@ -313,15 +323,15 @@ HWY_INLINE void Bf16StatsFull(D d, const std::uint16_t* xc, const std::uint16_t*
   for (; i + N <= full; i += N) {
     PrefetchNextChunk(xc + i);
     PrefetchNextChunk(tc + i);
-    const auto e = Bf16Stats<kGuard>(d, LoadBf16(d, xc + i), hn::MulAdd(LoadBf16(d, tc + i), vkeep, vadd), vshift,
-                                     vs, va, vb);
+    const auto e = Bf16Stats<kGuard>(d, LoadBf16(d, xc + i), Bf16Weighted<kPlain, D>(LoadBf16(d, tc + i), vkeep, vadd),
+                                     vshift, vs, va, vb);
     if constexpr (kCache) hn::StoreU(e, d, ec + i);
   }
 }
 
 // TargetRowStats for bfloat16 logits and dense bfloat16 targets without class weights:
 // wt = keep * t + add. The cache is float.
-template <bool kCache>
+template <bool kCache, bool kPlain>
 target_stats TargetRowStatsBf16Impl(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep,
                                     float add, exp_cache<float> cache) {
   const hn::ScalableTag<float> d;
@@ -338,18 +348,19 @@ target_stats TargetRowStatsBf16Impl(const std::uint16_t* x, const std::uint16_t*
     if (cache.shifts) cache.shifts[c0 / kChunk] = FiniteShift(m);
     V<decltype(d)> vs = zero, va = zero, vb = zero;
     const size_t full = len / N * N;
-    Bf16StatsFull<kCache, false>(d, xc, tc, full, vshift, vkeep, vadd, vs, va, vb, ec);
+    Bf16StatsFull<kCache, false, kPlain>(d, xc, tc, full, vshift, vkeep, vadd, vs, va, vb, ec);
     // the full vectors' Σ wt (x - shift) unguarded: NaN only from a -inf logit under a zero
     // weight (or a NaN logit, target or an infinite target, which the guard keeps NaN too)
     if (!hn::AllFalse(d, hn::IsNaN(vb))) [[unlikely]] {
       vb = zero;
       V<decltype(d)> s_unused = zero, a_unused = zero;
-      Bf16StatsFull<false, true>(d, xc, tc, full, vshift, vkeep, vadd, s_unused, a_unused, vb, nullptr);
+      Bf16StatsFull<false, true, kPlain>(d, xc, tc, full, vshift, vkeep, vadd, s_unused, a_unused, vb, nullptr);
     }
 #if HWY_TARGET != HWY_SCALAR  // one lane: no partial vector
     if (full < len) {
       const size_t r = len - full;
-      const auto wt = hn::IfThenElseZero(hn::FirstN(d, r), hn::MulAdd(LoadBf16Part(d, tc + full, r, 0), vkeep, vadd));
+      const auto wt =
+          hn::IfThenElseZero(hn::FirstN(d, r), Bf16Weighted<kPlain, decltype(d)>(LoadBf16Part(d, tc + full, r, 0), vkeep, vadd));
       const auto e = Bf16Stats<true>(d, LoadBf16Part(d, xc + full, r, kBf16NegInf), wt, vshift, vs, va, vb);
       if constexpr (kCache) StorePart(e, d, ec + full, r);
     }
@@ -361,8 +372,11 @@ target_stats TargetRowStatsBf16Impl(const std::uint16_t* x, const std::uint16_t*
 
 target_stats TargetRowStatsBf16(const std::uint16_t* x, const std::uint16_t* t, std::int64_t n, float keep, float add,
                                 exp_cache<float> cache) {
-  return cache.e ? TargetRowStatsBf16Impl<true>(x, t, n, keep, add, cache)
-                 : TargetRowStatsBf16Impl<false>(x, t, n, keep, add, cache);
+  if (keep == 1.0f && add == 0.0f)
+    return cache.e ? TargetRowStatsBf16Impl<true, true>(x, t, n, keep, add, cache)
+                   : TargetRowStatsBf16Impl<false, true>(x, t, n, keep, add, cache);
+  return cache.e ? TargetRowStatsBf16Impl<true, false>(x, t, n, keep, add, cache)
+                 : TargetRowStatsBf16Impl<false, false>(x, t, n, keep, add, cache);
 }
 
 // g = coef (q a - wt) from the float cache and the bfloat16 targets (read again, from

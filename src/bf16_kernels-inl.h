@@ -290,6 +290,11 @@ HWY_INLINE V<D> Bf16Stats(D d, V<D> xv, V<D> wt, V<D> vshift, V<D>& vs, V<D>& va
 
 // The statistics of the classes [0, full) of a chunk (full: the chunk's whole vectors), in
 // pair blocks where the target has them, then vectors in class order.
+// The statistics pass prefetches 4 KiB ahead, as the float kernels do (PrefetchNextChunk:
+// one chunk of floats): two chunks of 16-bit values. (One chunk ahead, 2 KiB, was ~4 %
+// slower at 1024 x 32000 on 2 threads; 8 KiB slower still.)
+HWY_INLINE void PrefetchBf16Ahead(const std::uint16_t* p) { hwy::Prefetch(p + 2 * kChunk); }
+
 // The weighted target keep t + add; t itself for plain targets (keep 1, add 0: no label
 // smoothing), one operation less per vector (the same value; a -0 target stays -0).
 template <bool kPlain, class D>
@@ -307,8 +312,8 @@ HWY_INLINE void Bf16StatsFull(D d, const std::uint16_t* xc, const std::uint16_t*
   size_t i = 0;
   if constexpr (kBf16Pairs) {
     for (; i + 2 * N <= full; i += 2 * N) {
-      PrefetchNextChunk(xc + i);  // one line of each per block
-      PrefetchNextChunk(tc + i);
+      PrefetchBf16Ahead(xc + i);  // one line of each per block
+      PrefetchBf16Ahead(tc + i);
       V<D> x0, x1, t0, t1;
       LoadBf16Pairs(d, xc + i, x0, x1);
       LoadBf16Pairs(d, tc + i, t0, t1);
@@ -321,8 +326,8 @@ HWY_INLINE void Bf16StatsFull(D d, const std::uint16_t* xc, const std::uint16_t*
     }
   }
   for (; i + N <= full; i += N) {
-    PrefetchNextChunk(xc + i);
-    PrefetchNextChunk(tc + i);
+    PrefetchBf16Ahead(xc + i);
+    PrefetchBf16Ahead(tc + i);
     const auto e = Bf16Stats<kGuard>(d, LoadBf16(d, xc + i), Bf16Weighted<kPlain, D>(LoadBf16(d, tc + i), vkeep, vadd),
                                      vshift, vs, va, vb);
     if constexpr (kCache) hn::StoreU(e, d, ec + i);

@@ -254,8 +254,8 @@ HWY_INLINE float Bf16ChunkMax(D d, const std::uint16_t* x, size_t len) {
 
 // On vector targets a block of 2 vectors' classes (32 on AVX-512) is read with one load per
 // operand and split into its even classes (the low halves of the 32-bit lanes, shifted up)
-// and its odd ones (the high halves, masked): 2 operations where widening takes 4. The statistics
-// are sums, free in their order; the exp cache then holds each block's 16 even classes
+// and its odd ones (the high halves, masked): 2 operations where widening takes 4. The
+// statistics are sums, free in their order; the exp cache then holds each block's 16 even classes
 // followed by its 16 odd ones, and the gradient pass (TargetRowGradCachedBf16, the same
 // target) reads it so and writes the classes back in their order. A chunk's blocks start
 // at its first class; what is left of it (less than a block) is in class order.
@@ -288,8 +288,6 @@ HWY_INLINE V<D> Bf16Stats(D d, V<D> xv, V<D> wt, V<D> vshift, V<D>& vs, V<D>& va
   return e;
 }
 
-// The statistics of the classes [0, full) of a chunk (full: the chunk's whole vectors), in
-// pair blocks where the target has them, then vectors in class order.
 // The statistics pass prefetches 4 KiB ahead, as the float kernels do (PrefetchNextChunk:
 // one chunk of floats): two chunks of 16-bit values. (One chunk ahead, 2 KiB, was ~4 %
 // slower at 1024 x 32000 on 2 threads; 8 KiB slower still.)
@@ -305,6 +303,8 @@ HWY_INLINE V<D> Bf16Weighted(V<D> t, V<D> vkeep, V<D> vadd) {
     return hn::MulAdd(t, vkeep, vadd);
 }
 
+// The statistics of the classes [0, full) of a chunk (full: the chunk's whole vectors), in
+// pair blocks where the target has them, then vectors in class order.
 template <bool kCache, bool kGuard, bool kPlain, class D>
 HWY_INLINE void Bf16StatsFull(D d, const std::uint16_t* xc, const std::uint16_t* tc, size_t full, V<D> vshift,
                               V<D> vkeep, V<D> vadd, V<D>& vs, V<D>& va, V<D>& vb, float* ec) {

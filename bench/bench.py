@@ -228,8 +228,8 @@ def floor_impls(case, inp):
     the logits (and the targets or teacher, where softce reads them) and write over the
     logits, on a fresh clone as softce in place gets; separate: the same reads, written to a
     buffer kept between calls (softce's default call takes a released buffer from its
-    cache). A kernel that makes two passes over a row, computes exps or rounds can only come
-    near it; a goal above the floor is out of reach on the machine, whatever the kernel."""
+    cache). A reference, not a proof of a bound: a kernel that makes two passes over a row,
+    computes exps or rounds rarely beats it, but may (index CE in place ran at 116 % of it)."""
     import torch
 
     kind = case["kind"]
@@ -758,8 +758,9 @@ def evaluate_targets(results, threads):
         if not floor or not p:
             return ""
         fx = p / floor
+        # a reference, not a proof: a kernel may beat PyTorch's pass (index CE in place did)
         return (f"; the memory floor itself is {fx:.1f}x {peer}" +
-                (" (out of reach on this machine)" if fx < goal else ""))
+                (" (the floor misses it too)" if fx < goal else ""))
 
     bound("dense_ce_1024x32000", "dense soft CE 1024x32000")
     speedup("dense_ce_1024x32000", "dense soft CE 1024x32000", 5)

@@ -649,8 +649,14 @@ def reset_peak():
 
 def memory_worker(case, name, threads):
     set_threads(threads)
-    # warm the code path up on a tiny problem of the same kind (lazy initialisation)
-    tiny = dict(case, N=4, C=min(case["C"], 64))
+    # warm the code path up on a small problem of the same kind (lazy initialisation). Its
+    # gradient is >= 1 MiB, so that softce takes the path of its cache of released buffers
+    # (softce._gradient_cache) as the measured call does: torch's slicing and storage code
+    # that path runs is ~0.75 MiB of libtorch code pages (RssFile, measured in a forkserver
+    # child), touched for the first time by the measured call otherwise -- the process's,
+    # not memory the call allocates.
+    tiny_c = min(case["C"], 1024)
+    tiny = dict(case, N=max(4, (1 << 20) // (2 * tiny_c)), C=tiny_c)
     tiny_inp = make_inputs(tiny, tiny["N"], tiny["C"])
     call(implementations(tiny, tiny_inp, True, only=name)[name])
     del tiny_inp

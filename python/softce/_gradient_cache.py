@@ -50,8 +50,7 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
     """torch.empty_like(x) for a contiguous CPU x, from a released cached buffer if one fits
     (same dtype, at least as large, at most twice as large)."""
     # the small-call path first: no cache below MIN_BYTES (a 64 x 10 call costs ~70 us)
-    if (_max_buffers == 0 or x.numel() * x.element_size() < MIN_BYTES or x.device.type != "cpu"
-            or not x.is_contiguous()):
+    if (_max_buffers == 0 or x.nbytes < MIN_BYTES or not x.is_cpu or not x.is_contiguous()):
         return torch.empty_like(x)
     return empty(x.shape, x.dtype)
 

@@ -61,14 +61,19 @@ def check_no_grad(function: str, name: str, t: Optional[Tensor]) -> None:
 
 
 # A DLPack capsule straight from torch's C function is several microseconds cheaper per
-# array than nanobind calling Tensor.__dlpack__; fall back to the latter if it goes away.
-_to_dlpack = getattr(torch.utils.dlpack, "to_dlpack", None) or (lambda t: t.__dlpack__())
+# array than nanobind calling Tensor.__dlpack__, and it exports a tensor that requires grad
+# as it is (the capsule only reads or writes the memory; autograd is this module's job), so
+# the small-call path needs no detach() per array. Tensor.__dlpack__ refuses such tensors:
+# the fallback, should the C function go away, detaches first.
+_to_dlpack = getattr(torch._C, "_to_dlpack", None)
+if _to_dlpack is None:  # pragma: no cover (torch without the C function)
+    def _to_dlpack(t):
+        return t.detach().__dlpack__()
 
 
 def dl(t: Optional[Tensor]):
     """A zero-copy DLPack capsule of `t` for softce._core (consumed by one call)."""
-    # detach(): DLPack export refuses tensors that require grad; it is a free alias.
-    return None if t is None else _to_dlpack(t.detach())
+    return None if t is None else _to_dlpack(t)
 
 
 def wants_grad(input: Tensor) -> bool:
@@ -78,7 +83,7 @@ def wants_grad(input: Tensor) -> bool:
 def _has_internal_overlap(t: Tensor) -> bool:
     """True if two indices of `t` may reach the same element (conservative: strides are
     sorted and each must step past everything the smaller ones reach)."""
-    if t.numel() == 0:
+    if t.is_contiguous() or t.numel() == 0:  # (the common case, without the walk below)
         return False
     reach = 0
     for stride, size in sorted((abs(st), n) for st, n in zip(t.stride(), t.shape) if n > 1):
@@ -89,6 +94,9 @@ def _has_internal_overlap(t: Tensor) -> bool:
 
 
 def _byte_range(t: Tensor):
+    if t.is_contiguous():  # (the common case, without the walk below)
+        start = t.data_ptr()
+        return start, start + t.nbytes
     low = high = 0
     for stride, size in zip(t.stride(), t.shape):
         if stride >= 0:
@@ -155,24 +163,26 @@ def _forward(call, input: Tensor, reduction: str, per_row: bool, compute_grad: b
     target gradient or None). `cached`: the gradient may come from the cache of released
     buffers (eager autograd only: a custom operator's outputs are left to the compiler's
     own allocation). `target`: also compute d loss / d target in the same pass."""
-    x = input.detach()
+    # (torch.empty_like and new_empty never make a tensor that requires grad; only the
+    # in-place gradient, an alias of the input, needs detach())
     # a fresh gradient comes from the cache of released buffers (no page faults on reuse)
     if not compute_grad:
         grad = None
     elif inplace:
-        grad = x
+        grad = input.detach()
     else:
-        grad = _gradient_cache.empty_like(x) if cached else torch.empty_like(x)
+        grad = _gradient_cache.empty_like(input) if cached else torch.empty_like(input)
     losses = None
     if reduction == "none":
-        losses = x.new_empty(row_shape(x.shape) if per_row else x.shape)
+        losses = input.new_empty(row_shape(input.shape) if per_row else input.shape)
     if target is None:
         grad_target = None
-        value = call(dl(x), dl(grad), dl(losses))
+        value = call(_to_dlpack(input), None if grad is None else _to_dlpack(grad),
+                     None if losses is None else _to_dlpack(losses))
     else:
-        grad_target = torch.empty_like(target.detach())
-        value = call(dl(x), dl(grad), dl(losses), dl(grad_target))
-    loss = losses if losses is not None else torch.scalar_tensor(value, dtype=x.dtype)
+        grad_target = torch.empty_like(target)
+        value = call(_to_dlpack(input), dl(grad), dl(losses), _to_dlpack(grad_target))
+    loss = losses if losses is not None else torch.scalar_tensor(value, dtype=input.dtype)
     return loss, grad, grad_target
 
 
@@ -212,6 +222,10 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         needs = ctx.needs_input_grad  # (input, run, meta, *args)
+        if not any(needs[3:]) and not torch.is_grad_enabled():
+            # the common case, first order, the input's gradient only: the kernel's
+            return (_scale(ctx.saved_tensors[0], grad_loss, ctx.meta[1], eager=True)
+                    if needs[0] else None, *((None,) * (len(needs) - 1)))
         saved = ctx.saved_tensors
         grad_target = saved[2]
         if (not torch.is_grad_enabled() and not any(needs[4:])
@@ -559,9 +573,10 @@ def run(loss: Loss, input: Tensor, target, args, inplace_backward: bool, return_
         return getattr(_reference, fn)(x, *arguments)
 
     return eager(fn, input, args[loss.reduction_at], loss.per_row, call, inplace_backward,
-                 return_grad, reference, tuple([full[i] for i in slots]),
+                 return_grad, reference, tuple(map(full.__getitem__, slots)),
                  dense_names if values is None else topk_names,
-                 tuple([(name, args[i]) for i, name in others]), fused_target=fused_target)
+                 tuple([(name, args[i]) for i, name in others]) if others else (),
+                 fused_target=fused_target)
 
 
 # The names the tests use for the internal API.

@@ -76,10 +76,22 @@ def _run(loss: Loss, input, target, args: tuple, inplace_backward: bool, return_
                                process_group)
     args = loss.convert(args)
     if is_tensor(input):
+        return _torch_front().run(loss, input, target, args, inplace_backward, return_grad)
+    return run_numpy(loss, input, target, args, inplace_backward, return_grad)
+
+
+_torch_module = None
+
+
+def _torch_front():
+    """softce._torch, imported on the first tensor call (an import statement on every call
+    costs a small call ~1 us)."""
+    global _torch_module
+    if _torch_module is None:
         from . import _torch
 
-        return _torch.run(loss, input, target, args, inplace_backward, return_grad)
-    return run_numpy(loss, input, target, args, inplace_backward, return_grad)
+        _torch_module = _torch
+    return _torch_module
 
 
 # ---------------------------------------------------------------------------------------

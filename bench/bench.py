@@ -691,14 +691,14 @@ def memory_worker(case, name, threads):
     # that path runs is ~0.75 MiB of libtorch code pages (RssFile, measured in a forkserver
     # child), touched for the first time by the measured call otherwise -- the process's,
     # not memory the call allocates.
-    tiny_c = min(case["C"], 1024)
-    tiny = dict(case, N=max(4, (1 << 20) // (2 * tiny_c)), C=tiny_c)
-    tiny_inp = make_inputs(tiny, tiny["N"], tiny["C"])
-    call(implementations(tiny, tiny_inp, True, only=name)[name])
-    del tiny_inp
-    # start the OpenMP team (torch and softce share libgomp) outside the measurement: the
-    # tiny call runs on one thread, and the first parallel region's thread stacks and
-    # arenas (~0.4-0.6 MiB here) are the process's, not the call's
+    warm_c = min(case["C"], 1024)
+    warm = dict(case, N=max(4, (1 << 20) // (2 * warm_c)), C=warm_c)
+    warm_inp = make_inputs(warm, warm["N"], warm["C"])
+    call(implementations(warm, warm_inp, True, only=name)[name])
+    del warm_inp
+    # start the OpenMP team (torch and softce share libgomp) outside the measurement: a
+    # warm-up call of few rows runs on one thread, and the first parallel region's thread
+    # stacks and arenas (~0.4-0.6 MiB here) are the process's, not the call's
     import torch
 
     torch.ones(1 << 22).add_(1.0)
@@ -865,6 +865,7 @@ def evaluate_targets(results, threads):
             out.append((f"{case}: softce in place 2 threads >= 1.7x 1 thread", f"{sp:.2f}x{note}", sp >= 1.7,
                         "" if sp >= 1.7 else f"missed: {1.7 / sp:.2f}x short" +
                         (f"; the triad itself scaled {mem:.2f}x" if mem else "")))
+
     def autograd_share(case, peer):
         """For a missed small-case goal: the empty autograd.Function's time as a share of
         the peer's (how much of the peer's time any autograd loss spends before computing)."""

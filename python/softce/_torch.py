@@ -177,8 +177,7 @@ def _forward(call, input: Tensor, reduction: str, per_row: bool, compute_grad: b
         losses = input.new_empty(row_shape(input.shape) if per_row else input.shape)
     if target is None:
         grad_target = None
-        value = call(_to_dlpack(input), None if grad is None else _to_dlpack(grad),
-                     None if losses is None else _to_dlpack(losses))
+        value = call(_to_dlpack(input), dl(grad), dl(losses))
     else:
         grad_target = torch.empty_like(target)
         value = call(_to_dlpack(input), dl(grad), dl(losses), _to_dlpack(grad_target))

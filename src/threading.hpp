@@ -35,7 +35,8 @@ inline std::int64_t grain_for(std::int64_t elements_per_item) {
 // exps per piece (~100 ns), under 0.5 % of the piece. Rows of up to 64k classes stay one
 // piece (one kernel call, as before): the split pays only where a row is long enough that
 // 2 threads each get >= 32k elements. When rows already fill the threads, the nested
-// parallel_for runs the pieces on the row's thread.
+// parallel_for runs the pieces on the row's thread -- except for rows of more than
+// kSplitRowMin classes (row_driver.hpp), which run one at a time over all threads.
 inline constexpr std::int64_t kRowPiece = 64 * 1024;
 
 }  // namespace softce::detail

@@ -165,10 +165,12 @@ void expect_same_bits_in_place(const std::string& what, const tensor& x,
 // Few rows of many classes: a row is split into pieces across threads (kRowPiece = 64k
 // classes) and the pieces' statistics merged in a fixed order. C is not a multiple of
 // the piece or of the chunk; the top-k entries straddle piece boundaries; a -inf logit
-// sits in one piece and the row's max in another.
+// sits in one piece and the row's max in another. Rows of more than 256k classes
+// (kSplitRowMin) run one at a time with their pieces over the threads, however many rows.
 TEST(Threads, LongRowsSplitAcrossThreadsAreBitwiseIdentical) {
   std::mt19937_64 rng(904);
-  for (const shape_t& shape : {shape_t{1, 3 * 65536 + 1000}, shape_t{3, 2 * 65536 + 17}}) {
+  for (const shape_t& shape :
+       {shape_t{1, 3 * 65536 + 1000}, shape_t{3, 2 * 65536 + 17}, shape_t{2, 4 * 65536 + 1000}}) {
     const std::int64_t N = shape[0], C = shape[1], n = N * C;
     for (dtype type : {dtype::float32, dtype::float64, dtype::bfloat16, dtype::float16}) {
       std::vector<double> xv = normal_values(rng, n, 3.0), zv = normal_values(rng, n, 3.0);

@@ -83,9 +83,13 @@ distill_stats DistillRowStatsImpl(const T* x, const T* z, std::int64_t n, T inv_
     T* ezc = kCache ? cz.e + c0 : nullptr;
     V<decltype(d)> sx = hn::Zero(d), sz = hn::Zero(d), vk = hn::Zero(d);
     size_t i = 0;
+    // the student's exps go to lines of their own (a gradient buffer that is not the
+    // logits): fetched ahead for writing too
+    const bool own_lines = kCache && exc != xc;
     for (; i + N <= len; i += N) {
       PrefetchNextChunk(xc + i);
       PrefetchNextChunk(zc + i);
+      if (own_lines) PrefetchNextChunkForWrite(exc + i);
       DistillStatsVector<kKind, kCache, true>(d, xc + i, zc + i, N, vsx, vsz, vt, sx, sz, vk, kCache ? exc + i : nullptr,
                                               kCache ? ezc + i : nullptr);
     }

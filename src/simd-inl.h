@@ -253,6 +253,19 @@ HWY_INLINE void PrefetchNextChunk(const T* p) {
   hwy::Prefetch(p + kChunk);
 }
 
+// The same for a line the pass will write (an exp cache in a gradient buffer that is not
+// the logits), with the intent to write: the line arrives owned instead of each store
+// missing on its own. Statistics pass, fresh gradient buffer (distillation KL, 1024x32000,
+// 2 threads, Intel Xeon AVX-512): 22.5-23.9 -> 18.8-19.3 ms.
+template <class T>
+HWY_INLINE void PrefetchNextChunkForWrite(T* p) {
+#if HWY_COMPILER_GCC || HWY_COMPILER_CLANG
+  __builtin_prefetch(p + kChunk, 1, 3);
+#else
+  (void)p;
+#endif
+}
+
 
 // The factor turning cached exp((x - shift_c) / T) into q: exp((shift_c - M) / T - log_sum).
 // An all -inf chunk holds shift_c = 0 (and zeros): min() keeps its factor finite where the

@@ -46,10 +46,15 @@ softmax_stats SoftmaxRowStats(const T* x, std::int64_t n, T inv_t, exp_cache<T> 
     T* ec = cache.e ? cache.e + c0 : nullptr;
     if (cache.shifts) cache.shifts[c0 / kChunk] = FiniteShift(m);
     V<decltype(d)> s0 = hn::Zero(d), s1 = hn::Zero(d);
+    const bool own_lines = ec && ec != xc;  // exps into a buffer that is not the logits
     size_t i = 0;
     for (; i + 2 * N <= len; i += 2 * N) {
       PrefetchNextChunk(xc + i);
       PrefetchNextChunk(xc + i + N);
+      if (own_lines) {
+        PrefetchNextChunkForWrite(ec + i);
+        PrefetchNextChunkForWrite(ec + i + N);
+      }
       const auto e0 = ExpNonPositive(d, hn::Mul(hn::Sub(hn::LoadU(d, xc + i), vshift), vt));
       const auto e1 = ExpNonPositive(d, hn::Mul(hn::Sub(hn::LoadU(d, xc + i + N), vshift), vt));
       s0 = hn::Add(s0, e0);
@@ -192,9 +197,11 @@ target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t,
     T* ec = cache.e ? cache.e + c0 : nullptr;
     if (cache.shifts) cache.shifts[c0 / kChunk] = FiniteShift(m);
     V<decltype(d)> vs = zero, va = zero, vb = zero;
+    const bool own_lines = ec && ec != xc;  // exps into a buffer that is not the logits
     size_t i = 0;
     for (; i + N <= len; i += N) {
       PrefetchNextChunk(xc + i);
+      if (own_lines) PrefetchNextChunkForWrite(ec + i);
       const auto diff = hn::Sub(hn::LoadU(d, xc + i), vshift);
       const auto wt = WeightedTarget<false>(d, tc, i, N);
       const auto e = ExpNonPositive(d, diff);

@@ -98,11 +98,11 @@ double BceElements(const T* x, const T* t, const T* w, const T* pos_w, std::int6
         return full ? hn::LoadU(d, p + at) : LoadPart(d, p + at, len - i, fill);
       };
       const auto xv = load(x, T(0)), tv = load(t, T(0));
-      const auto e = ExpNonPositive(d, hn::Neg(hn::Abs(xv)));  // exp(-|x|) in (0, 1]
-      const auto softplus_neg = hn::Add(hn::Log1p(d, e), hn::Max(hn::Neg(xv), zero));
+      const auto e = ExpNonPositive(d, hn::Neg(hn::Abs(xv)));  // exp(-|x|) in [0, 1]
+      const auto inv = ReciprocalOneTwo(d, hn::Add(one, e));   // 1 / (1 + e)
+      const auto softplus_neg = hn::Add(Log1pUnit(d, e, inv), hn::Max(hn::Neg(xv), zero));
       const auto one_minus_t = hn::Sub(one, tv);
       // sigma(x) - 1 is -e / (1 + e) for x >= 0 and -1 / (1 + e) for x < 0 (no cancellation)
-      const auto inv = hn::Div(one, hn::Add(one, e));
       const auto sig_minus_one =
           hn::Neg(hn::IfThenElse(hn::Ge(xv, zero), hn::Mul(e, inv), inv));
       auto lw = one;

@@ -181,6 +181,31 @@ HWY_INLINE V<D> LogNormal(D d, V<D> v) {
   return hn::Log(d, v);
 }
 
+// 1 / v for v in [1, 2] (and NaN). AVX-512 float: the 14-bit reciprocal estimate and one
+// Newton step, r + r (1 - v r), within an ulp and exactly 1 at v = 1 (the step's error is
+// the estimate's squared, < 2^-28); vdivps alone costs about as much as a log. Elsewhere a
+// division.
+template <class D>
+HWY_INLINE V<D> ReciprocalOneTwo(D d, V<D> v) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  if constexpr (std::is_same_v<V<D>, hn::Vec512<float>>) {
+    const __m512 r = _mm512_maskz_rcp14_ps(0xFFFF, v.raw);
+    return V<D>{_mm512_fmadd_ps(r, _mm512_fnmadd_ps(v.raw, r, _mm512_set1_ps(1.0f)), r)};
+  }
+#endif
+  return hn::Div(hn::Set(d, hn::TFromD<D>(1)), v);
+}
+
+// log(1 + e) for e in [0, 1] (and NaN), given inv = 1 / (1 + e): log u for the rounded
+// u = 1 + e, corrected by the rounding, (e - (u - 1)) / u. No division (Highway's Log1p
+// divides twice); e below an ulp of 1 gives u = 1, log u = 0 and exactly e.
+template <class D>
+HWY_INLINE V<D> Log1pUnit(D d, V<D> e, V<D> inv) {
+  const auto one = hn::Set(d, hn::TFromD<D>(1));
+  const auto u = hn::Add(one, e);
+  return hn::MulAdd(hn::Sub(e, hn::Sub(u, one)), inv, LogNormal(d, u));
+}
+
 // Partial vectors at the end of a slice go through a stack buffer: Highway 1.0.3's
 // MaskedLoad / BlendedStore touch the whole vector on targets without masked memory
 // operations (SSE4), which would read or write past the end of the caller's array.

@@ -211,6 +211,14 @@ void DistillRowGradKlCached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T 
     const auto fx = hn::Set(d, coef * ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
     const auto fz = hn::Set(d, coef * ChunkFactor(cz.shifts[c0 / kChunk], nz, inv_t));
     size_t i = 0;
+    if (LongRowPiece(n)) {
+      for (; i + N <= len; i += N) {
+        const size_t at = static_cast<size_t>(c0) + i;
+        PrefetchNextChunk(cx.e + at);
+        PrefetchNextChunk(cz.e + at);
+        hn::StoreU(hn::NegMulAdd(hn::LoadU(d, cz.e + at), fz, hn::Mul(hn::LoadU(d, cx.e + at), fx)), d, g + at);
+      }
+    }
     for (; i + N <= len; i += N) {
       const size_t at = static_cast<size_t>(c0) + i;
       hn::StoreU(hn::NegMulAdd(hn::LoadU(d, cz.e + at), fz, hn::Mul(hn::LoadU(d, cx.e + at), fx)), d, g + at);

@@ -23,6 +23,7 @@
 
 #include "kernels.hpp"
 #include "row_stats.hpp"
+#include "threading.hpp"
 
 #if defined(SOFTCE_SRC_SIMD_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef SOFTCE_SRC_SIMD_INL_H_
@@ -277,6 +278,13 @@ template <class T>
 HWY_INLINE void PrefetchNextChunk(const T* p) {
   hwy::Prefetch(p + kChunk);
 }
+
+// A gradient pass over a piece of a long row (a full piece of kRowPiece classes, from a
+// row longer than that): the statistics pass's data is no longer all in this core's cache,
+// so the pass prefetches what it reads a chunk ahead too (dense soft CE, N = 8, C = 1M,
+// in place, 2 threads, softce_bench: 3.57/3.40 -> 2.76/2.85 ms, Intel Xeon AVX-512). Rows
+// that fit in cache (every piece shorter) skip it.
+HWY_INLINE bool LongRowPiece(std::int64_t n) { return n >= kRowPiece; }
 
 // The same for a line the pass will write (an exp cache in a gradient buffer that is not
 // the logits), with the intent to write: the line arrives owned instead of each store

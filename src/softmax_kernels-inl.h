@@ -263,6 +263,14 @@ void TargetRowGradCached(exp_cache<T> cache, std::int64_t n, const target_desc<T
     const T* ec = cache.e + c0;
     T* gc = g + c0;
     size_t i = 0;
+    if (LongRowPiece(n)) {
+      for (; i + N <= len; i += N) {
+        PrefetchNextChunk(ec + i);
+        if (tc.dense) PrefetchNextChunk(tc.dense + i);
+        const auto q = hn::Mul(hn::LoadU(d, ec + i), vf);
+        hn::StoreU(hn::Mul(vcoef, hn::MulSub(q, va, WeightedTarget<false>(d, tc, i, N))), d, gc + i);
+      }
+    }
     for (; i + N <= len; i += N) {
       const auto q = hn::Mul(hn::LoadU(d, ec + i), vf);
       const auto wt = WeightedTarget<false>(d, tc, i, N);
@@ -289,6 +297,12 @@ void SoftmaxRowGradCached(exp_cache<T> cache, std::int64_t n, T inv_t, row_norma
     const T* ec = cache.e + c0;
     T* gc = g + c0;
     size_t i = 0;
+    if (LongRowPiece(n)) {
+      for (; i + N <= len; i += N) {
+        PrefetchNextChunk(ec + i);
+        hn::StoreU(hn::Mul(hn::LoadU(d, ec + i), vf), d, gc + i);
+      }
+    }
     for (; i + N <= len; i += N) hn::StoreU(hn::Mul(hn::LoadU(d, ec + i), vf), d, gc + i);
     if (i < len) StorePart(hn::Mul(LoadPart(d, ec + i, len - i, T(0)), vf), d, gc + i, len - i);
   }

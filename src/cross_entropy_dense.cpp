@@ -19,6 +19,7 @@ struct dense_rows : ce_rows_base<T> {
   row_operand t_op;
 
   state make_state() const { return state{row_reader<T>(&t_op)}; }
+  bool piecewise() const { return direct_rows<T>(t_op); }
 
   template <class Context>
   double prepare(Context& c, std::int64_t r) const {
@@ -46,6 +47,7 @@ struct bf16_rows {
     if (s.g_op) st.ecache = scratch_row<float>(static_cast<std::size_t>(s.C));
     return st;
   }
+  bool piecewise() const { return false; }  // 16-bit rows: not measured one at a time
 
   template <class Context>
   double prepare(Context& c, std::int64_t r) const {

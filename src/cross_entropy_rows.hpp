@@ -13,6 +13,8 @@
 //   ce_record stats(setup, context&, r, w);  the statistics pass (ce_rows_base: generic)
 //   double finish(setup, context&, r, rec);  loss and gradients (ce_rows_base: generic)
 //   void after_exchange(setup&, records);    after the all-reduce (ce_rows_base: nothing)
+//   bool piecewise() const;                  prepare() copies or fills no whole row
+//                                            (ce_rows_base: true)
 #pragma once
 
 #include <cmath>
@@ -210,6 +212,10 @@ double ce_row_finish(const ce_setup<T>& s, Context& c, std::int64_t r, const ce_
 // The generic passes, for target kinds that only differ in how a row is set up.
 template <class T>
 struct ce_rows_base {
+  // whether a row's setup reads nothing over the whole row (run_rows; dense targets: read
+  // where they are)
+  bool piecewise() const { return true; }
+
   template <class Context>
   ce_record stats(const ce_setup<T>& s, Context& c, std::int64_t r, double target_weight) const {
     return ce_row_stats(s, c, r, target_weight);
@@ -250,8 +256,12 @@ double run_ce_rows(ce_setup<T>& s, const Rows& rows) {
     rows.after_exchange(s, records);
   };
   std::vector<double> row_losses(static_cast<std::size_t>(s.space.rows), 0.0);
-  run_rows<decltype(make_context), ce_record>(s.space.rows, s.C, s.call.shard != nullptr, make_context, stats_fn,
-                                              exchange, finish_fn, row_losses);
+  // every pass over a row in pieces: the row and its gradient used where they are, the
+  // target kind's rows too, no target gradient (target_gradient_row is one loop)
+  const bool piecewise =
+      rows.piecewise() && direct_rows<T>(s.x_op) && (!s.g_op || direct_rows<T>(*s.g_op)) && !s.gt_op;
+  run_rows<decltype(make_context), ce_record>(s.space.rows, s.C, s.call.shard != nullptr, piecewise, make_context,
+                                              stats_fn, exchange, finish_fn, row_losses);
   write_row_losses(s.call.out, s.space, row_losses);
   return finish_reduction(row_losses, s.plan);
 }

@@ -18,6 +18,7 @@ struct sparse_rows : ce_rows_base<T> {
   const topk_operands& target;
 
   state make_state() const { return state{std::vector<T>(static_cast<std::size_t>(s.C))}; }
+  bool piecewise() const { return false; }  // prepare() fills a dense row on the row's thread
 
   template <class Context>
   double prepare(Context& c, std::int64_t r) const {

@@ -89,7 +89,7 @@ distill_stats DistillRowStatsImpl(const T* x, const T* z, std::int64_t n, T inv_
     for (; i + N <= len; i += N) {
       PrefetchNextChunk(xc + i);
       PrefetchNextChunk(zc + i);
-      if (own_lines) PrefetchNextChunkForWrite(exc + i);
+      if (own_lines) PrefetchNextChunk(exc + i);
       DistillStatsVector<kKind, kCache, true>(d, xc + i, zc + i, N, vsx, vsz, vt, sx, sz, vk, kCache ? exc + i : nullptr,
                                               kCache ? ezc + i : nullptr);
     }

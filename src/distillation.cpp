@@ -342,8 +342,12 @@ double distill_rows<T>::run() {
   auto finish_fn = [&](context& c, std::int64_t r, const distill_stats& st) { return finish(c, r, st); };
   auto exchange_fn = [&](std::vector<distill_stats>& records) { exchange(records); };
   std::vector<double> row_losses(static_cast<std::size_t>(space_.rows), 0.0);
-  run_rows<decltype(make), distill_stats>(space_.rows, C_, shard_ != nullptr, make, stats_fn, exchange_fn, finish_fn,
-                                          row_losses);
+  // one at a time only with both rows and the gradient used where they are, and no
+  // teacher gradient (teacher_gradient_row is one loop over the row)
+  const bool piecewise =
+      direct_rows<T>(x_op_) && direct_rows<T>(z_op_) && (!g_op_ || direct_rows<T>(*g_op_)) && !gt_op_;
+  run_rows<decltype(make), distill_stats>(space_.rows, C_, shard_ != nullptr, piecewise, make, stats_fn, exchange_fn,
+                                          finish_fn, row_losses);
   write_row_losses(out_, space_, row_losses);
   return finish_reduction(row_losses, plan_);
 }

@@ -7,7 +7,7 @@
 //     statistics, the class-parallel all-reduce, then all finishes (sharded);
 //   - long rows in pieces: a row of more than kRowPiece classes (threading.hpp) has its
 //     statistics computed piece by piece, merged with the row-statistics monoid in order;
-//     rows of more than kSplitRowMin classes run one at a time, each over all threads.
+//     rows of more than kSplitRowMin classes may run one at a time, each over all threads.
 #pragma once
 
 #include <softce/softce.hpp>
@@ -66,24 +66,32 @@ inline bool row_kept(const std::optional<row_operand>& mask, std::int64_t r) {
 // ---------------------------------------------------------------------------------------
 // rows
 
-// Rows longer than this (1 MiB of float32 logits, as much of targets) run one at a time,
-// each row's pieces over the threads, however many rows there are: a thread's share of a
-// row then fits its core's cache better, so the gradient pass finds more of what the
-// statistics pass read (N = 8, C = 1M in place, 2 threads: 6.0 -> 4.9 ms with the
-// gradient's pieces in reverse order, Intel Xeon AVX-512). The pieces, and so the results,
-// do not depend on the thread count; the rows' fork-joins (~10 us) are < 1 % of such a row.
+// Rows longer than this (1 MiB of float32 logits, as much of targets) may run one at a
+// time, each row's pieces over the threads, however many rows there are (run_rows): a
+// thread's share of a row then fits its core's cache better, so the gradient pass finds
+// more of what the statistics pass read (N = 8, C = 1M, dense soft CE in place, 2 threads,
+// Intel Xeon AVX-512: 6.2/6.4 -> 5.4/5.4 ms with the gradient's pieces in reverse order).
+// The pieces, and so the results, do not depend on the thread count.
 inline constexpr std::int64_t kSplitRowMin = 256 * 1024;
 
+// Whether run_rows takes rows one at a time over all threads: more than one row, rows
+// longer than kSplitRowMin, at least as many pieces per row as threads (no thread idles),
+// and `piecewise`: the caller says every pass over a row runs in pieces (row_in_pieces /
+// row_stats_in_pieces) -- no staged copy of a row, no target or teacher gradient, nothing
+// else over the whole row that the row's thread would then do alone while the team waits.
+inline bool rows_one_at_a_time(std::int64_t rows, std::int64_t row_length, bool piecewise) {
+  return piecewise && rows > 1 && row_length > kSplitRowMin &&
+         (row_length + kRowPiece - 1) / kRowPiece >= get_num_threads();
+}
+
 // Runs `rows` rows. Single process: stats and finish per row back to back (the row stays
-// in cache). Class-parallel: all stats, the all-reduce (inside `exchange`), then finish.
+// in cache); rows that qualify (rows_one_at_a_time) one at a time, each over all threads.
+// Class-parallel: all stats, the all-reduce (inside `exchange`), then finish.
 template <class Context, class Stats, class StatsFn, class FinishFn, class ExchangeFn>
-void run_rows(std::int64_t rows, std::int64_t row_length, bool sharded, const Context& make_context,
+void run_rows(std::int64_t rows, std::int64_t row_length, bool sharded, bool piecewise, const Context& make_context,
               StatsFn stats_fn, ExchangeFn exchange, FinishFn finish_fn, std::vector<double>& row_losses) {
   const std::int64_t grain = grain_for(row_length);
-  if (!sharded && row_length > kSplitRowMin) {
-    // rows too long for one core's cache: one row at a time, its pieces over the threads
-    // (each thread's share of the row is smaller, and more of it is still in cache when
-    // the gradient pass reads it again)
+  if (!sharded && rows_one_at_a_time(rows, row_length, piecewise)) {
     auto ctx = make_context();
     for (std::int64_t r = 0; r < rows; ++r) {
       Stats st = stats_fn(ctx, r);

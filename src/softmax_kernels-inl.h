@@ -52,8 +52,8 @@ softmax_stats SoftmaxRowStats(const T* x, std::int64_t n, T inv_t, exp_cache<T> 
       PrefetchNextChunk(xc + i);
       PrefetchNextChunk(xc + i + N);
       if (own_lines) {
-        PrefetchNextChunkForWrite(ec + i);
-        PrefetchNextChunkForWrite(ec + i + N);
+        PrefetchNextChunk(ec + i);
+        PrefetchNextChunk(ec + i + N);
       }
       const auto e0 = ExpNonPositive(d, hn::Mul(hn::Sub(hn::LoadU(d, xc + i), vshift), vt));
       const auto e1 = ExpNonPositive(d, hn::Mul(hn::Sub(hn::LoadU(d, xc + i + N), vshift), vt));
@@ -201,7 +201,7 @@ target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t,
     size_t i = 0;
     for (; i + N <= len; i += N) {
       PrefetchNextChunk(xc + i);
-      if (own_lines) PrefetchNextChunkForWrite(ec + i);
+      if (own_lines) PrefetchNextChunk(ec + i);
       const auto diff = hn::Sub(hn::LoadU(d, xc + i), vshift);
       const auto wt = WeightedTarget<false>(d, tc, i, N);
       const auto e = ExpNonPositive(d, diff);

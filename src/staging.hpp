@@ -223,13 +223,19 @@ class scratch_row {
 };
 
 // Reads rows of an operand as contiguous T (in place when possible).
+// Whether rows of `op` are read and written where they are, as T (no staging copy).
+template <class T>
+bool direct_rows(const row_operand& op) {
+  return op.type == dtype_of<T>() && op.contiguous_rows();
+}
+
 template <class T>
 class row_reader {
  public:
   explicit row_reader(const row_operand* op) : op_(op) {}
   const T* row(std::int64_t r) {
     const std::int64_t off = op_->row_offset(r);
-    if (op_->type == dtype_of<T>() && op_->contiguous_rows()) return op_->template ptr<T>(off);
+    if (direct_rows<T>(*op_)) return op_->template ptr<T>(off);
     buffer_.resize(static_cast<std::size_t>(op_->inner));
     if (!half_) half_ = &kernels().half;  // once per reader, not per row
     gather<T>(op_->base, op_->type, off, op_->class_stride, op_->inner, buffer_.data(), half_);
@@ -249,7 +255,7 @@ class row_writer {
   explicit row_writer(const row_operand* op) : op_(op) {}
   T* begin(std::int64_t r) {
     offset_ = op_->row_offset(r);
-    direct_ = op_->type == dtype_of<T>() && op_->contiguous_rows();
+    direct_ = direct_rows<T>(*op_);
     if (direct_) return const_cast<T*>(op_->template ptr<T>(offset_));
     buffer_.resize(static_cast<std::size_t>(op_->inner));
     return buffer_.data();

@@ -515,8 +515,11 @@ double topk_rows<T>::run() {
     all_reduce_records(*shard_, records, merge_topk_records, {0, 6}, inv_t_);
   };
   std::vector<double> row_losses(static_cast<std::size_t>(space_.rows), 0.0);
-  run_rows<decltype(make), topk_record>(space_.rows, C_, shard_ != nullptr, make, stats_fn, exchange, finish_fn,
-                                        row_losses);
+  // one at a time only with a gradient (without one, a tail is summed again over the row
+  // on its thread) and rows used where they are
+  const bool piecewise = g_op_ && direct_rows<T>(x_op_) && direct_rows<T>(*g_op_);
+  run_rows<decltype(make), topk_record>(space_.rows, C_, shard_ != nullptr, piecewise, make, stats_fn, exchange,
+                                        finish_fn, row_losses);
   write_row_losses(out_, space_, row_losses);
   return finish_reduction(row_losses, plan_);
 }

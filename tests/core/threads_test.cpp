@@ -59,23 +59,30 @@ TEST(Threads, SetAndGet) {
   EXPECT_EQ(softce::get_num_threads(), 1);
 }
 
+// Many rows of a few thousand classes, and a few rows of more than 256k classes (run one at
+// a time over the threads, kSplitRowMin in src/row_driver.hpp), with a masked row, ignored
+// labels, class weights and label smoothing.
 TEST(Threads, RowLossesAreBitwiseIdenticalForOneAndTwoThreads) {
   std::mt19937_64 rng(901);
-  const std::int64_t N = 512, C = 4096;
-  const shape_t shape{N, C};
-  for (dtype type : {dtype::float32, dtype::float64}) {
+  for (const auto& [shape, type] : {std::pair{shape_t{512, 4096}, dtype::float32},
+                                    std::pair{shape_t{512, 4096}, dtype::float64},
+                                    std::pair{shape_t{3, 4 * 65536 + 1000}, dtype::float32}}) {
+    const std::int64_t N = shape[0], C = shape[1];
     const tensor x = make_tensor(shape, type, normal_values(rng, N * C, 2.0));
     const tensor z = make_tensor(shape, type, normal_values(rng, N * C, 2.0));
     const tensor t = make_tensor(shape, type, probability_targets(rng, shape));
     std::vector<std::int64_t> y(N), m(N);
     for (auto& v : y) v = rng() % 10 == 0 ? -100 : static_cast<std::int64_t>(rng() % C);
     for (auto& v : m) v = rng() % 5 != 0;
+    m[1] = 0;  // at least one masked row
     const tensor labels = make_index_tensor({N}, dtype::int32, y);
     const tensor mask = make_index_tensor({N}, dtype::boolean, m);
     const tensor w = make_tensor({C}, type, uniform_values(rng, C, 0.5, 1.5));
     const topk_data d = random_topk(rng, shape, 16, false);
     const tensor idx = make_index_tensor(d.shape, dtype::int64, d.indices), val = make_tensor(d.shape, type, d.values);
-    const std::string name = name_of(type);
+    std::string name = name_of(type);
+    name += ' ';
+    name += shape_text(shape);
 
     for (reduction r : {reduction::mean, reduction::none}) {
       const std::string suffix = std::string(" ") + reduction_text(r) + " " + name;

@@ -198,6 +198,19 @@ double kl_div_impl(const array_view& input, const array_view& target, const kl_d
   return reduce_total(total, plan);
 }
 
+// d loss / d t of BCE, pos_weight softplus(-x) - softplus(x), without rounding its linear
+// part: (pos_weight - 1) log1p(exp(-|x|)) + (x >= 0 ? -x : -pos_weight x). At an infinite
+// logit a term whose coefficient is zero (a = pos_weight t at x = -inf, b = 1 - t at
+// x = +inf) is 0 with its gradient: the masked-logit rule (docs/semantics.md), under which
+// cross_entropy's target gradient at a masked class is 0 too.
+double bce_target_gradient(double x, double t, double pos_weight) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  if (x == -inf) return pos_weight * t == 0 ? 0.0 : pos_weight * inf;
+  if (x == inf) return (t == 1 ? 0.0 : -inf) + pos_weight * 0.0;  // pos_weight softplus(-inf): NaN stays
+  if (pos_weight == 1) return -x;
+  return (pos_weight - 1) * std::log1p(std::exp(-std::fabs(x))) + (x >= 0 ? -x : -pos_weight * x);
+}
+
 template <class T>
 double bce_impl(const array_view& input, const array_view& target, const bce_options& opt, const outputs& out) {
   const kernel_table<T>& kern = kernels_for<T>();
@@ -218,15 +231,10 @@ double bce_impl(const array_view& input, const array_view& target, const bce_opt
       [&](const T* xs, const T* ts, const T* ws, const T* pws, std::int64_t n, T* gs, T* ls) {
         return kern.bce_elements(xs, ts, ws, pws, n, coef, gs, ls);
       },
-      // d/dt: w (-x + (pos_weight - 1) softplus(-x))
-      [&](const T* xs, const T*, const T* ws, const T* pws, std::int64_t n, T* gts) {
+      // d/dt: w (pos_weight softplus(-x) - softplus(x))
+      [&](const T* xs, const T* ts, const T* ws, const T* pws, std::int64_t n, T* gts) {
         for (std::int64_t i = 0; i < n; ++i) {
-          const double xi = xs[i];
-          double d = -xi;
-          if (pws) {
-            const double softplus = std::max(-xi, 0.0) + std::log1p(std::exp(-std::fabs(xi)));
-            d += (static_cast<double>(pws[i]) - 1.0) * softplus;
-          }
+          double d = bce_target_gradient(xs[i], ts[i], pws ? static_cast<double>(pws[i]) : 1.0);
           if (ws) d *= static_cast<double>(ws[i]);
           gts[i] = static_cast<T>(static_cast<double>(coef) * d);
         }

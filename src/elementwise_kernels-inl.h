@@ -98,17 +98,23 @@ double BceElements(const T* x, const T* t, const T* w, const T* pos_w, std::int6
         return full ? hn::LoadU(d, p + at) : LoadPart(d, p + at, len - i, fill);
       };
       const auto xv = load(x, T(0)), tv = load(t, T(0));
+      // loss = a softplus(-x) + b softplus(x) with a = pos_weight t, b = 1 - t, written as
+      // (a + b) log1p(exp(-|x|)) + (x >= 0 ? b x : -a x): terms of one sign, so no
+      // cancellation where the loss is small (t = 0, x << 0), and c x with c = 0 is 0 even
+      // where x is infinite (the 0 * inf of a masked logit, x = -inf at t = 0; a NaN x stays
+      // NaN through log1p). grad = b sigma(x) - a sigma(-x), both sigmas from one exp.
       const auto e = ExpNonPositive(d, hn::Neg(hn::Abs(xv)));  // exp(-|x|) in [0, 1]
       const auto inv = ReciprocalOneTwo(d, hn::Add(one, e));   // 1 / (1 + e)
-      const auto softplus_neg = hn::Add(Log1pUnit(d, e, inv), hn::Max(hn::Neg(xv), zero));
-      const auto one_minus_t = hn::Sub(one, tv);
-      // sigma(x) - 1 is -e / (1 + e) for x >= 0 and -1 / (1 + e) for x < 0 (no cancellation)
-      const auto sig_minus_one =
-          hn::Neg(hn::IfThenElse(hn::Ge(xv, zero), hn::Mul(e, inv), inv));
-      auto lw = one;
-      if (pos_w) lw = hn::MulAdd(hn::Sub(load(pos_w, T(1)), one), tv, one);
-      auto loss = hn::MulAdd(one_minus_t, xv, hn::Mul(lw, softplus_neg));
-      auto grad = hn::MulAdd(lw, sig_minus_one, one_minus_t);
+      const auto a = pos_w ? hn::Mul(load(pos_w, T(1)), tv) : tv;
+      const auto b = hn::Sub(one, tv);
+      const auto x_nonneg = hn::Ge(xv, zero);
+      const auto c = hn::IfThenElse(x_nonneg, b, hn::Neg(a));
+      auto loss = hn::MulAdd(hn::Add(a, b), Log1pUnit(d, e, inv),
+                             hn::IfThenZeroElse(hn::Eq(c, zero), hn::Mul(c, xv)));
+      const auto e_inv = hn::Mul(e, inv);
+      const auto sigma_pos = hn::IfThenElse(x_nonneg, inv, e_inv);  // sigma(x)
+      const auto sigma_neg = hn::IfThenElse(x_nonneg, e_inv, inv);  // sigma(-x) = 1 - sigma(x)
+      auto grad = hn::NegMulAdd(a, sigma_neg, hn::Mul(b, sigma_pos));
       if (w) {
         const auto wv = load(w, T(0));
         loss = hn::Mul(loss, wv);

@@ -203,12 +203,22 @@ def kl_div(x, target, reduction, log_target):
 def binary_cross_entropy_with_logits(x, target, weight, pos_weight, reduction):
     x = _to_compute(x)
     t = target.to(x.dtype)
-    softplus = torch.logaddexp(torch.zeros_like(x), -x)  # log(1 + exp(−x)), exact
-    if pos_weight is not None:
-        lw = 1 + (pos_weight.to(x.dtype) - 1) * t
-        elements = (1 - t) * x + lw * softplus
-    else:
-        elements = (1 - t) * x + softplus
+    # a softplus(−x) + b softplus(x), a = pos_weight · t, b = 1 − t: two terms of one sign
+    # (no cancellation where the loss is small). A term whose coefficient is zero at an
+    # infinite logit (a masked logit: x = −inf at a = 0, +inf at b = 0) is 0 with every
+    # derivative: its softplus is taken at a safe 0 there and then zeroed, so no 0 · inf
+    # reaches a first or second derivative. softplus as relu(v) + log1p(exp(−|v|)): exact,
+    # and its second derivative is 0 (not NaN, as logaddexp's) at ±inf.
+    a = t * pos_weight.to(x.dtype) if pos_weight is not None else t
+    b = 1 - t
+
+    def masked_softplus(v, coefficient, masked_at):
+        mask = (coefficient == 0) & (x == masked_at)
+        safe = torch.where(mask, 0.0, v)
+        return torch.where(mask, 0.0, torch.relu(safe) + torch.log1p(torch.exp(-safe.abs())))
+
+    elements = a * masked_softplus(-x, a, -math.inf) + b * masked_softplus(x, b, math.inf)
+    elements = torch.where(torch.isnan(x), x, elements)  # pos_weight 0 at t = 1: a = b = 0
     if weight is not None:
         elements = elements * weight.to(x.dtype)
     elements = elements.expand(x.shape) if elements.shape != x.shape else elements

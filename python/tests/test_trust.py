@@ -300,3 +300,54 @@ def test_distillation_of_batch_sequence_vocabulary_logits_needs_dim(beta):
     keep = labels != -100
     got = softce.distillation_loss(s, t, divergence="jsd", beta=beta, dim=-1, mask=keep)
     assert_close(got, generalized_jsd_loss(s[keep], t[keep], beta, 1.0, "batchmean"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pos_weight", [None, 2.5])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_bce_stays_exact_where_torchs_formula_cancels(dtype, pos_weight, create_graph):
+    # t = 0 at x << 0: the loss is log1p(exp(x)) ~ exp(x), the gradient sigmoid(x); torch's
+    # (1 - t) x + softplus(-x) loses them (float32: 1 % off at x = -10, 0 from -16 down).
+    # Through the kernel, and through the differentiable expression that create_graph uses.
+    x = torch.tensor([-5.0, -10.0, -16.0, -30.0, -48.0, -80.0], dtype=dtype, requires_grad=True)
+    t = torch.zeros_like(x)
+    pw = None if pos_weight is None else torch.full_like(x, pos_weight).detach()
+    loss = softce.binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=create_graph)
+    x64 = x.detach().double()
+    exact_loss, exact_grad = torch.log1p(torch.exp(x64)), torch.sigmoid(x64)
+    eps = torch.finfo(dtype).eps
+    assert torch.all((loss.detach().double() - exact_loss).abs() <= 4 * eps * exact_loss), loss
+    assert torch.all((grad.detach().double() - exact_grad).abs() <= 4 * eps * exact_grad), grad
+    if dtype == torch.float32:  # what torch gives there: the case is one torch gets wrong
+        torch_loss = F.binary_cross_entropy_with_logits(x.detach(), t, pos_weight=pw, reduction="none")
+        assert torch_loss[3:].eq(0).all()
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_bce_masked_logit_costs_nothing(create_graph):
+    # x = -inf at t = 0 (and +inf at t = 1): loss 0, gradients 0 (the target's too, as
+    # cross_entropy's at a masked class), where torch gives NaN; +inf at t = 0 is inf with
+    # gradient 1 as in torch; a NaN logit stays NaN. First order through the kernel, with
+    # create_graph through the differentiable expression.
+    inf = math.inf
+    x = torch.tensor([-inf, inf, inf, 0.5, math.nan], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 0.0, 0.3, 1.0], dtype=torch.float64, requires_grad=True)
+    loss = softce.binary_cross_entropy_with_logits(x, t, reduction="none")
+    grad, grad_t = torch.autograd.grad(loss.sum(), (x, t), create_graph=create_graph)
+    torch_loss = F.binary_cross_entropy_with_logits(x.detach(), t.detach(), reduction="none")
+    assert torch_loss[:2].isnan().all()  # the difference from torch this test pins
+    assert loss[:3].tolist() == [0.0, 0.0, inf]
+    assert grad[:3].tolist() == [0.0, 0.0, 1.0]
+    assert grad_t[:3].tolist() == [0.0, 0.0, -inf]
+    xr, tr = x.detach()[3:4].clone().requires_grad_(), t.detach()[3:4].clone().requires_grad_()
+    gr, gtr = torch.autograd.grad(F.binary_cross_entropy_with_logits(xr, tr, reduction="sum"), (xr, tr))
+    assert_close(loss[3:4], torch_loss[3:4])
+    assert_close(grad[3:4], gr)
+    assert_close(grad_t[3:4], gtr)
+    assert loss[4].isnan() and grad[4].isnan()
+    if create_graph:  # the second derivative (a + b) sigma(x) sigma(-x): 0 at the infinite logits
+        (second,) = torch.autograd.grad(grad[:4].sum(), x)
+        s = torch.sigmoid(torch.tensor(0.5, dtype=torch.float64))
+        assert second[:3].tolist() == [0.0, 0.0, 0.0]
+        assert_close(second[3], s * (1 - s))

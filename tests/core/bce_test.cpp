@@ -113,22 +113,28 @@ TEST(BinaryCrossEntropyWithLogits, ExtremeLogitsStayFinite) {
   }
 }
 
-// Element by element in float32, against the formula in double: loss (softplus, from one
-// exp, a reciprocal and log1p) and gradient within 4 ulp over |x| <= 80 wherever the
-// formula has no cancellation: t = 1 for every x (loss softplus(-x), gradient -sigma(-x)),
-// t = 0 for x >= 0 (the mirror image). (t = 0, x < 0 computes x + softplus(-x) and
-// 1 - sigma(-x), as PyTorch does: exact only to an ulp of |x| or of 1 there.) A tolerance
-// relative to the largest element would not see a wrong log1p of a tiny exp.
+// Element by element in float32, against the formula in double: the loss
+// a softplus(-x) + b softplus(x) (a = pos_weight t, b = 1 - t; from one exp, a reciprocal
+// and log1p) within 4 ulp of itself, the gradient b sigma(x) - a sigma(-x) within 4 ulp of
+// b sigma(x) + a sigma(-x) (its terms' size: the bound where the two cancel), over |x| <= 80
+// and near 0, for hard and soft targets, with and without pos_weight. t = 0 at x << 0 is in:
+// the loss is exp(x) there (x + softplus(-x) would give 0), the gradient sigma(x) (1 -
+// sigma(-x) would give 0). A tolerance relative to the largest element would not see a
+// wrong log1p of a tiny exp.
 TEST(BinaryCrossEntropyWithLogits, Float32ElementsWithinFourUlp) {
   std::vector<double> xs;
   for (int i = -16000; i <= 16000; ++i) xs.push_back(static_cast<double>(static_cast<float>(i * 0.005)));
   for (int i = -200; i <= 200; ++i) xs.push_back(static_cast<double>(static_cast<float>(i * 1e-6)));
   const std::int64_t n = static_cast<std::int64_t>(xs.size());
   const tensor x = make_tensor({n}, dtype::float32, xs);
-  for (double tv : {0.0, 1.0}) {
-    SCOPED_TRACE("t = " + std::to_string(tv));
-    const tensor t = make_tensor({n}, dtype::float32, std::vector<double>(xs.size(), tv));
+  const std::pair<double, double> cases[] = {{0.0, 1.0}, {1.0, 1.0}, {0.3, 1.0}, {0.0, 2.5}, {1.0, 2.5}, {0.3, 2.5}};
+  for (const auto& [t_value, pw_value] : cases) {
+    const bool pos_weighted = pw_value != 1.0;
+    SCOPED_TRACE("t = " + std::to_string(t_value) + (pos_weighted ? " pos_weight " + std::to_string(pw_value) : ""));
+    const tensor t = make_tensor({n}, dtype::float32, std::vector<double>(xs.size(), t_value));
+    const tensor pos_weight = make_tensor({1}, dtype::float32, {pw_value});
     softce::bce_options o;
+    if (pos_weighted) o.pos_weight = pos_weight.view();
     o.reduce = reduction::sum;  // d loss / d x_i is the element's own gradient
     tensor losses({n}, dtype::float32), g({n}, dtype::float32);
     softce::outputs out;
@@ -141,19 +147,57 @@ TEST(BinaryCrossEntropyWithLogits, Float32ElementsWithinFourUlp) {
     softce::binary_cross_entropy_with_logits(x.view(), t.view(), none, out_losses);
     const std::vector<double> l = losses.values(), gv = g.values();
     const double ulp = std::ldexp(1.0, -23);
-    int checked = 0, bad_loss = 0, bad_grad = 0;
+    const double tf = static_cast<float>(t_value), a = static_cast<float>(pw_value) * tf, b = 1 - tf;
+    int bad_loss = 0, bad_grad = 0;
     for (std::size_t i = 0; i < xs.size(); ++i) {
-      const double v = tv == 1.0 ? xs[i] : -xs[i];  // t = 0 at x is t = 1 at -x
-      if (tv == 0.0 && xs[i] < 0.0) continue;
-      const double loss = std::log1p(std::exp(-std::fabs(v))) + std::max(-v, 0.0);  // softplus(-v)
-      const double grad = (tv == 1.0 ? -1.0 : 1.0) / (1.0 + std::exp(v));            // -+sigma(-v)
-      ++checked;
-      if (!(std::fabs(l[i] - loss) <= 4 * ulp * std::fabs(loss))) ++bad_loss;
-      if (!(std::fabs(gv[i] - grad) <= 4 * ulp * std::fabs(grad))) ++bad_grad;
+      const double v = xs[i], log1p_e = std::log1p(std::exp(-std::fabs(v)));
+      const double loss = a * (log1p_e + std::max(-v, 0.0)) + b * (log1p_e + std::max(v, 0.0));
+      const double sigma = 1 / (1 + std::exp(-v)), sigma_neg = 1 / (1 + std::exp(v));
+      const double grad = b * sigma - a * sigma_neg, grad_size = b * sigma + a * sigma_neg;
+      if (!(std::fabs(l[i] - loss) <= 4 * ulp * loss)) ++bad_loss;
+      if (!(std::fabs(gv[i] - grad) <= 4 * ulp * grad_size)) ++bad_grad;
     }
-    EXPECT_GT(checked, 16000);
     EXPECT_EQ(bad_loss, 0);
     EXPECT_EQ(bad_grad, 0);
+  }
+}
+
+// Infinite logits: a term whose coefficient is zero is 0, not 0 * inf (a masked logit, -inf
+// with target 0, costs nothing and moves nothing; torch gives NaN there); a NaN logit stays
+// NaN even where pos_weight 0 at t = 1 zeroes both coefficients. The target's gradient
+// pos_weight softplus(-x) - softplus(x) follows the same rule: a masked term adds nothing to
+// it either (as cross_entropy's target gradient at a masked class), an unmasked one its
+// infinite limit.
+TEST(BinaryCrossEntropyWithLogits, InfiniteLogitsFollowTheLimits) {
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  const std::vector<double> xs = {-inf, inf, inf, -inf, inf, nan, -inf, -inf};
+  const std::vector<double> ts = {0.0, 1.0, 0.0, 1.0, 0.5, 1.0, 0.0, 0.5};
+  const std::vector<double> pws = {2.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.5, 0.0};
+  const std::vector<double> want_loss = {0.0, 0.0, inf, inf, inf, nan, 0.0, 0.0};
+  const std::vector<double> want_grad = {0.0, 0.0, 1.0, -2.0, 0.5, nan, 0.0, 0.0};
+  const std::vector<double> want_grad_target = {0.0, 0.0, -inf, inf, -inf, nan, 0.0, 0.0};
+  const auto same = [](double got, double want) { return std::isnan(want) ? std::isnan(got) : got == want; };
+  for (dtype type : {dtype::float32, dtype::float64, dtype::bfloat16}) {
+    SCOPED_TRACE(name_of(type));
+    const std::int64_t n = static_cast<std::int64_t>(xs.size());
+    const tensor x = make_tensor({n}, type, xs), t = make_tensor({n}, type, ts), pw = make_tensor({n}, type, pws);
+    softce::bce_options o;
+    o.reduce = reduction::none;
+    o.pos_weight = pw.view();
+    tensor losses({n}, dtype::float64), g({n}, dtype::float64), gt({n}, dtype::float64);
+    softce::outputs out;
+    out.grad = g.mutable_view();
+    out.grad_target = gt.mutable_view();
+    out.losses = losses.mutable_view();
+    for (auto call : {&softce::binary_cross_entropy_with_logits, &ref::binary_cross_entropy_with_logits}) {
+      call(x.view(), t.view(), o, out);
+      const std::vector<double> l = losses.values(), gv = g.values(), gtv = gt.values();
+      for (std::size_t i = 0; i < xs.size(); ++i) {
+        EXPECT_PRED2(same, l[i], want_loss[i]) << "loss " << i << (call == &ref::binary_cross_entropy_with_logits ? " oracle" : "");
+        EXPECT_PRED2(same, gv[i], want_grad[i]) << "grad " << i;
+        EXPECT_PRED2(same, gtv[i], want_grad_target[i]) << "grad_target " << i;
+      }
+    }
   }
 }
 

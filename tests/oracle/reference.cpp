@@ -850,9 +850,9 @@ double kl_div(const array_view& input, const array_view& target, const kl_div_op
 
 double binary_cross_entropy_with_logits(const array_view& input, const array_view& target,
                                         const bce_options& options, const outputs& out) {
-  //   lw   = 1 + (pos_weight - 1) t
-  //   loss = weight ((1 - t) x + lw (log1p(exp(-|x|)) + max(-x, 0)))
-  //   grad = weight ((1 - t) + lw (sigmoid(x) - 1))
+  //   a    = pos_weight t,  b = 1 - t
+  //   loss = weight (a softplus(-x) + b softplus(x))    (a term with a zero coefficient is 0)
+  //   grad = weight (b sigmoid(x) - a sigmoid(-x))
   const std::int64_t numel = input.numel();
   const double denominator =
       options.reduce == reduction::mean ? static_cast<double>(numel) : 1.0;
@@ -873,15 +873,19 @@ double binary_cross_entropy_with_logits(const array_view& input, const array_vie
                                   ? load_at(options.pos_weight->data, options.pos_weight->type,
                                             walk.broadcast_offset(*options.pos_weight))
                                   : 1.0;
-    const double lw = options.pos_weight ? 1 + (pos_weight - 1) * t : 1.0;  // no 0 * inf without one
-    const double softplus_minus_x = std::log1p(std::exp(-std::fabs(x))) + std::max(-x, 0.0);
-    const double loss = w * ((1 - t) * x + lw * softplus_minus_x);
-    // sigmoid(x) - 1 = -sigmoid(-x), computed without cancellation
-    const double sigmoid_minus_one = x >= 0 ? -std::exp(-x) / (1 + std::exp(-x)) : -1 / (1 + std::exp(x));
-    const double grad = w * ((1 - t) + lw * sigmoid_minus_one);
-    if (out.grad_target)  // d/dt = w (-x + (pos_weight - 1) softplus(-x))
+    const double a = pos_weight * t, b = 1 - t;
+    const double log1p_e = std::log1p(std::exp(-std::fabs(x)));
+    const double softplus_minus_x = log1p_e + std::max(-x, 0.0), softplus_x = log1p_e + std::max(x, 0.0);
+    double loss = w * ((a == 0 ? 0.0 : a * softplus_minus_x) + (b == 0 ? 0.0 : b * softplus_x));
+    if (std::isnan(x)) loss = x;  // pos_weight 0 at t = 1 zeroes both terms
+    // sigmoid(x) and sigmoid(-x) without cancellation
+    const double e = std::exp(-std::fabs(x));
+    const double sigmoid_x = x >= 0 ? 1 / (1 + e) : e / (1 + e), sigmoid_minus_x = x >= 0 ? e / (1 + e) : 1 / (1 + e);
+    const double grad = w * (b * sigmoid_x - a * sigmoid_minus_x);
+    if (out.grad_target)  // d/dt = w (pos_weight softplus(-x) - softplus(x)), a masked term's 0
       store(*out.grad_target, walk.index,
-            coef * w * (-x + (options.pos_weight ? (pos_weight - 1) * softplus_minus_x : 0.0)));
+            coef * w * ((a == 0 && std::isinf(softplus_minus_x) ? 0.0 : pos_weight * softplus_minus_x) -
+                        (b == 0 && std::isinf(softplus_x) ? 0.0 : softplus_x)));
     total.add(loss);
     if (out.grad) store(*out.grad, walk.index, coef * grad);
     if (write_losses) store(*out.losses, walk.index, loss);

@@ -41,10 +41,6 @@ std::vector<T> class_weights(const std::optional<array_view>& weight) {
   return w;
 }
 
-// A row is poisoned (loss and whole gradient row NaN, as in PyTorch) when a NaN or +inf
-// logit reached it (the statistics' sum is NaN then, see row_stats.hpp) or a weighted
-// target that is not finite (NaN or infinite target or class weight: Σ w t' is not finite).
-inline bool ce_row_poisoned(const target_stats& st) { return std::isnan(st.sum) || !std::isfinite(st.a); }
 
 // The row's log-sum-exp from merged statistics as shift + log_sum (shift -inf for an all
 // -inf row, log_sum NaN when poisoned): lse - x = (shift - x) + log_sum keeps -log q exact
@@ -58,11 +54,6 @@ inline row_lse ce_row_lse(const target_stats& st) {
   return {st.shift, std::log(st.sum)};
 }
 
-// CE row loss from merged statistics: Σ w t' (lse - x) = a log(sum) - b.
-inline double ce_row_loss(const target_stats& st) {
-  if (st.sum == 0.0 || st.shift == -kInf) return st.a > 0.0 ? kInf : 0.0;
-  return st.a * std::log(st.sum) - st.b;
-}
 
 // d loss / d t_c for a dense target row, t'_c = keep t_c + add, wt_c = w_c t'_c:
 // coef keep w_c (lse - x_c), and 0 where wt_c = 0 faces lse - x_c = +inf (x_c = -inf: the

@@ -44,6 +44,8 @@ constexpr kernel_table<T> TableFor() {
       .target_row_stats = &TargetRowStats<T>,
       .target_row_grad = &TargetRowGrad<T>,
       .target_row_grad_cached = &TargetRowGradCached<T>,
+      .small_target_rows = &SmallTargetRows<T>,
+      .small_row_classes = &SmallRowClasses<T>,
       .distill_row_stats = &DistillRowStats<T>,
       .distill_row_grad_kl_cached = &DistillRowGradKlCached<T>,
       .jsd_row_stats = &JsdRowStats<T>,

@@ -5,6 +5,8 @@
 
 namespace softce::detail {
 
+double ce_loss_from_log(double a, double log_sum, double b) { return a * log_sum - b; }
+
 double reduce_total(double total, const reduce_plan& plan) {
   if (plan.mode == reduction::mean || plan.mode == reduction::batchmean)
     return plan.denominator == 0.0 ? kNaN : total / plan.denominator;

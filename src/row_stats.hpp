@@ -92,6 +92,21 @@ inline void merge_into(distill_stats& acc, const distill_stats& part, double inv
   acc.k = k;
 }
 
+// A row is poisoned (loss and whole gradient row NaN, as in PyTorch) when a NaN or +inf
+// logit reached it (the statistics' sum is NaN then, see row_stats.hpp) or a weighted
+// target that is not finite (NaN or infinite target or class weight: Σ w t' is not finite).
+inline bool ce_row_poisoned(const target_stats& st) { return std::isnan(st.sum) || !std::isfinite(st.a); }
+
+// a log(sum) - b, out of line (row_driver.cpp): one rounding for every caller, the kernels
+// compiled per SIMD target included (inline there, the compiler would fuse it into an FMA).
+double ce_loss_from_log(double a, double log_sum, double b);
+
+// CE row loss from merged statistics: Σ w t' (lse - x) = a log(sum) - b.
+inline double ce_row_loss(const target_stats& st) {
+  if (st.sum == 0.0 || st.shift == -kInf) return st.a > 0.0 ? kInf : 0.0;
+  return ce_loss_from_log(st.a, std::log(st.sum), st.b);
+}
+
 // The normaliser the gradient kernels use: log q = (x - shift) * inv_t - log_sum. For an
 // all -inf row (sum = 0) q is defined as 0: shift 0 and log_sum = +inf give exp(-inf) = 0.
 template <class T>

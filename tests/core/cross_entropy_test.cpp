@@ -263,6 +263,74 @@ TEST(CrossEntropy, OneHotProbabilitiesAreBitwiseIndexTargets) {
       }
 }
 
+// Rows of at most one vector of classes, contiguous, go through one kernel call per block of
+// rows (SmallTargetRows) instead of the row-by-row passes; the same rows stored class-major
+// take the row-by-row path. Both must give the same bits, special rows included: a -inf
+// logit with zero and with positive target, an all -inf row, NaN and +inf logits, a NaN
+// target, an all-zero target; with class weights and label smoothing; in place too.
+template <class T>
+void expect_small_rows_bitwise(std::int64_t C, bool weighted, double smoothing, bool in_place, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const dtype type = softce::dtype_of<T>();
+  const std::int64_t N = 37;
+  const shape_t shape{N, C};
+  std::vector<double> x = normal_values(rng, N * C, 3.0), t = uniform_values(rng, N * C, 0.0, 1.0);
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  auto at = [&](std::int64_t r, std::int64_t c) { return static_cast<std::size_t>(r * C + c % C); };
+  x[at(1, 0)] = -inf, t[at(1, 0)] = 0.0;
+  x[at(2, 1)] = -inf, t[at(2, 1)] = 0.5;
+  for (std::int64_t c = 0; c < C; ++c) x[at(3, c)] = -inf, t[at(7, c)] = 0.0;
+  x[at(4, 2)] = nan;
+  x[at(5, 0)] = inf;
+  t[at(6, 1)] = nan;
+  layout class_major = row_major(2);
+  class_major.order = {1, 0};
+  const tensor weight = make_tensor({C}, type, uniform_values(rng, C, 0.5, 2.0));
+  softce::cross_entropy_options o;
+  o.reduce = reduction::none;
+  o.label_smoothing = smoothing;
+  if (weighted) o.weight = weight.view();
+  std::vector<double> losses[2], grads[2];
+  for (int path = 0; path < 2; ++path) {
+    const layout l = path == 0 ? row_major(2) : class_major;
+    tensor xt = make_tensor(shape, type, x, l);
+    const tensor tt = make_tensor(shape, type, t, l);
+    tensor g(shape, type, l), rl({N}, dtype::float64);
+    softce::outputs out;
+    out.grad = in_place ? xt.mutable_view() : g.mutable_view();
+    out.losses = rl.mutable_view();
+    softce::cross_entropy(xt.view(), tt.view(), o, out);
+    losses[path] = rl.values();
+    grads[path] = in_place ? xt.values() : g.values();
+  }
+  SCOPED_TRACE(std::string(name_of(type)) + " C " + std::to_string(C) + (weighted ? " weighted" : "") + " smoothing " +
+               std::to_string(smoothing) + (in_place ? " in place" : ""));
+  EXPECT_TRUE(std::isnan(losses[0][4]) && std::isnan(losses[0][5]) && std::isnan(losses[0][6]));
+  EXPECT_EQ(losses[0][2], inf);
+  for (int which = 0; which < 2; ++which) {
+    const std::vector<double>& a = which ? grads[0] : losses[0];
+    const std::vector<double>& b = which ? grads[1] : losses[1];
+    ASSERT_EQ(a.size(), b.size());
+    int differ = 0;
+    for (std::size_t i = 0; i < a.size(); ++i)
+      if (std::memcmp(&a[i], &b[i], sizeof(double)) != 0 && !(std::isnan(a[i]) && std::isnan(b[i]))) {
+        if (++differ < 4) ADD_FAILURE() << (which ? "gradient " : "loss ") << i << ": " << std::setprecision(17) << a[i] << " vs " << b[i];
+      }
+    EXPECT_EQ(differ, 0) << (which ? "gradient" : "row losses");
+  }
+}
+
+TEST(CrossEntropy, SmallRowsAreBitwiseTheRowByRowPath) {
+  std::uint64_t seed = 900;
+  for (std::int64_t C : {3, 7, 8, 10, 16})
+    for (bool weighted : {false, true})
+      for (double smoothing : {0.0, 0.1})
+        for (bool in_place : {false, true}) {
+          expect_small_rows_bitwise<float>(C, weighted, smoothing, in_place, ++seed);
+          if (C <= 8) expect_small_rows_bitwise<double>(C, weighted, smoothing, in_place, ++seed);
+        }
+}
+
 // ---------------------------------------------------------------------------------------
 // top-k targets equal their dense scatter (without tail)
 

@@ -210,23 +210,19 @@ void DistillRowGradKlCached(exp_cache<T> cx, exp_cache<T> cz, std::int64_t n, T 
     const size_t len = static_cast<size_t>(std::min<std::int64_t>(kChunk, n - c0));
     const auto fx = hn::Set(d, coef * ChunkFactor(cx.shifts[c0 / kChunk], nx, inv_t));
     const auto fz = hn::Set(d, coef * ChunkFactor(cz.shifts[c0 / kChunk], nz, inv_t));
-    size_t i = 0;
-    if (LongRowPiece(n)) {
-      for (; i + N <= len; i += N) {
-        const size_t at = static_cast<size_t>(c0) + i;
-        PrefetchNextChunk(cx.e + at);
-        PrefetchNextChunk(cz.e + at);
-        hn::StoreU(hn::NegMulAdd(hn::LoadU(d, cz.e + at), fz, hn::Mul(hn::LoadU(d, cx.e + at), fx)), d, g + at);
-      }
-    }
-    for (; i + N <= len; i += N) {
-      const size_t at = static_cast<size_t>(c0) + i;
-      hn::StoreU(hn::NegMulAdd(hn::LoadU(d, cz.e + at), fz, hn::Mul(hn::LoadU(d, cx.e + at), fx)), d, g + at);
-    }
+    const T* ex = cx.e + c0;
+    const T* ez = cz.e + c0;
+    T* gc = g + c0;
+    const size_t i = WholeVectors(
+        len, N, LongRowPiece(n),
+        [&](size_t j) {
+          PrefetchNextChunk(ex + j);
+          PrefetchNextChunk(ez + j);
+        },
+        [&](size_t j) { hn::StoreU(hn::NegMulAdd(hn::LoadU(d, ez + j), fz, hn::Mul(hn::LoadU(d, ex + j), fx)), d, gc + j); });
     if (i < len) {
-      const size_t at = static_cast<size_t>(c0) + i;
-      const auto q = hn::Mul(LoadPart(d, cx.e + at, len - i, T(0)), fx);
-      StorePart(hn::NegMulAdd(LoadPart(d, cz.e + at, len - i, T(0)), fz, q), d, g + at, len - i);
+      const auto q = hn::Mul(LoadPart(d, ex + i, len - i, T(0)), fx);
+      StorePart(hn::NegMulAdd(LoadPart(d, ez + i, len - i, T(0)), fz, q), d, gc + i, len - i);
     }
   }
 }

@@ -292,6 +292,22 @@ HWY_INLINE void PrefetchNextChunk(const T* p) {
 // Intel Xeon AVX-512). Shorter rows, in cache, skip it.
 HWY_INLINE bool LongRowPiece(std::int64_t n) { return n >= kRowPiece; }
 
+// Runs body(i) over the whole vectors of a chunk of `len` elements, N at a time, preceded
+// by prefetch(i) when `prefetching` (the gradient passes over long-row pieces); returns
+// where the partial vector starts. Two loops, so that the common case carries no test.
+template <class Prefetch, class Body>
+HWY_INLINE size_t WholeVectors(size_t len, size_t N, bool prefetching, Prefetch prefetch, Body body) {
+  size_t i = 0;
+  if (prefetching) {
+    for (; i + N <= len; i += N) {
+      prefetch(i);
+      body(i);
+    }
+  }
+  for (; i + N <= len; i += N) body(i);
+  return i;
+}
+
 // The factor turning cached exp((x - shift_c) / T) into q: exp((shift_c - M) / T - log_sum).
 // An all -inf chunk holds shift_c = 0 (and zeros): min() keeps its factor finite where the
 // row's max M is far below 0 (exp(-M / T) would overflow, and 0 * inf be NaN).

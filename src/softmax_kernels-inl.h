@@ -262,20 +262,16 @@ void TargetRowGradCached(exp_cache<T> cache, std::int64_t n, const target_desc<T
     if (t.onehot >= 0) tc.onehot = t.onehot - c0;
     const T* ec = cache.e + c0;
     T* gc = g + c0;
-    size_t i = 0;
-    if (LongRowPiece(n)) {
-      for (; i + N <= len; i += N) {
-        PrefetchNextChunk(ec + i);
-        if (tc.dense) PrefetchNextChunk(tc.dense + i);
-        const auto q = hn::Mul(hn::LoadU(d, ec + i), vf);
-        hn::StoreU(hn::Mul(vcoef, hn::MulSub(q, va, WeightedTarget<false>(d, tc, i, N))), d, gc + i);
-      }
-    }
-    for (; i + N <= len; i += N) {
-      const auto q = hn::Mul(hn::LoadU(d, ec + i), vf);
-      const auto wt = WeightedTarget<false>(d, tc, i, N);
-      hn::StoreU(hn::Mul(vcoef, hn::MulSub(q, va, wt)), d, gc + i);
-    }
+    const size_t i = WholeVectors(
+        len, N, LongRowPiece(n),
+        [&](size_t j) {
+          PrefetchNextChunk(ec + j);
+          if (tc.dense) PrefetchNextChunk(tc.dense + j);
+        },
+        [&](size_t j) {
+          const auto q = hn::Mul(hn::LoadU(d, ec + j), vf);
+          hn::StoreU(hn::Mul(vcoef, hn::MulSub(q, va, WeightedTarget<false>(d, tc, j, N))), d, gc + j);
+        });
     if (i < len) {
       const auto q = hn::Mul(LoadPart(d, ec + i, len - i, T(0)), vf);
       const auto wt = WeightedTarget<true>(d, tc, i, len - i);
@@ -350,14 +346,9 @@ void SoftmaxRowGradCached(exp_cache<T> cache, std::int64_t n, T inv_t, row_norma
                                               static_cast<double>(scale)));
     const T* ec = cache.e + c0;
     T* gc = g + c0;
-    size_t i = 0;
-    if (LongRowPiece(n)) {
-      for (; i + N <= len; i += N) {
-        PrefetchNextChunk(ec + i);
-        hn::StoreU(hn::Mul(hn::LoadU(d, ec + i), vf), d, gc + i);
-      }
-    }
-    for (; i + N <= len; i += N) hn::StoreU(hn::Mul(hn::LoadU(d, ec + i), vf), d, gc + i);
+    const size_t i = WholeVectors(
+        len, N, LongRowPiece(n), [&](size_t j) { PrefetchNextChunk(ec + j); },
+        [&](size_t j) { hn::StoreU(hn::Mul(hn::LoadU(d, ec + j), vf), d, gc + j); });
     if (i < len) StorePart(hn::Mul(LoadPart(d, ec + i, len - i, T(0)), vf), d, gc + i, len - i);
   }
 }

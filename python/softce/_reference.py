@@ -207,15 +207,18 @@ def binary_cross_entropy_with_logits(x, target, weight, pos_weight, reduction):
     # (no cancellation where the loss is small). A term whose coefficient is zero at an
     # infinite logit (a masked logit: x = −inf at a = 0, +inf at b = 0) is 0 with every
     # derivative: its softplus is taken at a safe 0 there and then zeroed, so no 0 · inf
-    # reaches a first or second derivative. softplus as relu(v) + log1p(exp(−|v|)): exact,
-    # and its second derivative is 0 (not NaN, as logaddexp's) at ±inf.
+    # reaches a first or second derivative. softplus as max(v, 0) + log1p(exp(−|v|)) written
+    # with where: exact, σ(0) = 1/2 at 0, and second derivative 0 (not NaN, as logaddexp's)
+    # at ±inf.
     a = t * pos_weight.to(x.dtype) if pos_weight is not None else t
     b = 1 - t
 
     def masked_softplus(v, coefficient, masked_at):
         mask = (coefficient == 0) & (x == masked_at)
         safe = torch.where(mask, 0.0, v)
-        return torch.where(mask, 0.0, torch.relu(safe) + torch.log1p(torch.exp(-safe.abs())))
+        positive = safe > 0  # not relu / abs: their derivative at 0 is 0, sigma(0) is 1/2
+        return torch.where(mask, 0.0, torch.where(positive, safe, 0.0)
+                           + torch.log1p(torch.exp(torch.where(positive, -safe, safe))))
 
     elements = a * masked_softplus(-x, a, -math.inf) + b * masked_softplus(x, b, math.inf)
     elements = torch.where(torch.isnan(x), x, elements)  # pos_weight 0 at t = 1: a = b = 0

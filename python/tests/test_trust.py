@@ -331,8 +331,8 @@ def test_bce_masked_logit_costs_nothing(create_graph):
     # gradient 1 as in torch; a NaN logit stays NaN. First order through the kernel, with
     # create_graph through the differentiable expression.
     inf = math.inf
-    x = torch.tensor([-inf, inf, inf, 0.5, math.nan], dtype=torch.float64, requires_grad=True)
-    t = torch.tensor([0.0, 1.0, 0.0, 0.3, 1.0], dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([-inf, inf, inf, 0.5, math.nan, 0.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 0.0, 0.3, 1.0, 0.0], dtype=torch.float64, requires_grad=True)
     loss = softce.binary_cross_entropy_with_logits(x, t, reduction="none")
     grad, grad_t = torch.autograd.grad(loss.sum(), (x, t), create_graph=create_graph)
     torch_loss = F.binary_cross_entropy_with_logits(x.detach(), t.detach(), reduction="none")
@@ -346,8 +346,10 @@ def test_bce_masked_logit_costs_nothing(create_graph):
     assert_close(grad[3:4], gr)
     assert_close(grad_t[3:4], gtr)
     assert loss[4].isnan() and grad[4].isnan()
+    assert grad[5].item() == 0.5  # sigma(0) at a logit of exactly 0
     if create_graph:  # the second derivative (a + b) sigma(x) sigma(-x): 0 at the infinite logits
-        (second,) = torch.autograd.grad(grad[:4].sum(), x)
+        (second,) = torch.autograd.grad(grad[:4].sum() + grad[5], x)
         s = torch.sigmoid(torch.tensor(0.5, dtype=torch.float64))
         assert second[:3].tolist() == [0.0, 0.0, 0.0]
         assert_close(second[3], s * (1 - s))
+        assert second[5].item() == 0.25

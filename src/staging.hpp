@@ -222,13 +222,13 @@ class scratch_row {
   slot* slot_ = nullptr;
 };
 
-// Reads rows of an operand as contiguous T (in place when possible).
 // Whether rows of `op` are read and written where they are, as T (no staging copy).
 template <class T>
 bool direct_rows(const row_operand& op) {
   return op.type == dtype_of<T>() && op.contiguous_rows();
 }
 
+// Reads rows of an operand as contiguous T (in place when possible).
 template <class T>
 class row_reader {
  public:

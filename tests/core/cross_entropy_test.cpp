@@ -351,6 +351,54 @@ TEST(CrossEntropy, SmallRowsAreBitwiseTheRowByRowPath) {
           }
 }
 
+// The small-row path with mean and sum (the gradient's coefficient), rows walked backwards
+// (a negative row stride), a 1-d input, and enough rows for two threads: the same bits as
+// the row-by-row path (class-major, or an interleaved 1-d input), and as one thread.
+TEST(CrossEntropy, SmallRowsReductionsStridesAndThreads) {
+  std::mt19937_64 rng(950);
+  const std::int64_t C = 10;
+  const int saved_threads = softce::get_num_threads();
+  for (const shape_t& shape : {shape_t{5000, C}, shape_t{C}}) {
+    const std::int64_t n = product(shape);
+    const int ndim = static_cast<int>(shape.size());
+    const std::vector<double> x = normal_values(rng, n, 3.0), t = uniform_values(rng, n, 0.0, 1.0);
+    layout fast = row_major(ndim), slow = row_major(ndim);
+    if (ndim == 2) {
+      fast.flip = {true, false};  // negative row stride, classes contiguous: the small path
+      slow.order = {1, 0};        // class-major: the row-by-row path
+    } else {
+      slow.spacing = 2;  // interleaved classes: staged, the row-by-row path
+    }
+    for (reduction reduce : {reduction::mean, reduction::sum}) {
+      SCOPED_TRACE(shape_text(shape) + " " + reduction_text(reduce));
+      softce::cross_entropy_options o;
+      o.reduce = reduce;
+      o.label_smoothing = 0.05;
+      double totals[3];
+      std::vector<unsigned char> grads[3];
+      for (int run = 0; run < 3; ++run) {
+        softce::set_num_threads(run == 2 ? 1 : 2);
+        const layout& l = run == 1 ? slow : fast;
+        const tensor xt = make_tensor(shape, dtype::float32, x, l), tt = make_tensor(shape, dtype::float32, t, l);
+        tensor g(shape, dtype::float32, l);
+        softce::outputs out;
+        out.grad = g.mutable_view();
+        totals[run] = softce::cross_entropy(xt.view(), tt.view(), o, out);
+        grads[run] = g.element_bytes();
+      }
+      softce::set_num_threads(saved_threads);
+      for (int run = 1; run < 3; ++run) {
+        EXPECT_EQ(std::memcmp(&totals[0], &totals[run], sizeof(double)), 0)
+            << std::setprecision(17) << totals[0] << " vs " << totals[run] << " (run " << run << ")";
+        EXPECT_EQ(grads[0], grads[run]) << "gradient, run " << run;
+      }
+      EXPECT_TRUE(loss_near(totals[0], ref::cross_entropy(make_tensor(shape, dtype::float32, x).view(),
+                                                          make_tensor(shape, dtype::float32, t).view(), o),
+                            loss_tolerance(dtype::float32)));
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // top-k targets equal their dense scatter (without tail)
 

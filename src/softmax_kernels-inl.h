@@ -312,19 +312,20 @@ void SmallTargetRows(const T* x, std::int64_t x_stride, const T* t, std::int64_t
       if (g) StorePart(hn::Set(d, std::numeric_limits<T>::quiet_NaN()), d, g + r * g_stride, len);
       continue;
     }
-    if (st.sum == 0.0 || m == kNegInf<T>) {  // an all -inf row: q = 0 (the normaliser's rule)
+    // the normaliser's: an all -inf row (sum 0) has q = 0 (coef (0 a - w t'), +0 where
+    // w t' = 0, as the row-by-row path); otherwise one log serves the loss and the factor
+    // (ce_row_loss and normaliser<T> take it twice), and the factor is ChunkFactor's for the
+    // row's one chunk, bit for bit, so that a one-hot row stays bitwise the index path's
+    T factor = T(0);
+    if (st.sum == 0.0 || m == kNegInf<T>) {
       losses[r] = ce_row_loss(st);
-      if (g) StorePart(hn::Mul(vcoef, hn::Neg(wt)), d, g + r * g_stride, len);
-      continue;
+    } else {
+      const double log_sum = std::log(st.sum);
+      losses[r] = ce_loss_from_log(st.a, log_sum, st.b);
+      factor = ChunkFactor(FiniteShift(m), row_normaliser<T>{m, static_cast<T>(log_sum)}, T(1));
     }
-    // one log for the loss and the normaliser (ce_row_loss and normaliser<T> compute it
-    // twice); the factor is ChunkFactor's for the row's one chunk, bit for bit, so that a
-    // one-hot row stays bitwise the index path's
-    const double log_sum = std::log(st.sum);
-    losses[r] = ce_loss_from_log(st.a, log_sum, st.b);
     if (!g) continue;
-    const row_normaliser<T> norm{m, static_cast<T>(log_sum)};
-    const auto q = hn::Mul(e, hn::Set(d, ChunkFactor(FiniteShift(m), norm, T(1))));
+    const auto q = hn::Mul(e, hn::Set(d, factor));
     StorePart(hn::Mul(vcoef, hn::MulSub(q, hn::Set(d, static_cast<T>(st.a)), wt)), d, g + r * g_stride, len);
   }
 }

@@ -280,6 +280,7 @@ void expect_small_rows_bitwise(std::int64_t C, bool weighted, double smoothing, 
   x[at(1, 0)] = -inf, t[at(1, 0)] = 0.0;
   x[at(2, 1)] = -inf, t[at(2, 1)] = 0.5;
   for (std::int64_t c = 0; c < C; ++c) x[at(3, c)] = -inf, t[at(7, c)] = 0.0;
+  t[at(3, 0)] = 0.0;  // a zero target in the all -inf row: +0, not -0, in the gradient
   x[at(4, 2)] = nan;
   x[at(5, 0)] = inf;
   t[at(6, 1)] = nan;

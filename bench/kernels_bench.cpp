@@ -369,6 +369,25 @@ void small_ce(benchmark::State& state, shape s) {
   set_counters(state, 12.0 * static_cast<double>(s.N * s.C), threads);
 }
 
+// The same with class indices: 8 B per element.
+void small_index_ce(benchmark::State& state, shape s) {
+  const int threads = static_cast<int>(state.range(0));
+  softce::set_num_threads(threads);
+  data& d = cached("small_index" + s.key(), [&](data& d) {
+    d.x = logits(s.N * s.C, 17);
+    d.g.assign(d.x.size(), 0.0f);
+    rng r{18};
+    d.y.resize(static_cast<std::size_t>(s.N));
+    for (auto& v : d.y) v = static_cast<std::int64_t>(r.next() % static_cast<std::uint64_t>(s.C));
+  });
+  const auto x = softce::view(static_cast<const float*>(d.x.data()), {s.N, s.C});
+  const auto y = softce::view(static_cast<const std::int64_t*>(d.y.data()), {s.N});
+  softce::outputs out;
+  out.grad = softce::view(d.g.data(), {s.N, s.C});
+  for (auto _ : state) benchmark::DoNotOptimize(softce::cross_entropy(x, y, {}, out));
+  set_counters(state, 8.0 * static_cast<double>(s.N * s.C), threads);
+}
+
 template <class Fn>
 void add(const std::string& name, Fn fn, bool inplace_arg = true) {
   auto* b = benchmark::RegisterBenchmark(name.c_str(), fn);
@@ -437,6 +456,9 @@ int main(int argc, char** argv) {
   for (shape s : {shape{64, 10}, shape{256, 1000}}) {
     auto* b = benchmark::RegisterBenchmark(("small_ce/" + s.key()).c_str(),
                                            [s](benchmark::State& st) { small_ce(st, s); });
+    b->ArgNames({"threads"})->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMicrosecond);
+    b = benchmark::RegisterBenchmark(("small_index_ce/" + s.key()).c_str(),
+                                     [s](benchmark::State& st) { small_index_ce(st, s); });
     b->ArgNames({"threads"})->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMicrosecond);
   }
   benchmark::RunSpecifiedBenchmarks();

@@ -109,36 +109,6 @@ bool bf16_in_place(const ce_setup<T>& s, const row_operand& t_op) {
          t_op.contiguous_rows() && (!s.g_op || (s.g_op->type == dtype::bfloat16 && s.g_op->contiguous_rows()));
 }
 
-// Rows of at most one vector of classes (C <= 16 float on AVX-512), contiguous, read and
-// written where they are, no mask, one process, no target gradient: a block of rows per
-// kernel call (SmallTargetRows), not two kernel calls and an exp cache per row (softce_bench
-// small_ce/64x10, Intel Xeon AVX-512: 5.6 -> 2.8 us; the bits are the row-by-row path's).
-template <class T>
-bool small_rows(const ce_setup<T>& s, const row_operand& t_op) {
-  const auto flat = [](const row_operand& op) { return direct_rows<T>(op) && op.ndim <= 1; };
-  return !s.call.shard && !s.gt_op && !s.mask && s.space.rows > 0 && s.C >= 1 && s.C <= s.kern.small_row_classes() &&
-         flat(s.x_op) && flat(t_op) && (!s.g_op || flat(*s.g_op));
-}
-
-template <class T>
-double run_small_rows(ce_setup<T>& s, const row_operand& t_op) {
-  s.coef = gradient_coef(s.plan);
-  const auto stride = [](const row_operand& op) { return op.ndim == 1 ? op.strides[0] : std::int64_t{0}; };
-  const std::int64_t xs = stride(s.x_op), ts = stride(t_op), gs = s.g_op ? stride(*s.g_op) : 0;
-  const T* x = s.x_op.template ptr<T>(0);
-  const T* t = t_op.template ptr<T>(0);
-  T* g = s.g_op ? const_cast<T*>(s.g_op->template ptr<T>(0)) : nullptr;
-  const target_desc<T> desc = base_desc(s);
-  std::vector<double> row_losses(static_cast<std::size_t>(s.space.rows), 0.0);
-  parallel_for(s.space.rows, grain_for(s.C), [&](std::int64_t begin, std::int64_t end) {
-    s.kern.small_target_rows(x + begin * xs, xs, t + begin * ts, ts, desc.weight, end - begin, s.C, desc.keep,
-                             desc.add, static_cast<T>(s.coef), g ? g + begin * gs : nullptr, gs,
-                             row_losses.data() + begin);
-  });
-  write_row_losses(s.call.out, s.space, row_losses);
-  return finish_reduction(row_losses, s.plan);
-}
-
 }  // namespace
 
 template <class T>
@@ -149,7 +119,7 @@ double cross_entropy_probabilities(const ce_call& call, const row_space& space, 
   if constexpr (std::is_same_v<T, float>) {
     if (bf16_in_place(s, t_op)) return run_ce_rows(s, bf16_rows{s, t_op, kernels().half});
   }
-  if (small_rows(s, t_op)) return run_small_rows(s, t_op);
+  if (small_rows(s, &t_op)) return run_small_rows(s, &t_op, nullptr);
   return run_ce_rows(s, dense_rows<T>{{}, s, t_op});
 }
 

@@ -3,6 +3,7 @@
 // ignore_index skips a row; mean divides by the total weight of the non-ignored targets.
 // Class-parallel: the shard that owns y contributes the one-hot and its weight.
 #include <string>
+#include <vector>
 
 #include "cross_entropy_rows.hpp"
 
@@ -79,6 +80,14 @@ double cross_entropy_index(const ce_call& call, const row_space& space, const ar
   const index_rows<T> rows{{}, s, row_shaped_operand(space, target), call.options.ignore_index};
   const double weight_total = checked_target_weight(s, rows);
   if (s.plan.mode == reduction::mean) s.plan.denominator = weight_total;
+  if (small_rows(s, nullptr)) {
+    std::vector<std::int64_t> labels(static_cast<std::size_t>(space.rows));
+    for (std::int64_t r = 0; r < space.rows; ++r) {
+      const std::int64_t y = rows.label(r);  // checked above: ignore_index or in [0, C)
+      labels[static_cast<std::size_t>(r)] = y == rows.ignore_index ? -1 : y;
+    }
+    return run_small_rows(s, nullptr, labels.data());
+  }
   return run_ce_rows(s, rows);
 }
 

@@ -115,11 +115,12 @@ struct kernel_table {
   // the same from a cache: q = e * exp(shift_c - norm.shift - norm.log_sum)
   void (*target_row_grad_cached)(exp_cache<T> cache, std::int64_t n, const target_desc<T>& t, row_normaliser<T> norm,
                                  T a, T coef, T* g);
-  // dense targets, rows of n <= small_row_classes() contiguous classes, a block of rows in
-  // one call: losses[r] the row's loss, g (null, or may be x) = coef * (q * a - w * t')
-  void (*small_target_rows)(const T* x, std::int64_t x_stride, const T* t, std::int64_t t_stride, const T* weight,
-                            std::int64_t rows, std::int64_t n, T keep, T add, T coef, T* g, std::int64_t g_stride,
-                            double* losses);
+  // rows of n <= small_row_classes() contiguous classes, a block of rows in one call, dense
+  // targets t or class indices `labels` (< 0: ignored row): losses[r] the row's loss,
+  // g (null, or may be x) = coef * (q * a - w * t')
+  void (*small_target_rows)(const T* x, std::int64_t x_stride, const T* t, std::int64_t t_stride,
+                            const std::int64_t* labels, bool own_class_weight, const T* weight, std::int64_t rows,
+                            std::int64_t n, T keep, T add, T coef, T* g, std::int64_t g_stride, double* losses);
   std::int64_t (*small_row_classes)();  // one vector of T
 
   // distillation (dense teacher logits)

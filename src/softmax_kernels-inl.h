@@ -280,27 +280,42 @@ void TargetRowGradCached(exp_cache<T> cache, std::int64_t n, const target_desc<T
   }
 }
 
-// Dense probability targets over rows of n <= Lanes classes (one vector per row: C = 10 on
-// AVX-512), all of a block's rows in one call: statistics, loss and gradient of a row from
-// registers, with no exp cache, no chunk loop and no call per row. The statistics are
-// exactly TargetRowStats' for a one-chunk row and the loss and poisoning rules are the
-// driver's (ce_row_loss, ce_row_poisoned, normaliser, ChunkFactor), so the results are
-// bit for bit those of the row-by-row path. losses[r] gets the row's loss; g (may be x: a
-// row is read before it is written) gets coef (q a - w t'), NaN for a poisoned row.
+// Rows of n <= Lanes classes (one vector per row: C = 10 on AVX-512), all of a block's rows
+// in one call: statistics, loss and gradient of a row from registers, with no exp cache, no
+// chunk loop and no call per row. Targets: dense rows t (labels null), or class indices
+// `labels` (t null; a negative label is an ignored row: loss 0, gradient 0) with torch's
+// nll_loss weighting when `own_class_weight` (no smoothing: a row uses w_y alone, as
+// keep). The statistics are exactly TargetRowStats' for a one-chunk row and the loss and
+// poisoning rules are the driver's (ce_row_loss, ce_row_poisoned, normaliser,
+// ChunkFactor), so the results are bit for bit those of the row-by-row path. losses[r]
+// gets the row's loss; g (may be x: a row is read before it is written) gets
+// coef (q a - w t'), NaN for a poisoned row.
 template <class T>
-void SmallTargetRows(const T* x, std::int64_t x_stride, const T* t, std::int64_t t_stride, const T* weight,
-                     std::int64_t rows, std::int64_t n, T keep, T add, T coef, T* g, std::int64_t g_stride,
-                     double* losses) {
+void SmallTargetRows(const T* x, std::int64_t x_stride, const T* t, std::int64_t t_stride,
+                     const std::int64_t* labels, bool own_class_weight, const T* weight, std::int64_t rows,
+                     std::int64_t n, T keep, T add, T coef, T* g, std::int64_t g_stride, double* losses) {
   const hn::ScalableTag<T> d;
   const size_t len = static_cast<size_t>(n);
   const auto zero = hn::Zero(d), vcoef = hn::Set(d, coef);
   target_desc<T> desc{};
-  desc.weight = weight;
+  desc.weight = labels && own_class_weight ? nullptr : weight;
   desc.keep = keep;
   desc.add = add;
   for (std::int64_t r = 0; r < rows; ++r) {
+    T* gr = g ? g + r * g_stride : nullptr;
+    if (labels) {
+      const std::int64_t y = labels[r];
+      if (y < 0) {  // an ignored row
+        losses[r] = 0.0;
+        if (gr) StorePart(zero, d, gr, len);
+        continue;
+      }
+      desc.onehot = y;
+      if (own_class_weight) desc.keep = weight ? weight[y] : T(1);
+    } else {
+      desc.dense = t + r * t_stride;
+    }
     const auto xv = LoadPart(d, x + r * x_stride, len, kNegInf<T>);
-    desc.dense = t + r * t_stride;
     const auto wt = WeightedTarget<true>(d, desc, 0, len);
     const T m = hn::GetLane(hn::MaxOfLanes(d, xv));
     const auto diff = hn::Sub(xv, hn::Set(d, FiniteShift(m)));
@@ -309,7 +324,7 @@ void SmallTargetRows(const T* x, std::int64_t x_stride, const T* t, std::int64_t
                           Total(d, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)))};
     if (ce_row_poisoned(st)) {
       losses[r] = std::numeric_limits<double>::quiet_NaN();
-      if (g) StorePart(hn::Set(d, std::numeric_limits<T>::quiet_NaN()), d, g + r * g_stride, len);
+      if (gr) StorePart(hn::Set(d, std::numeric_limits<T>::quiet_NaN()), d, gr, len);
       continue;
     }
     // the normaliser's: an all -inf row (sum 0) has q = 0 (coef (0 a - w t'), +0 where
@@ -324,9 +339,9 @@ void SmallTargetRows(const T* x, std::int64_t x_stride, const T* t, std::int64_t
       losses[r] = ce_loss_from_log(st.a, log_sum, st.b);
       factor = ChunkFactor(FiniteShift(m), row_normaliser<T>{m, static_cast<T>(log_sum)}, T(1));
     }
-    if (!g) continue;
+    if (!gr) continue;
     const auto q = hn::Mul(e, hn::Set(d, factor));
-    StorePart(hn::Mul(vcoef, hn::MulSub(q, hn::Set(d, static_cast<T>(st.a)), wt)), d, g + r * g_stride, len);
+    StorePart(hn::Mul(vcoef, hn::MulSub(q, hn::Set(d, static_cast<T>(st.a)), wt)), d, gr, len);
   }
 }
 

@@ -267,9 +267,12 @@ TEST(CrossEntropy, OneHotProbabilitiesAreBitwiseIndexTargets) {
 // rows (SmallTargetRows) instead of the row-by-row passes; the same rows stored class-major
 // take the row-by-row path. Both must give the same bits, special rows included: a -inf
 // logit with zero and with positive target, an all -inf row, NaN and +inf logits, a NaN
-// target, an all-zero target; with class weights and label smoothing; in place too.
+// target, an all-zero target; with class weights and label smoothing; in place too. Index
+// targets likewise: an ignored row, and a NaN weight of a class no row uses (harmless
+// without smoothing, every row NaN with it, as torch).
 template <class T>
-void expect_small_rows_bitwise(std::int64_t C, bool weighted, double smoothing, bool in_place, std::uint64_t seed) {
+void expect_small_rows_bitwise(std::int64_t C, bool index, bool weighted, double smoothing, bool in_place,
+                               std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   const dtype type = softce::dtype_of<T>();
   const std::int64_t N = 37;
@@ -284,9 +287,19 @@ void expect_small_rows_bitwise(std::int64_t C, bool weighted, double smoothing, 
   x[at(4, 2)] = nan;
   x[at(5, 0)] = inf;
   t[at(6, 1)] = nan;
+  // labels below C - 1 where a NaN weight sits on class C - 1
+  const bool unused_nan_weight = index && weighted && C >= 2;
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(N));
+  for (auto& y : labels) y = static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(unused_nan_weight ? C - 1 : C));
+  labels[1] = 0;
+  labels[2] = 1 % C;
+  labels[8] = -100;  // ignored
+  std::vector<double> w = uniform_values(rng, C, 0.5, 2.0);
+  if (unused_nan_weight) w[static_cast<std::size_t>(C - 1)] = nan;
   layout class_major = row_major(2);
   class_major.order = {1, 0};
-  const tensor weight = make_tensor({C}, type, uniform_values(rng, C, 0.5, 2.0));
+  const tensor weight = make_tensor({C}, type, w);
+  const tensor label_tensor = make_index_tensor({N}, dtype::int64, labels);
   softce::cross_entropy_options o;
   o.reduce = reduction::none;
   o.label_smoothing = smoothing;
@@ -300,14 +313,19 @@ void expect_small_rows_bitwise(std::int64_t C, bool weighted, double smoothing, 
     softce::outputs out;
     out.grad = in_place ? xt.mutable_view() : g.mutable_view();
     out.losses = rl.mutable_view();
-    softce::cross_entropy(xt.view(), tt.view(), o, out);
+    softce::cross_entropy(xt.view(), index ? label_tensor.view() : tt.view(), o, out);
     losses[path] = rl.values();
     grads[path] = in_place ? xt.values() : g.values();
   }
-  SCOPED_TRACE(std::string(name_of(type)) + " C " + std::to_string(C) + (weighted ? " weighted" : "") + " smoothing " +
-               std::to_string(smoothing) + (in_place ? " in place" : ""));
-  EXPECT_TRUE(std::isnan(losses[0][4]) && std::isnan(losses[0][5]) && std::isnan(losses[0][6]));
-  EXPECT_EQ(losses[0][2], inf);
+  SCOPED_TRACE(std::string(name_of(type)) + " C " + std::to_string(C) + (index ? " index" : " dense") +
+               (weighted ? " weighted" : "") + " smoothing " + std::to_string(smoothing) + (in_place ? " in place" : ""));
+  EXPECT_TRUE(std::isnan(losses[0][4]) && std::isnan(losses[0][5]));
+  if (!(unused_nan_weight && smoothing > 0)) {
+    EXPECT_EQ(losses[0][2], inf);
+    EXPECT_TRUE(std::isfinite(losses[0][0]));
+    EXPECT_EQ(std::isnan(losses[0][6]), !index);
+  }
+  if (index) EXPECT_EQ(losses[0][8], 0.0);
   for (int which = 0; which < 2; ++which) {
     const std::vector<double>& a = which ? grads[0] : losses[0];
     const std::vector<double>& b = which ? grads[1] : losses[1];
@@ -323,13 +341,14 @@ void expect_small_rows_bitwise(std::int64_t C, bool weighted, double smoothing, 
 
 TEST(CrossEntropy, SmallRowsAreBitwiseTheRowByRowPath) {
   std::uint64_t seed = 900;
-  for (std::int64_t C : {3, 7, 8, 10, 16})
-    for (bool weighted : {false, true})
-      for (double smoothing : {0.0, 0.1})
-        for (bool in_place : {false, true}) {
-          expect_small_rows_bitwise<float>(C, weighted, smoothing, in_place, ++seed);
-          if (C <= 8) expect_small_rows_bitwise<double>(C, weighted, smoothing, in_place, ++seed);
-        }
+  for (std::int64_t C : {1, 3, 7, 8, 10, 16})
+    for (bool index : {false, true})
+      for (bool weighted : {false, true})
+        for (double smoothing : {0.0, 0.1})
+          for (bool in_place : {false, true}) {
+            expect_small_rows_bitwise<float>(C, index, weighted, smoothing, in_place, ++seed);
+            if (C <= 8) expect_small_rows_bitwise<double>(C, index, weighted, smoothing, in_place, ++seed);
+          }
 }
 
 // The small-row path with mean and sum (the gradient's coefficient), rows walked backwards

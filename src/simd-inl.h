@@ -249,6 +249,24 @@ HWY_INLINE double Total(D d, V<D> v) {
 }
 
 // max over a chunk; -inf when empty or all -inf.
+// acc + w d where w != 0, acc where w == 0 (a zero weight times an infinite difference
+// adds 0, not NaN; a NaN weight is != 0 and poisons acc). One rounding (FMA). On AVX-512
+// a single merge-masked FMA (the compiler leaves the generic form as compare, FMA and
+// blend); elsewhere the generic form.
+template <class D>
+HWY_INLINE V<D> AddWhereWeighted(D d, V<D> acc, V<D> w, V<D> diff) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  if constexpr (std::is_same_v<V<D>, hn::Vec512<float>>) {
+    const __mmask16 nz = _mm512_cmp_ps_mask(w.raw, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    return V<D>{_mm512_mask3_fmadd_ps(w.raw, diff.raw, acc.raw, nz)};
+  } else if constexpr (std::is_same_v<V<D>, hn::Vec512<double>>) {
+    const __mmask8 nz = _mm512_cmp_pd_mask(w.raw, _mm512_setzero_pd(), _CMP_NEQ_UQ);
+    return V<D>{_mm512_mask3_fmadd_pd(w.raw, diff.raw, acc.raw, nz)};
+  }
+#endif
+  return hn::IfThenElse(hn::Eq(w, hn::Zero(d)), acc, hn::MulAdd(w, diff, acc));
+}
+
 template <class D, class T = hn::TFromD<D>>
 HWY_INLINE T ChunkMax(D d, const T* x, size_t n) {
   const size_t N = hn::Lanes(d);

@@ -201,13 +201,14 @@ target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t,
     size_t i = 0;
     for (; i + N <= len; i += N) {
       PrefetchNextChunk(xc + i);
+      if (tc.dense) PrefetchNextChunk(tc.dense + i);
       if (own_lines) PrefetchNextChunk(ec + i);
       const auto diff = hn::Sub(hn::LoadU(d, xc + i), vshift);
       const auto wt = WeightedTarget<false>(d, tc, i, N);
       const auto e = ExpNonPositive(d, diff);
       vs = hn::Add(vs, e);
       va = hn::Add(va, wt);
-      vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
+      vb = AddWhereWeighted(d, vb, wt, diff);
       if (ec) hn::StoreU(e, d, ec + i);
     }
     if (i < len) {
@@ -216,7 +217,7 @@ target_stats TargetRowStats(const T* x, std::int64_t n, const target_desc<T>& t,
       const auto e = ExpNonPositive(d, diff);
       vs = hn::Add(vs, e);
       va = hn::Add(va, wt);
-      vb = hn::Add(vb, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)));
+      vb = AddWhereWeighted(d, vb, wt, diff);
       if (ec) StorePart(e, d, ec + i, len - i);
     }
     // b was taken against FiniteShift(m); for m = -inf that is 0 and b is 0 or -inf.
@@ -321,7 +322,7 @@ void SmallTargetRows(const T* x, std::int64_t x_stride, const T* t, std::int64_t
     const auto diff = hn::Sub(xv, hn::Set(d, FiniteShift(m)));
     const auto e = ExpNonPositive(d, diff);
     const target_stats st{static_cast<double>(m), Total(d, e), Total(d, wt),
-                          Total(d, hn::IfThenZeroElse(hn::Eq(wt, zero), hn::Mul(wt, diff)))};
+                          Total(d, AddWhereWeighted(d, zero, wt, diff))};
     if (ce_row_poisoned(st)) {
       losses[r] = std::numeric_limits<double>::quiet_NaN();
       if (gr) StorePart(hn::Set(d, std::numeric_limits<T>::quiet_NaN()), d, gr, len);

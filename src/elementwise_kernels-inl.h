@@ -43,6 +43,19 @@ HWY_INLINE void StoreElementOutputs(D d, V<D> grad, V<D> loss, T* g, T* losses, 
   }
 }
 
+// The lines a chunk ahead of `at` in the input, the target and a gradient buffer of its
+// own (PrefetchNextChunk; without it the loop waits on the target's lines and, in the
+// default call, on each fresh gradient line it stores to). softce_bench, 2 threads, Intel
+// Xeon AVX-512: kl_div 1024x32000 in place 15.6/16.1 -> 8.75/8.55 ms, default 15.4/15.7
+// -> 11.2/10.9 ms; BCE 4096x1000 in place 1.70/1.70 -> 1.66/1.64 ms, default 1.79/1.83 ->
+// 1.67/1.67 ms.
+template <class T>
+HWY_INLINE void PrefetchElementStreams(const T* x, const T* t, const T* g, size_t at) {
+  PrefetchNextChunk(x + at);
+  PrefetchNextChunk(t + at);
+  if (g && g != x) PrefetchNextChunk(g + at);
+}
+
 template <class T>
 double KlDivElements(const T* x, const T* t, std::int64_t n, bool log_target, T coef, T* g,
                      T* losses) {
@@ -56,6 +69,7 @@ double KlDivElements(const T* x, const T* t, std::int64_t n, bool log_target, T 
     for (size_t i = 0; i < len; i += N) {
       const bool full = i + N <= len;
       const size_t at = static_cast<size_t>(c0) + i;
+      PrefetchElementStreams(x, t, g, at);
       const auto xv = full ? hn::LoadU(d, x + at) : LoadPart(d, x + at, len - i, T(0));
       V<decltype(d)> loss, grad;
       if (log_target) {
@@ -97,6 +111,7 @@ double BceElements(const T* x, const T* t, const T* w, const T* pos_w, std::int6
       auto load = [&](const T* p, T fill) {
         return full ? hn::LoadU(d, p + at) : LoadPart(d, p + at, len - i, fill);
       };
+      PrefetchElementStreams(x, t, g, at);
       const auto xv = load(x, T(0)), tv = load(t, T(0));
       // loss = a softplus(-x) + b softplus(x) with a = pos_weight t, b = 1 - t, written as
       // (a + b) log1p(exp(-|x|)) + (x >= 0 ? b x : -a x): terms of one sign, so no

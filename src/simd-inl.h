@@ -248,7 +248,6 @@ HWY_INLINE double Total(D d, V<D> v) {
   return static_cast<double>(hn::GetLane(hn::SumOfLanes(d, v)));
 }
 
-// max over a chunk; -inf when empty or all -inf.
 // acc + w d where w != 0, acc where w == 0 (a zero weight times an infinite difference
 // adds 0, not NaN; a NaN weight is != 0 and poisons acc). One rounding (FMA). On AVX-512
 // a single merge-masked FMA (the compiler leaves the generic form as compare, FMA and
@@ -267,6 +266,7 @@ HWY_INLINE V<D> AddWhereWeighted(D d, V<D> acc, V<D> w, V<D> diff) {
   return hn::IfThenElse(hn::Eq(w, hn::Zero(d)), acc, hn::MulAdd(w, diff, acc));
 }
 
+// max over a chunk; -inf when empty or all -inf.
 template <class D, class T = hn::TFromD<D>>
 HWY_INLINE T ChunkMax(D d, const T* x, size_t n) {
   const size_t N = hn::Lanes(d);

@@ -19,5 +19,8 @@ if [ -d python/tests ]; then
   python3 -m pip install -q --no-build-isolation .
   python3 -m pytest -q python/tests
   # the benchmark still runs (a smoke run on small shapes; speed is not judged here)
-  python3 bench/bench.py --quick --no-memory > /dev/null
+  saved=$(mktemp)
+  python3 bench/bench.py --quick --no-memory --json "$saved" > /dev/null
+  python3 bench/bench.py --markdown --from-json "$saved" > /dev/null  # the report from the file
+  rm -f "$saved"
 fi

@@ -1071,7 +1071,7 @@ def main(argv=None):
         results = saved["results"]
         threads_list = sorted({int(t) for r in results.values() for t in r["time"]})
         print(report(results, threads_list, args.markdown, saved["meta"]))
-        return 0
+        return 1 if any("error" in t for r in results.values() for t in r["time"].values()) else 0
 
     threads_list = [int(t) for t in (args.threads or ("2" if args.quick else "1,2")).split(",") if t]
     rounds = args.rounds or (3 if args.quick else 7)

@@ -20,7 +20,7 @@ if [ -d python/tests ]; then
   python3 -m pytest -q python/tests
   # the benchmark still runs (a smoke run on small shapes; speed is not judged here)
   saved=$(mktemp)
+  trap 'rm -f "$saved"' EXIT
   python3 bench/bench.py --quick --no-memory --json "$saved" > /dev/null
   python3 bench/bench.py --markdown --from-json "$saved" > /dev/null  # the report from the file
-  rm -f "$saved"
 fi

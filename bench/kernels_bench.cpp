@@ -210,9 +210,8 @@ void dense_ce(benchmark::State& state, shape s) {
 }
 
 // Class-index targets: 8 B per element.
-void index_ce(benchmark::State& state, shape s) {
+void run_index_ce(benchmark::State& state, shape s, bool inplace) {
   const int threads = static_cast<int>(state.range(0));
-  const bool inplace = state.range(1) != 0;
   softce::set_num_threads(threads);
   data& d = cached("index" + s.key(), [&](data& d) {
     d.x = logits(s.N * s.C, 3);
@@ -228,6 +227,8 @@ void index_ce(benchmark::State& state, shape s) {
   for (auto _ : state) benchmark::DoNotOptimize(softce::cross_entropy(x, y, {}, out));
   set_counters(state, 8.0 * static_cast<double>(s.N * s.C), threads);
 }
+
+void index_ce(benchmark::State& state, shape s) { run_index_ce(state, s, state.range(1) != 0); }
 
 // Top-k targets (K = 64): 8 B per element (the k entries are negligible).
 void topk_ce(benchmark::State& state, shape s, bool tail) {
@@ -369,24 +370,8 @@ void small_ce(benchmark::State& state, shape s) {
   set_counters(state, 12.0 * static_cast<double>(s.N * s.C), threads);
 }
 
-// The same with class indices: 8 B per element.
-void small_index_ce(benchmark::State& state, shape s) {
-  const int threads = static_cast<int>(state.range(0));
-  softce::set_num_threads(threads);
-  data& d = cached("small_index" + s.key(), [&](data& d) {
-    d.x = logits(s.N * s.C, 17);
-    d.g.assign(d.x.size(), 0.0f);
-    rng r{18};
-    d.y.resize(static_cast<std::size_t>(s.N));
-    for (auto& v : d.y) v = static_cast<std::int64_t>(r.next() % static_cast<std::uint64_t>(s.C));
-  });
-  const auto x = softce::view(static_cast<const float*>(d.x.data()), {s.N, s.C});
-  const auto y = softce::view(static_cast<const std::int64_t*>(d.y.data()), {s.N});
-  softce::outputs out;
-  out.grad = softce::view(d.g.data(), {s.N, s.C});
-  for (auto _ : state) benchmark::DoNotOptimize(softce::cross_entropy(x, y, {}, out));
-  set_counters(state, 8.0 * static_cast<double>(s.N * s.C), threads);
-}
+// The same with class indices (a kept gradient buffer, as small_ce).
+void small_index_ce(benchmark::State& state, shape s) { run_index_ce(state, s, false); }
 
 template <class Fn>
 void add(const std::string& name, Fn fn, bool inplace_arg = true) {

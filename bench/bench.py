@@ -1066,10 +1066,17 @@ def main(argv=None):
     ap.add_argument("--from-json", default="", help="print the report of a saved --json file (times nothing)")
     args = ap.parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
-        results = saved["results"]
-        threads_list = sorted({int(t) for r in results.values() for t in r["time"]})
+        try:
+            with open(args.from_json) as f:
+                saved = json.load(f)
+            results = saved["results"]
+            threads_list = sorted({int(t) for r in results.values() for t in r["time"]})
+            unknown = [name for name in results if not any(c["name"] == name for c in CASES)]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            sys.exit(f"--from-json {args.from_json}: not a saved bench.py --json run ({type(e).__name__}: {e})")
+        if not results or unknown:
+            sys.exit(f"--from-json {args.from_json}: " + (f"cases this bench.py does not know: {', '.join(unknown)}"
+                                                          if unknown else "no results in the file"))
         print(report(results, threads_list, args.markdown, saved["meta"]))
         return 1 if any("error" in t for r in results.values() for t in r["time"].values()) else 0
 
